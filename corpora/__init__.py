@@ -1,0 +1,1 @@
+"""Corpus reading, cleaning and the small sample data the embedded default runs on."""

@@ -1,0 +1,1 @@
+"""Continued pretraining stage (see issue: resize, phase 1, phase 2)."""

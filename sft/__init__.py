@@ -1,0 +1,1 @@
+"""Instruction-tuning stage (LoRA SFT, merge, chat)."""

@@ -1,0 +1,5 @@
+import sys
+
+from vocab.cli import main
+
+sys.exit(main())

@@ -1,0 +1,135 @@
+"""vocab build = train + merge + report, resumable: a finished step whose inputs are unchanged is not redone."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from corpora.probes import ENGLISH, probe_set
+from vocab.audit import dead_pieces
+from vocab.hf_export import save_tokenizer_folder
+from vocab.merge import PAD_PIECE, improved_merge, reference_merge
+from vocab.parity import disagreements, english_changed, hf_tokenizer
+from vocab.spmodel import CJK_RE, check_llama_layout, load_model
+from vocab.train import TrainConfig, train
+from zhllama.hashing import sha256_file
+from zhllama.manifest import write_json, write_manifest
+
+
+def merge_to_folder(
+    base_path: str | Path,
+    add_path: str | Path,
+    out_dir: str | Path,
+    reference: bool = False,
+    pad: bool = False,
+    check_lines: list[str] | None = None,
+) -> dict:
+    """Merge, write the HF tokenizer folder, audit it, and write merge_report.json."""
+    base = load_model(base_path, "base tokenizer")
+    check_llama_layout(base, base_path)
+    add = load_model(add_path, "added tokenizer")
+    t0 = time.time()
+    res = reference_merge(base, add, pad=pad) if reference else improved_merge(base, add, pad=pad)
+    out = Path(out_dir)
+    save_tokenizer_folder(res.model, out, pad_piece=PAD_PIECE if pad else None)
+    tok = hf_tokenizer(out)
+    probes = probe_set()
+    parity = {}
+    for name, lines in list(probes.items()) + ([("check_text", check_lines)] if check_lines else []):
+        bad, examples = disagreements(res.model, tok, lines)
+        parity[name] = {"lines": len(lines), "disagreeing": bad, "examples": examples}
+    dead = dead_pieces(res.model, start=len(base.pieces))
+    if pad and res.pad_id in dead:
+        dead.remove(res.pad_id)
+    english_lines = ENGLISH + [s for s in probes["whitespace"] if not CJK_RE.search(s)]
+    report = {
+        "mode": "reference" if reference else "improved",
+        "base": str(base_path),
+        "base_sha256": sha256_file(base_path) if Path(base_path).is_file() else None,
+        "added_model": str(add_path),
+        "tokenizer_model_sha256": sha256_file(out / "tokenizer.model"),
+        "merge": res.summary(),
+        "dead_pieces": {"count": len(dead), "examples": [res.model.pieces[i].piece for i in dead[:20]]},
+        "parity_hf_vs_sentencepiece": parity,
+        "english_lines_changed": {"lines": len(english_lines), "changed": english_changed(base, res.model, english_lines)},
+        "seconds": round(time.time() - t0, 2),
+    }
+    write_json(out / "merge_report.json", report)
+    return report
+
+
+def _corpus_fingerprint(paths) -> str:
+    from corpora.reader import list_corpus_files
+
+    h = hashlib.sha256()
+    for f in list_corpus_files(paths):
+        h.update(f.name.encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def build(
+    base_path: str | Path,
+    corpus: list[str | Path],
+    out_dir: str | Path,
+    cfg: TrainConfig,
+    pad: bool = False,
+    report_text: list[str | Path] | None = None,
+    compare: dict | None = None,
+    log=print,
+) -> dict:
+    from vocab.report import build_report, format_table, save_report
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp_path = out / "train_stamp.json"
+    stamp = {
+        "config": asdict(cfg),
+        "corpus": _corpus_fingerprint(corpus),
+        "base": sha256_file(base_path) if Path(base_path).is_file() else str(base_path),
+    }
+    add = out / "chinese_sp.model"
+    if add.is_file() and stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
+        log(f"[vocab] {add} is up to date with its inputs; skipping training")
+        train_stats = json.loads((out / "train_stats.json").read_text()) if (out / "train_stats.json").is_file() else {}
+    else:
+        log(f"[vocab] training ({cfg.model_type}) on {', '.join(map(str, corpus))}")
+        t0 = time.time()
+        train_stats = train(corpus, out, cfg, base_path=base_path, progress=_progress(log))
+        train_stats["seconds"] = round(time.time() - t0, 1)
+        write_json(out / "train_stats.json", train_stats)
+        write_json(stamp_path, stamp)
+    log("[vocab] merging into the base tokenizer")
+    merge = merge_to_folder(base_path, add, out, pad=pad)
+    report = build_report(out, base_path, list(report_text or corpus), compare=compare, max_lines=2000)
+    save_report(report, out / "vocab_report.json")
+    (out / "vocab_report.txt").write_text(format_table(report) + "\n", encoding="utf-8")
+    write_manifest(
+        out,
+        "vocab",
+        {"train": asdict(cfg), "pad": pad},
+        {"base": stamp["base"], "corpus": stamp["corpus"], "tokenizer_model": merge["tokenizer_model_sha256"]},
+    )
+    log(format_table(report))
+    return {"train": train_stats, "merge": merge, "report": report}
+
+
+def _progress(log):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    bar = {}
+
+    def update(done, total, rounds):
+        if "bar" not in bar:
+            bar["bar"] = tqdm(total=total, desc="continued BPE", unit="piece")
+        b = bar["bar"]
+        b.update(done - b.n)
+        b.set_postfix(rounds=rounds)
+        if done >= total:
+            b.close()
+
+    return update

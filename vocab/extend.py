@@ -1,0 +1,216 @@
+"""Continued BPE: learn new pieces as merges over the BASE tokenizer's own segmentation of Chinese text.
+
+Why not "train a Chinese SentencePiece model and append it" (the reference)? Appended pieces learned
+elsewhere may have no merge path through the base vocabulary (dead rows), and pieces with Latin or
+digits change English tokenization. Here every new piece is the concatenation of two symbols that
+the extended tokenizer actually produces next to each other, so:
+  * no new piece is dead (its own text encodes to exactly that piece);
+  * new pieces are appended in merge order with unique scores below every base score, so the base
+    tokenization of any text without CJK characters is untouched and the HF merge list is exact;
+  * the row budget goes to the merges that save the most tokens on the corpus.
+
+The segmentation is always sentencepiece's own (re-encoded after each batch of merges), so the
+statistics are exactly those of the tokenizer being built, including merges that cascade into
+existing base pieces.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+
+from vocab.merge import build_extended
+from vocab.spmodel import BYTE, CJK_CHARS, CJK_RE, NORMAL, ModelProto, processor, without_dummy_prefix
+from zhllama.errors import UserError
+
+SPAN_RE = re.compile(f"[{CJK_CHARS}]+")
+# Digits next to Chinese ("1998年", "3月") are worth merging too; a merge must still contain a CJK
+# character, so no digit-only piece can ever appear and numbers in English text stay untouched.
+SPAN_DIGITS_RE = re.compile(f"[{CJK_CHARS}0-9]*[{CJK_CHARS}][{CJK_CHARS}0-9]*")
+
+
+@dataclass
+class ExtendConfig:
+    num_added: int = 17953  # 32,000 + 17,953 = 49,953, the reference vocabulary size
+    character_coverage: float = 0.9995
+    min_char_count: int = 2
+    min_pair_count: int = 2
+    max_piece_chars: int = 16
+    batch_fraction: float = 0.15  # merges per round, as a fraction of pieces added so far
+    min_batch: int = 200
+    word_aware: bool = False  # jieba: never merge across word boundaries
+    digits: bool = True  # merge digits adjacent to CJK into CJK-containing pieces
+    lexicon_weight: float = 0.0  # mix in jieba's general-domain word frequencies (0 = corpus only)
+
+
+@dataclass
+class ExtendResult:
+    pieces: list[str]
+    new_chars: int
+    rounds: int
+    stats: dict = field(default_factory=dict)
+
+
+def collect_spans(texts: Iterable[str], word_aware: bool = False, digits: bool = True) -> Counter:
+    """Count the maximal CJK runs of the corpus; merges never cross their edges."""
+    spans: Counter = Counter()
+    pattern = SPAN_DIGITS_RE if digits else SPAN_RE
+    if word_aware:
+        import jieba
+
+        jieba.setLogLevel(60)
+    for text in texts:
+        for run in pattern.findall(text):
+            if word_aware:
+                spans.update(w for w in jieba.cut(run, HMM=True) if w)
+            else:
+                spans[run] += 1
+    return spans
+
+
+def lexicon_spans(weight: float, corpus_chars: int) -> Counter:
+    """jieba's dictionary as a pseudo-corpus: word -> frequency, scaled so that the lexicon carries
+    `weight` times the corpus's character mass. It brings general-domain word statistics (jieba's
+    frequencies come from a far larger corpus) to a small training corpus."""
+    import os
+
+    import jieba
+
+    path = os.path.join(os.path.dirname(jieba.__file__), "dict.txt")
+    words = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 2 and SPAN_RE.fullmatch(parts[0]):
+                words.append((parts[0], int(parts[1])))
+    mass = sum(len(w) * c for w, c in words)
+    scale = weight * corpus_chars / max(1, mass)
+    out: Counter = Counter()
+    for w, c in words:
+        n = int(round(c * scale))
+        if n > 0:
+            out[w] += n
+    return out
+
+
+def _choose_new_chars(spans: Counter, base_vocab: set[str], cfg: ExtendConfig) -> list[str]:
+    chars: Counter = Counter()
+    for s, c in spans.items():
+        for ch in s:
+            if CJK_RE.match(ch):
+                chars[ch] += c
+    total = sum(chars.values())
+    if total == 0:
+        raise UserError("the corpus has no CJK characters to learn Chinese pieces from")
+    kept, covered = [], 0
+    for ch, c in chars.most_common():
+        if covered / total >= cfg.character_coverage or c < cfg.min_char_count:
+            break
+        covered += c
+        if ch not in base_vocab:
+            kept.append(ch)
+    return kept
+
+
+class _Segmentation:
+    """The current extended tokenizer's segmentation of every distinct span, as flat id arrays."""
+
+    def __init__(self, spans: list[str], weights: np.ndarray):
+        self.spans = spans
+        self.weights = weights
+        self.enc: list[list[int]] = []
+
+    def encode_all(self, sp) -> None:
+        self.enc = sp.encode(self.spans, num_threads=0)
+
+    def reencode(self, sp, idx: np.ndarray) -> None:
+        if idx.size == 0:
+            return
+        new = sp.encode([self.spans[i] for i in idx.tolist()], num_threads=0)
+        for i, e in zip(idx.tolist(), new):
+            self.enc[i] = e
+
+    def pairs(self):
+        lens = np.fromiter((len(e) for e in self.enc), dtype=np.int64, count=len(self.enc))
+        flat = np.fromiter((t for e in self.enc for t in e), dtype=np.int64, count=int(lens.sum()))
+        owner = np.repeat(np.arange(len(self.enc)), lens)
+        same = owner[1:] == owner[:-1]
+        left, right, own = flat[:-1][same], flat[1:][same], owner[1:][same]
+        return left, right, own, int(lens.sum())
+
+
+def extend_vocabulary(base: "ModelProto", texts: Iterable[str], cfg: ExtendConfig, progress=None) -> ExtendResult:
+    base_vocab = {p.piece for p in base.pieces if p.type == NORMAL}
+    spans_counter = collect_spans(texts, cfg.word_aware, cfg.digits)
+    if not spans_counter:
+        raise UserError("the corpus has no CJK text: continued BPE needs Chinese text")
+    if cfg.lexicon_weight > 0:
+        spans_counter.update(lexicon_spans(cfg.lexicon_weight, sum(len(s) * c for s, c in spans_counter.items())))
+    new_chars = _choose_new_chars(spans_counter, base_vocab, cfg)[: cfg.num_added]
+    pieces = list(new_chars)
+    vocab_set = base_vocab | set(pieces)
+
+    spans = list(spans_counter)
+    weights = np.fromiter((spans_counter[s] for s in spans), dtype=np.int64, count=len(spans))
+    seg = _Segmentation(spans, weights)
+    model = build_extended(base, pieces)
+    seg.encode_all(processor(without_dummy_prefix(model)))
+    n_pieces = len(model.pieces)
+    is_byte = np.zeros(n_pieces + cfg.num_added + 1, dtype=bool)
+    for i, p in enumerate(model.pieces):
+        if p.type != NORMAL:
+            is_byte[i] = True
+    tokens_start = None
+    rounds = 0
+    while len(pieces) < cfg.num_added:
+        rounds += 1
+        left, right, owner, ntok = seg.pairs()
+        if tokens_start is None:
+            tokens_start = int((np.fromiter((len(e) for e in seg.enc), dtype=np.int64) * weights).sum())
+        ok = ~(is_byte[left] | is_byte[right])
+        left, right, owner = left[ok], right[ok], owner[ok]
+        if left.size == 0:
+            break
+        V = np.int64(len(model.pieces) + 1)
+        keys = left * V + right
+        uniq, inv = np.unique(keys, return_inverse=True)
+        counts = np.bincount(inv, weights=weights[owner]).astype(np.int64)
+        order = np.argsort(-counts, kind="stable")
+        budget = min(cfg.num_added - len(pieces), max(cfg.min_batch, int(cfg.batch_fraction * len(pieces))))
+        chosen_keys, used_left, used_right = [], set(), set()
+        for j in order.tolist():
+            if counts[j] < cfg.min_pair_count or len(chosen_keys) >= budget:
+                break
+            a, b = divmod(int(uniq[j]), int(V))
+            if a in used_right or b in used_left or (a == b and a in used_left):
+                continue  # overlapping merges in one round would double count
+            s = model.pieces[a].piece + model.pieces[b].piece
+            if s in vocab_set or len(s) > cfg.max_piece_chars or not CJK_RE.search(s):
+                continue
+            chosen_keys.append(uniq[j])
+            used_left.add(a)
+            used_right.add(b)
+            vocab_set.add(s)
+            pieces.append(s)
+        if not chosen_keys:
+            break
+        model = build_extended(base, pieces)
+        sp = processor(without_dummy_prefix(model))
+        touched = np.unique(owner[np.isin(keys, np.array(chosen_keys, dtype=np.int64))])
+        seg.reencode(sp, touched)
+        if progress is not None:
+            progress(len(pieces), cfg.num_added, rounds)
+    tokens_end = int((np.fromiter((len(e) for e in seg.enc), dtype=np.int64) * weights).sum())
+    stats = {
+        "distinct_spans": len(spans),
+        "span_characters": int(sum(len(s) * c for s, c in spans_counter.items())),
+        "tokens_before": tokens_start,
+        "tokens_after": tokens_end,
+        "new_single_characters": len(new_chars),
+        "merges": len(pieces) - len(new_chars),
+        "rounds": rounds,
+    }
+    return ExtendResult(pieces=pieces, new_chars=len(new_chars), rounds=rounds, stats=stats)

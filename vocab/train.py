@@ -1,0 +1,162 @@
+"""Train the Chinese SentencePiece model (chinese_sp.model): continued BPE over a base, or plain BPE/unigram."""
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+from corpora.reader import iter_corpus, list_corpus_files, split_long
+from vocab.extend import SPAN_RE, ExtendConfig, extend_vocabulary
+from vocab.spmodel import BPE, BYTE, CONTROL, NORMAL, UNKNOWN, ModelProto, load_model, save_model
+from zhllama.errors import UserError
+
+MODEL_TYPES = ("extend", "bpe", "unigram")
+MAX_SENTENCE_BYTES = 4192  # sentencepiece's max_sentence_length default: longer lines would be skipped
+
+
+@dataclass
+class TrainConfig:
+    model_type: str = "bpe"
+    vocab_size: int = 20000  # bpe/unigram: size of the Chinese model, as in the reference
+    num_added: int = 17953  # extend: pieces appended to the base (32,000 + 17,953 = 49,953)
+    character_coverage: float = 0.9995
+    max_chars: int = 200_000_000  # sample larger corpora down to about this many characters
+    word_aware: bool = False  # jieba word boundaries: pieces never span two words
+    lexicon_weight: float = 0.0  # extend only: mix jieba's word frequencies into the statistics
+    encoding: str = "utf-8"
+    seed: int = 0
+
+
+def sampled_texts(paths, cfg: TrainConfig) -> Iterable[str]:
+    """Deterministic sample of about cfg.max_chars characters, streamed (no corpus-sized memory)."""
+    files = list_corpus_files(paths)
+    total_bytes = sum(f.stat().st_size for f in files)
+    keep = min(1.0, cfg.max_chars * 3 / max(1, total_bytes))  # ~3 UTF-8 bytes per Chinese character
+    threshold = int(keep * 2**32)
+    n = 0
+    for doc in iter_corpus(files, encoding=cfg.encoding):
+        if keep < 1.0:
+            h = int.from_bytes(hashlib.blake2b(f"{cfg.seed}:{doc}".encode(), digest_size=4).digest(), "little")
+            if h >= threshold:
+                continue
+        n += 1
+        yield doc
+    if n == 0:
+        raise UserError(f"empty corpus: no text lines in {', '.join(str(p) for p in paths)}")
+
+
+def _merge_ready_model(base: "ModelProto", pieces: list[str]) -> "ModelProto":
+    """A BPE model holding the base's special/byte pieces and the new pieces in merge order (scores 0, -1, ...).
+
+    `vocab merge` appends its pieces in score order, which reproduces the continued-BPE result.
+    """
+    m = ModelProto()
+    m.trainer_spec.CopyFrom(base.trainer_spec)
+    m.normalizer_spec.CopyFrom(base.normalizer_spec)
+    for p in base.pieces:
+        if p.type in (UNKNOWN, CONTROL, BYTE):
+            m.pieces.append(p)
+    for i, s in enumerate(pieces):
+        new = ModelProto.SentencePiece()
+        new.piece = s
+        new.score = float(-i)
+        new.type = NORMAL
+        m.pieces.append(new)
+    m.trainer_spec.vocab_size = len(m.pieces)
+    m.trainer_spec.model_type = BPE
+    return m
+
+
+def train(corpus, out_dir: str | Path, cfg: TrainConfig, base_path: str | Path | None = None, progress=None) -> dict:
+    """Write out_dir/chinese_sp.model and return training statistics."""
+    if cfg.model_type not in MODEL_TYPES:
+        raise UserError(f"--model-type must be one of {', '.join(MODEL_TYPES)}, not {cfg.model_type!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "chinese_sp.model"
+    if cfg.model_type == "extend":
+        if base_path is None:
+            raise UserError("--model-type extend learns merges over a base tokenizer: pass --base BASE.model")
+        from vocab.spmodel import check_llama_layout
+
+        base = load_model(base_path, "base tokenizer")
+        check_llama_layout(base, base_path)
+        ecfg = ExtendConfig(
+            num_added=cfg.num_added,
+            character_coverage=cfg.character_coverage,
+            word_aware=cfg.word_aware,
+            lexicon_weight=cfg.lexicon_weight,
+        )
+        res = extend_vocabulary(base, sampled_texts(corpus, cfg), ecfg, progress=progress)
+        save_model(_merge_ready_model(base, res.pieces), target)
+        return {"model_type": "extend", "pieces": len(res.pieces), **res.stats}
+    return _train_sentencepiece(corpus, target, cfg)
+
+
+def _train_sentencepiece(corpus, target: Path, cfg: TrainConfig) -> dict:
+    import sentencepiece as spm
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        lines = 0
+        if cfg.word_aware:
+            # Words as weighted sentences (TSV), no dummy prefix: pieces stay inside jieba words and
+            # never carry a "▁" that Chinese text would not have.
+            import jieba
+
+            jieba.setLogLevel(60)
+            words: Counter = Counter()
+            for doc in sampled_texts(corpus, cfg):
+                for run in SPAN_RE.findall(doc):
+                    words.update(w for w in jieba.cut(run) if w)
+            input_path = tmp_path / "words.tsv"
+            with open(input_path, "w", encoding="utf-8") as f:
+                for w, c in words.items():
+                    f.write(f"{w}\t{c}\n")
+            lines = len(words)
+            extra = {"input_format": "tsv", "add_dummy_prefix": False}
+        else:
+            input_path = tmp_path / "corpus.txt"
+            with open(input_path, "w", encoding="utf-8") as f:
+                for doc in sampled_texts(corpus, cfg):
+                    for part in split_long(doc, MAX_SENTENCE_BYTES):
+                        f.write(part.replace("\n", " ") + "\n")
+                        lines += 1
+            extra = {"input_format": "text"}
+        try:
+            spm.SentencePieceTrainer.train(
+                input=str(input_path),
+                model_prefix=str(tmp_path / "chinese_sp"),
+                model_type=cfg.model_type,
+                vocab_size=cfg.vocab_size,
+                character_coverage=cfg.character_coverage,
+                normalization_rule_name="identity",  # HF applies no normalizer: see STACK.md trap 5
+                remove_extra_whitespaces=False,
+                split_digits=True,
+                byte_fallback=False,
+                max_sentence_length=MAX_SENTENCE_BYTES,
+                input_sentence_size=5_000_000,
+                shuffle_input_sentence=True,
+                num_threads=2,
+                seed_sentencepiece_size=1_000_000,
+                train_extremely_large_corpus=False,
+                minloglevel=2,
+                **extra,
+            )
+        except RuntimeError as e:
+            msg = str(e)
+            if "Vocabulary size" in msg or "vocab_size" in msg:
+                raise UserError(
+                    f"--vocab-size {cfg.vocab_size} does not fit this corpus ({msg.strip()}); "
+                    "lower --vocab-size or add text"
+                ) from None
+            raise UserError(f"sentencepiece training failed: {msg.strip()}") from None
+        target.write_bytes((tmp_path / "chinese_sp.model").read_bytes())
+    return {"model_type": cfg.model_type, "vocab_size": cfg.vocab_size, "training_lines": lines}
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)

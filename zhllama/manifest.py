@@ -1,0 +1,46 @@
+"""Self-describing output folders: what produced them, from which inputs, with which library versions."""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+_LIBS = ("torch", "transformers", "tokenizers", "peft", "datasets", "accelerate", "sentencepiece", "protobuf", "jieba")
+
+
+def library_versions() -> dict:
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in _LIBS:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    try:
+        out["zhllama"] = metadata.version("zhllama")
+    except metadata.PackageNotFoundError:
+        pass
+    return out
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Write JSON atomically so an interrupted run never leaves a half-written file."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def write_manifest(out_dir: str | Path, stage: str, config: dict, inputs: dict) -> dict:
+    manifest = {
+        "stage": stage,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": " ".join(sys.argv),
+        "config": config,
+        "inputs": inputs,
+        "versions": library_versions(),
+    }
+    write_json(Path(out_dir) / "manifest.json", manifest)
+    return manifest
