@@ -91,6 +91,16 @@ def build(
         "base": sha256_file(base_path) if Path(base_path).is_file() else str(base_path),
     }
     add = out / "chinese_sp.model"
+    done_stamp = {**stamp, "pad": pad, "report_text": [str(p) for p in report_text or []], "compare": compare or {}}
+    done_path = out / "build_stamp.json"
+    if (
+        done_path.is_file()
+        and (out / "tokenizer.json").is_file()
+        and (out / "vocab_report.json").is_file()
+        and json.loads(done_path.read_text()) == done_stamp
+    ):
+        log(f"[vocab] {out} is up to date with its inputs; nothing to do")
+        return json.loads((out / "vocab_report.json").read_text(encoding="utf-8"))
     if add.is_file() and stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
         log(f"[vocab] {add} is up to date with its inputs; skipping training")
         train_stats = json.loads((out / "train_stats.json").read_text()) if (out / "train_stats.json").is_file() else {}
@@ -112,8 +122,9 @@ def build(
         {"train": asdict(cfg), "pad": pad},
         {"base": stamp["base"], "corpus": stamp["corpus"], "tokenizer_model": merge["tokenizer_model_sha256"]},
     )
+    write_json(done_path, done_stamp)
     log(format_table(report))
-    return {"train": train_stats, "merge": merge, "report": report}
+    return report
 
 
 def _progress(log):

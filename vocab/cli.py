@@ -28,8 +28,6 @@ def _add_train_args(p: argparse.ArgumentParser, default_type: str) -> None:
     p.add_argument("--character-coverage", type=float, default=d.character_coverage, help="default: %(default)s")
     p.add_argument("--max-chars", type=int, default=d.max_chars, help="sample larger corpora down to about this many characters")
     p.add_argument("--word-aware", action="store_true", help="use jieba word boundaries: no piece spans two words")
-    p.add_argument("--lexicon-weight", type=float, default=d.lexicon_weight,
-                   help="extend: mix jieba's dictionary word frequencies in at this weight relative to the corpus")
     p.add_argument("--encoding", default="utf-8", help="corpus encoding, e.g. gb18030 (default: %(default)s)")
 
 
@@ -40,7 +38,7 @@ def _train_cfg(a) -> TrainConfig:
         raise UserError("--character-coverage must be in (0, 1]")
     return TrainConfig(
         model_type=a.model_type, vocab_size=a.vocab_size, num_added=a.num_added, character_coverage=a.character_coverage,
-        max_chars=a.max_chars, word_aware=a.word_aware, lexicon_weight=a.lexicon_weight, encoding=a.encoding,
+        max_chars=a.max_chars, word_aware=a.word_aware, encoding=a.encoding,
     )
 
 

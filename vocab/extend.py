@@ -43,7 +43,7 @@ class ExtendConfig:
     min_batch: int = 200
     word_aware: bool = False  # jieba: never merge across word boundaries
     digits: bool = True  # merge digits adjacent to CJK into CJK-containing pieces
-    lexicon_weight: float = 0.0  # mix in jieba's general-domain word frequencies (0 = corpus only)
+    space_prefix: bool = True  # a run after a space or at line start begins with "▁", as sentencepiece sees it
 
 
 @dataclass
@@ -54,8 +54,13 @@ class ExtendResult:
     stats: dict = field(default_factory=dict)
 
 
-def collect_spans(texts: Iterable[str], word_aware: bool = False, digits: bool = True) -> Counter:
-    """Count the maximal CJK runs of the corpus; merges never cross their edges."""
+def collect_spans(texts: Iterable[str], word_aware: bool = False, digits: bool = True, space_prefix: bool = True) -> Counter:
+    """Count the maximal CJK runs of the corpus; merges never cross their edges.
+
+    With space_prefix, a run at the start of a line or after a space keeps the "▁" that
+    sentencepiece puts there (dummy prefix / escaped space), so pieces like "▁中国" can be learned;
+    they still contain CJK and so can never touch English text.
+    """
     spans: Counter = Counter()
     pattern = SPAN_DIGITS_RE if digits else SPAN_RE
     if word_aware:
@@ -63,37 +68,17 @@ def collect_spans(texts: Iterable[str], word_aware: bool = False, digits: bool =
 
         jieba.setLogLevel(60)
     for text in texts:
-        for run in pattern.findall(text):
+        for m in pattern.finditer(text):
+            run = m.group()
+            prefix = "▁" if space_prefix and (m.start() == 0 or text[m.start() - 1] == " ") else ""
             if word_aware:
-                spans.update(w for w in jieba.cut(run, HMM=True) if w)
+                words = [w for w in jieba.cut(run, HMM=True) if w]
+                if prefix and words:
+                    words[0] = prefix + words[0]
+                spans.update(words)
             else:
-                spans[run] += 1
+                spans[prefix + run] += 1
     return spans
-
-
-def lexicon_spans(weight: float, corpus_chars: int) -> Counter:
-    """jieba's dictionary as a pseudo-corpus: word -> frequency, scaled so that the lexicon carries
-    `weight` times the corpus's character mass. It brings general-domain word statistics (jieba's
-    frequencies come from a far larger corpus) to a small training corpus."""
-    import os
-
-    import jieba
-
-    path = os.path.join(os.path.dirname(jieba.__file__), "dict.txt")
-    words = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 2 and SPAN_RE.fullmatch(parts[0]):
-                words.append((parts[0], int(parts[1])))
-    mass = sum(len(w) * c for w, c in words)
-    scale = weight * corpus_chars / max(1, mass)
-    out: Counter = Counter()
-    for w, c in words:
-        n = int(round(c * scale))
-        if n > 0:
-            out[w] += n
-    return out
 
 
 def _choose_new_chars(spans: Counter, base_vocab: set[str], cfg: ExtendConfig) -> list[str]:
@@ -144,11 +129,9 @@ class _Segmentation:
 
 def extend_vocabulary(base: "ModelProto", texts: Iterable[str], cfg: ExtendConfig, progress=None) -> ExtendResult:
     base_vocab = {p.piece for p in base.pieces if p.type == NORMAL}
-    spans_counter = collect_spans(texts, cfg.word_aware, cfg.digits)
+    spans_counter = collect_spans(texts, cfg.word_aware, cfg.digits, cfg.space_prefix)
     if not spans_counter:
         raise UserError("the corpus has no CJK text: continued BPE needs Chinese text")
-    if cfg.lexicon_weight > 0:
-        spans_counter.update(lexicon_spans(cfg.lexicon_weight, sum(len(s) * c for s, c in spans_counter.items())))
     new_chars = _choose_new_chars(spans_counter, base_vocab, cfg)[: cfg.num_added]
     pieces = list(new_chars)
     vocab_set = base_vocab | set(pieces)
@@ -165,6 +148,8 @@ def extend_vocabulary(base: "ModelProto", texts: Iterable[str], cfg: ExtendConfi
             is_byte[i] = True
     tokens_start = None
     rounds = 0
+    if progress is not None:
+        progress(len(pieces), cfg.num_added, rounds)
     while len(pieces) < cfg.num_added:
         rounds += 1
         left, right, owner, ntok = seg.pairs()

@@ -25,7 +25,6 @@ class TrainConfig:
     character_coverage: float = 0.9995
     max_chars: int = 200_000_000  # sample larger corpora down to about this many characters
     word_aware: bool = False  # jieba word boundaries: pieces never span two words
-    lexicon_weight: float = 0.0  # extend only: mix jieba's word frequencies into the statistics
     encoding: str = "utf-8"
     seed: int = 0
 
@@ -88,7 +87,6 @@ def train(corpus, out_dir: str | Path, cfg: TrainConfig, base_path: str | Path |
             num_added=cfg.num_added,
             character_coverage=cfg.character_coverage,
             word_aware=cfg.word_aware,
-            lexicon_weight=cfg.lexicon_weight,
         )
         res = extend_vocabulary(base, sampled_texts(corpus, cfg), ecfg, progress=progress)
         save_model(_merge_ready_model(base, res.pieces), target)
