@@ -171,3 +171,8 @@ def test_cli_build_then_report(tmp_path, tiny_base, zh_corpus):
     assert 0 < rep["jieba_boundary_share"]["extended"] <= 1
     assert j.with_suffix(".png").stat().st_size > 1000
     assert "tok/1k chars" in r.stdout
+
+
+def test_extend_refuses_a_budget_below_the_required_characters(tmp_path, tiny_base, zh_corpus):
+    r = _cli("build", "--base", tiny_base, "--corpus", zh_corpus, "--out", tmp_path / "v", "--num-added", "50")
+    assert r.returncode == 2 and "--num-added 50 is smaller than the" in r.stderr and "Traceback" not in r.stderr

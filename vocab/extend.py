@@ -132,7 +132,12 @@ def extend_vocabulary(base: "ModelProto", texts: Iterable[str], cfg: ExtendConfi
     spans_counter = collect_spans(texts, cfg.word_aware, cfg.digits, cfg.space_prefix)
     if not spans_counter:
         raise UserError("the corpus has no CJK text: continued BPE needs Chinese text")
-    new_chars = _choose_new_chars(spans_counter, base_vocab, cfg)[: cfg.num_added]
+    new_chars = _choose_new_chars(spans_counter, base_vocab, cfg)
+    if len(new_chars) > cfg.num_added:
+        raise UserError(
+            f"--num-added {cfg.num_added} is smaller than the {len(new_chars)} characters this corpus needs at "
+            f"character coverage {cfg.character_coverage}; raise --num-added or lower --character-coverage"
+        )
     pieces = list(new_chars)
     vocab_set = base_vocab | set(pieces)
 
