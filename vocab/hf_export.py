@@ -113,9 +113,9 @@ def save_tokenizer_folder(m: "ModelProto", out_dir: str | Path, pad_piece: str |
     tmp.replace(out / "tokenizer.json")
     ts = m.trainer_spec
     cfg = {
-        # TokenizersBackend loads tokenizer.json as written; LlamaTokenizer in transformers v5 would
-        # rebuild the normalizer/pre-tokenizer from its own defaults and lose exact parity.
-        "tokenizer_class": "TokenizersBackend",
+        # Loads tokenizer.json exactly as written (TokenizersBackend in transformers v5, the fast
+        # tokenizer in v4); LlamaTokenizer would rebuild normalizer/pre-tokenizer from its defaults.
+        "tokenizer_class": "PreTrainedTokenizerFast",
         "backend": "tokenizers",
         "bos_token": m.pieces[ts.bos_id].piece,
         "eos_token": m.pieces[ts.eos_id].piece,
