@@ -1,0 +1,267 @@
+"""Phase 1 (input embeddings only, optionally only the appended rows) and phase 2 (LoRA + full embed/head).
+
+Public API:
+    preflight(model_dir, corpus, out_dir, block_size) -> (model, tokenizer_dir)   all input checks, before training
+    run_phase1(model_dir, corpus, out_dir, recipe, settings, new_rows_only, resume, cache_dir, tokenizer_dir=None) -> dict
+    run_phase2(model_dir, corpus, out_dir, recipe, settings, resume, cache_dir, tokenizer_dir=None) -> dict
+    init_model(recipe, tokenizer, out_dir) -> Path     random LLaMA-architecture model from a recipe (tiny default)
+    trainable_summary(model) -> dict
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+from zhllama.errors import UserError
+
+from pretrain.embeddings import check_sizes, copy_tokenizer, ensure_writable, load_model_dir, tokenizer_len
+
+
+def trainable_summary(model) -> dict:
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return {"trainable": trainable, "total": total, "percent": round(100 * trainable / max(total, 1), 4)}
+
+
+def _weights_hash(model_dir: Path):
+    from zhllama.hashing import sha256_files
+
+    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
+    return sha256_files(files) if files else None
+
+
+def preflight(model_dir, corpus, out_dir, block_size: int, tokenizer_dir=None):
+    """Every check that can fail on user input, done before any data is tokenized or any step is taken."""
+    from corpora.reader import list_corpus_files
+
+    model_dir = Path(model_dir)
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir else model_dir
+    ensure_writable(Path(out_dir))
+    files = list_corpus_files(corpus)
+    if all(f.stat().st_size == 0 for f in files):
+        raise UserError(f"corpus {', '.join(map(str, files[:3]))}: all files are empty; point --corpus at your text")
+    n_tok = tokenizer_len(tok_dir)
+    model = load_model_dir(model_dir)
+    check_sizes(model, model_dir, n_tok, tok_dir)
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    if ctx is not None and block_size > ctx:
+        raise UserError(
+            f"--block-size {block_size} is larger than {model_dir}'s context (max_position_embeddings {ctx}); "
+            f"use --block-size {ctx} or less"
+        )
+    return model, tok_dir
+
+
+def _check_resume_compatible(out_dir: Path, resolved: dict, resume: bool) -> None:
+    from pretrain.train import last_complete_checkpoint
+
+    prev = out_dir / "resolved_config.json"
+    if not resume or last_complete_checkpoint(out_dir) is None or not prev.is_file():
+        return
+    old = json.loads(prev.read_text())
+    keys = ("settings", "block_size", "new_rows_only", "lora", "inputs")
+    diff = [k for k in keys if old.get(k) != resolved.get(k)]
+    if diff:
+        raise UserError(
+            f"{out_dir} holds checkpoints from a run with different {', '.join(diff)}; resuming would mix them. "
+            "Use another --out, or --no-resume to start over"
+        )
+
+
+def _prepare(stage, model_dir, corpus, out_dir, recipe, settings, resume, cache_dir, tokenizer_dir, extra):
+    from pretrain.data import build_datasets, tokenizer_hash
+    from zhllama.hashing import sha256_file
+    from zhllama.manifest import write_json
+
+    out_dir, model_dir = Path(out_dir), Path(model_dir)
+    pre = recipe.pretrain
+    model, tok_dir = preflight(model_dir, corpus, out_dir, pre.block_size, tokenizer_dir)
+    inputs = {
+        "model": {"path": str(model_dir), "sha256": _weights_hash(model_dir)},
+        "tokenizer": {"path": str(tok_dir), "sha256": tokenizer_hash(tok_dir)},
+        "recipe": {"path": recipe.source, "sha256": sha256_file(recipe.source) if recipe.source else None},
+    }
+    resolved = {"stage": stage, "recipe": recipe.to_dict(), "settings": dataclasses.asdict(settings),
+                "block_size": pre.block_size, "seed": settings.seed, "inputs": inputs, **extra}
+    train_ds, eval_ds, data_info = build_datasets(
+        corpus, tok_dir, pre.block_size, cache_dir or (out_dir.parent / "data_cache"),
+        eval_ratio=pre.eval_ratio, max_eval_blocks=pre.max_eval_blocks, streaming=pre.streaming,
+    )
+    inputs["data"] = data_info["key"]
+    resolved["data"] = {k: v for k, v in data_info.items() if k != "key"}
+    _check_resume_compatible(out_dir, resolved, resume)
+    if not resume:
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    write_json(out_dir / "resolved_config.json", resolved)
+    return model, tok_dir, train_ds, eval_ds, resolved, inputs
+
+
+def _finish(stage, out_dir: Path, resolved, inputs, result, summary):
+    from zhllama.manifest import write_json, write_manifest
+
+    out = {**result, "trainable": summary}
+    write_json(out_dir / "train_result.json", out)
+    write_manifest(out_dir, stage, {**resolved, "result": out}, inputs)
+    return out
+
+
+def base_vocab_size(model_dir, recipe, override: int | None = None) -> int:
+    """Where the appended rows start: --base-vocab-size, else what `resize` recorded, else the recipe."""
+    if override:
+        return override
+    man = Path(model_dir) / "manifest.json"
+    if man.is_file():
+        try:
+            m = json.loads(man.read_text())
+        except ValueError:
+            m = {}
+        cfg = m.get("config", {})
+        if m.get("stage") == "pretrain.resize" and "old_vocab" in cfg:
+            return int(cfg["old_vocab"])
+        if m.get("stage") == "pretrain.phase1" and "base_vocab" in cfg:
+            return int(cfg["base_vocab"])
+    return recipe.model.base_vocab_size
+
+
+def run_phase1(model_dir, corpus, out_dir, recipe, settings, new_rows_only=False, resume=True, cache_dir=None,
+               tokenizer_dir=None, base_vocab: int | None = None):
+    from pretrain.train import is_main_process, run_training
+
+    out_dir = Path(out_dir)
+    model, tok_dir, train_ds, eval_ds, resolved, inputs = _prepare(
+        "pretrain.phase1", model_dir, corpus, out_dir, recipe, settings, resume, cache_dir, tokenizer_dir,
+        {"new_rows_only": bool(new_rows_only), "base_vocab": base_vocab_size(model_dir, recipe, base_vocab)},
+    )
+    base_vocab = resolved["base_vocab"]
+    n_rows = model.get_input_embeddings().weight.shape[0]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if new_rows_only:
+        if not 0 < base_vocab < n_rows:
+            raise UserError(
+                f"--new-rows-only: the base vocabulary has {base_vocab:,} pieces and {model_dir} has {n_rows:,} rows, so there "
+                "are no appended rows to train; give the output of `python -m pretrain resize` or pass --base-vocab-size"
+            )
+        from peft import TrainableTokensConfig, get_peft_model
+
+        # Only the appended rows get a trainable delta; old rows stay bit-identical by construction (no masking
+        # tricks that weight decay or optimizer state could undo).
+        cfg = TrainableTokensConfig(target_modules=["embed_tokens"], token_indices=list(range(base_vocab, n_rows)))
+        from transformers import set_seed
+
+        set_seed(settings.seed)
+        model = get_peft_model(model, cfg)
+    else:
+        model.get_input_embeddings().weight.requires_grad_(True)
+    summary = trainable_summary(model)
+    print(f"phase 1: training {summary['trainable']:,} of {summary['total']:,} parameters ({summary['percent']:.2f}%)")
+    trainer, result = run_training(model, train_ds, eval_ds, settings, out_dir, resume=resume)
+    if is_main_process():
+        final = model.merge_and_unload() if new_rows_only else model
+        final.save_pretrained(out_dir)
+        copy_tokenizer(tok_dir, out_dir)
+        check_sizes(final, out_dir, tokenizer_len(out_dir), out_dir)
+        return _finish("pretrain.phase1", out_dir, resolved, inputs, result, summary)
+    return result
+
+
+def lora_config(phase):
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM, r=phase.lora_r, lora_alpha=phase.lora_alpha, lora_dropout=phase.lora_dropout,
+        target_modules=list(phase.lora_targets), modules_to_save=list(phase.modules_to_save) or None,
+    )
+
+
+def check_adapter(out_dir: Path) -> dict:
+    """Refuse to call a run finished when the adapter file is empty (the reference's 443-byte adapters)."""
+    from safetensors import safe_open
+
+    f = out_dir / "adapter_model.safetensors"
+    if not f.is_file():
+        raise RuntimeError(f"{f}: adapter was not written")
+    with safe_open(str(f), "pt") as sf:
+        keys = list(sf.keys())
+    lora = [k for k in keys if "lora_" in k]
+    if not lora:
+        raise RuntimeError(f"{f}: adapter holds no LoRA weights ({len(keys)} tensors, {f.stat().st_size} bytes)")
+    return {"tensors": len(keys), "lora_tensors": len(lora), "bytes": f.stat().st_size,
+            "full_modules": sorted({k.split(".")[-2] for k in keys if "lora_" not in k})}
+
+
+def run_phase2(model_dir, corpus, out_dir, recipe, settings, resume=True, cache_dir=None, tokenizer_dir=None):
+    from peft import get_peft_model
+    from transformers import set_seed
+
+    from pretrain.train import is_main_process, run_training
+
+    out_dir = Path(out_dir)
+    phase = recipe.pretrain.phase2
+    lcfg = lora_config(phase)
+    model, tok_dir, train_ds, eval_ds, resolved, inputs = _prepare(
+        "pretrain.phase2", model_dir, corpus, out_dir, recipe, settings, resume, cache_dir, tokenizer_dir,
+        {"lora": {"r": phase.lora_r, "alpha": phase.lora_alpha, "dropout": phase.lora_dropout,
+                  "targets": list(phase.lora_targets), "modules_to_save": list(phase.modules_to_save)}},
+    )
+    # LoRA A matrices are drawn from torch's RNG when the adapter is created: seed first, or every run
+    # (and a resumed run's first process) starts from different adapters.
+    set_seed(settings.seed)
+    model = get_peft_model(model, lcfg)
+    if settings.gradient_checkpointing:
+        model.enable_input_require_grads()
+    summary = trainable_summary(model)
+    print(f"phase 2: training {summary['trainable']:,} of {summary['total']:,} parameters ({summary['percent']:.2f}%)")
+    trainer, result = run_training(model, train_ds, eval_ds, settings, out_dir, resume=resume)
+    if is_main_process():
+        model.save_pretrained(out_dir)
+        # vanilla PeftModel.from_pretrained(base, DIR) reads the base path from here
+        acfg = json.loads((out_dir / "adapter_config.json").read_text())
+        acfg["base_model_name_or_path"] = str(Path(model_dir).resolve())
+        (out_dir / "adapter_config.json").write_text(json.dumps(acfg, indent=2) + "\n")
+        copy_tokenizer(tok_dir, out_dir)
+        result["adapter"] = check_adapter(out_dir)
+        return _finish("pretrain.phase2", out_dir, resolved, inputs, result, summary)
+    return result
+
+
+def init_model(recipe, tokenizer, out_dir, seed: int = 0) -> Path:
+    """A randomly initialised LLaMA-architecture model shaped by recipe.model, on the given base tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vocab.hf_export import save_tokenizer_folder
+    from vocab.spmodel import load_model
+    from zhllama.hashing import sha256_file
+    from zhllama.manifest import write_manifest
+
+    out = Path(out_dir)
+    ensure_writable(out)
+    sp = load_model(tokenizer, what="--tokenizer")
+    m = recipe.model
+    n = len(sp.pieces)
+    if m.base_vocab_size and m.base_vocab_size != n:
+        raise UserError(f"{tokenizer} has {n:,} pieces but recipe {recipe.name} says model.base_vocab_size {m.base_vocab_size:,}; "
+                        "fix the recipe (or --set model.base_vocab_size=N)")
+    cfg = LlamaConfig(
+        vocab_size=n, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_key_value_heads, max_position_embeddings=m.max_position_embeddings,
+        tie_word_embeddings=m.tie_word_embeddings, rms_norm_eps=m.rms_norm_eps, initializer_range=m.initializer_range,
+        bos_token_id=sp.trainer_spec.bos_id, eos_token_id=sp.trainer_spec.eos_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(out)
+    save_tokenizer_folder(sp, out)
+    write_manifest(out, "pretrain.init", {"recipe": recipe.name, "model": dataclasses.asdict(m), "seed": seed},
+                   {"tokenizer": {"path": str(tokenizer), "sha256": sha256_file(tokenizer)}})
+    return out

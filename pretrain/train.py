@@ -1,0 +1,243 @@
+"""One Trainer setup for every training stage (pretrain phase 1/2, sft): resumable, seeded, self-describing.
+
+Public API (stable; the sft stage uses it):
+    TrainSettings                      dataclass of optimisation settings (see fields)
+    settings_from_phase(phase, pretrain_cfg, **overrides) -> TrainSettings
+    run_training(model, train_dataset, eval_dataset, settings, out_dir, resume=True,
+                 data_collator=None, processing_class=None, callbacks=()) -> (trainer, result: dict)
+        Checkpoints go to OUT/checkpoints/checkpoint-N (a `zhllama_complete` marker is written when one is
+        whole); with resume=True the newest complete one is continued. TensorBoard logs go to OUT/tensorboard,
+        every log line to OUT/metrics.jsonl, a loss curve to OUT/loss.png. The final model is NOT saved here:
+        the caller saves what its stage produces (full model, adapter, ...). result holds eval_loss_before,
+        eval_loss_after, train_loss, global_step, resumed_from, tokens_seen, and the effective settings.
+    last_complete_checkpoint(out_dir) -> Path | None
+    world_size() -> int
+
+Distributed runs come from the launcher (torchrun / accelerate launch with a DDP, DeepSpeed or FSDP config):
+the Trainer reads them from the environment; nothing here is specific to one backend.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from zhllama.errors import UserError
+
+COMPLETE = "zhllama_complete"
+
+
+@dataclass
+class TrainSettings:
+    learning_rate: float = 2e-4
+    global_batch_size: int = 8  # sequences per optimizer step across all processes
+    per_device_batch_size: int = 1
+    max_steps: int = 100
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.01
+    precision: str = "fp32"  # fp32 | fp16 | bf16; fp16 falls back to fp32 on CPU
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    save_steps: int = 500
+    eval_steps: int = 500
+    logging_steps: int = 10
+    save_total_limit: int = 3
+    full_determinism: bool = False  # torch.use_deterministic_algorithms; can fail on GPU kernels without one
+    deepspeed: str | None = None  # DeepSpeed JSON, when not launched through an accelerate DeepSpeed config
+    eval_before: bool = True
+    max_grad_norm: float = 1.0
+    dataloader_num_workers: int = 0
+
+
+def settings_from_phase(phase, pre, **overrides) -> TrainSettings:
+    s = TrainSettings(
+        learning_rate=phase.learning_rate, global_batch_size=phase.global_batch_size,
+        per_device_batch_size=phase.per_device_batch_size, max_steps=phase.max_steps, lr_scheduler=phase.lr_scheduler,
+        warmup_ratio=phase.warmup_ratio, weight_decay=phase.weight_decay, precision=pre.precision,
+        gradient_checkpointing=pre.gradient_checkpointing, seed=pre.seed, save_steps=phase.save_steps,
+        eval_steps=phase.eval_steps, logging_steps=phase.logging_steps, save_total_limit=phase.save_total_limit,
+    )
+    for k, v in overrides.items():
+        if v is not None:
+            setattr(s, k, v)
+    return s
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def last_complete_checkpoint(out_dir) -> Path | None:
+    d = Path(out_dir) / "checkpoints"
+    best = None
+    for c in d.glob("checkpoint-*") if d.is_dir() else []:
+        try:
+            step = int(c.name.split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        if (c / COMPLETE).is_file() and (best is None or step > best[0]):
+            best = (step, c)
+    return best[1] if best else None
+
+
+def _callbacks(out_dir: Path, block_tokens: int | None):
+    from transformers import TrainerCallback
+
+    class Bookkeeping(TrainerCallback):
+        """Marks whole checkpoints, adds tokens/s to the logs, appends every log line to metrics.jsonl."""
+
+        def __init__(self):
+            self.t0 = None
+            self.tokens0 = 0
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = time.time()
+            self.tokens0 = state.num_input_tokens_seen or 0
+
+        def on_save(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                ck = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if ck.is_dir():
+                    (ck / COMPLETE).write_text(json.dumps({"step": state.global_step}))
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs is None:
+                return
+            tokens = state.num_input_tokens_seen or 0
+            dt = time.time() - (self.t0 or time.time())
+            if dt > 0 and tokens > self.tokens0:
+                logs["tokens_per_s"] = round((tokens - self.tokens0) / dt, 1)
+            if state.is_world_process_zero:
+                with open(out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": state.global_step, "tokens": tokens, **logs}) + "\n")
+
+    return [Bookkeeping()]
+
+
+def plot_loss(log_history: list, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    tr = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
+    ev = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h and "step" in h]
+    if not tr and not ev:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if tr:
+        ax.plot(*zip(*tr), label="train loss")
+    if ev:
+        ax.plot(*zip(*ev), "o-", label="held-out loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def training_arguments(settings: TrainSettings, out_dir: Path, has_eval: bool):
+    import torch
+    from transformers import TrainingArguments
+
+    ws = world_size()
+    per = settings.per_device_batch_size * ws
+    if settings.global_batch_size % per:
+        raise UserError(
+            f"global batch {settings.global_batch_size} is not a multiple of per-device batch "
+            f"{settings.per_device_batch_size} x {ws} processes; change --batch-size or --per-device-batch-size"
+        )
+    accum = settings.global_batch_size // per
+    cuda = torch.cuda.is_available()
+    precision = settings.precision if cuda else "fp32"  # CPU: fp16 AMP is GPU-only, bf16 autocast is slow
+    kw = dict(
+        output_dir=str(out_dir / "checkpoints"),
+        per_device_train_batch_size=settings.per_device_batch_size,
+        per_device_eval_batch_size=settings.per_device_batch_size,
+        gradient_accumulation_steps=accum,
+        learning_rate=settings.learning_rate,
+        max_steps=settings.max_steps,
+        lr_scheduler_type=settings.lr_scheduler,
+        warmup_steps=math.ceil(settings.warmup_ratio * settings.max_steps),
+        weight_decay=settings.weight_decay,
+        max_grad_norm=settings.max_grad_norm,
+        fp16=precision == "fp16",
+        bf16=precision == "bf16",
+        seed=settings.seed,
+        data_seed=settings.seed,
+        full_determinism=settings.full_determinism,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=settings.save_total_limit,
+        logging_steps=settings.logging_steps,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=settings.eval_steps if has_eval else None,
+        report_to=["tensorboard"],
+        include_num_input_tokens_seen="all",
+        dataloader_num_workers=settings.dataloader_num_workers,
+        use_cpu=not cuda,
+        ddp_backend=None if cuda else ("gloo" if ws > 1 else None),
+        ddp_find_unused_parameters=False if ws > 1 else None,
+        remove_unused_columns=False,
+    )
+    if settings.gradient_checkpointing:
+        kw.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    if settings.deepspeed:
+        kw["deepspeed"] = settings.deepspeed
+    return TrainingArguments(**kw), dict(gradient_accumulation_steps=accum, world_size=ws, precision_used=precision)
+
+
+def run_training(model, train_dataset, eval_dataset, settings: TrainSettings, out_dir, resume: bool = True,
+                 data_collator=None, processing_class=None, callbacks=()):
+    from transformers import Trainer, set_seed
+
+    from pretrain.data import collate_blocks
+    from zhllama.manifest import write_json
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # per run, not setdefault: several runs in one process must each log into their own folder
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out_dir / "tensorboard")
+    set_seed(settings.seed)
+    args, derived = training_arguments(settings, out_dir, eval_dataset is not None)
+    ckpt = last_complete_checkpoint(out_dir) if resume else None
+    if ckpt is None and is_main_process():
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        data_collator=data_collator or collate_blocks, processing_class=processing_class,
+        callbacks=_callbacks(out_dir, None) + list(callbacks),
+    )
+    result = {"settings": dataclasses.asdict(settings), **derived, "resumed_from": str(ckpt) if ckpt else None}
+    before_path = out_dir / "eval_before.json"
+    if eval_dataset is not None and settings.eval_before:
+        if ckpt is not None and before_path.is_file():
+            result["eval_loss_before"] = json.loads(before_path.read_text())["eval_loss"]
+        else:
+            m = trainer.evaluate()
+            result["eval_loss_before"] = m["eval_loss"]
+            if trainer.is_world_process_zero():
+                write_json(before_path, {"eval_loss": m["eval_loss"]})
+    t0 = time.time()
+    out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    result.update(train_loss=out.training_loss, global_step=trainer.state.global_step,
+                  train_seconds=round(time.time() - t0, 2), tokens_seen=trainer.state.num_input_tokens_seen)
+    if eval_dataset is not None:
+        result["eval_loss_after"] = trainer.evaluate()["eval_loss"]
+    if trainer.is_world_process_zero():
+        plot_loss(trainer.state.log_history, out_dir / "loss.png")
+        write_json(out_dir / "log_history.json", trainer.state.log_history)
+    return trainer, result
