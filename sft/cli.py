@@ -1,0 +1,148 @@
+"""Command line for the SFT stage: train, preview, merge, generate, chat, plan."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from zhllama.errors import cli_entry
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from sft.generate import PRESETS
+    from sft.template import REGISTRY
+
+    templates = ", ".join(REGISTRY)
+    p = argparse.ArgumentParser(prog="python -m sft", description="Instruction tuning: LoRA SFT, merge, chat")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="LoRA SFT on Alpaca JSON/JSONL records; writes a PEFT adapter folder")
+    t.add_argument("--model", required=True, help="base model folder (the pretrain stage's model)")
+    t.add_argument("--adapter", help="pretrain phase-2 adapter to merge into --model first")
+    t.add_argument("--data", nargs="+", required=True, help="Alpaca JSON arrays or JSONL files, mixed in order")
+    t.add_argument("--eval-data", nargs="+", help="held-out records (default: a content-hash split of --data)")
+    t.add_argument("--out", required=True, help="adapter/run folder")
+    t.add_argument("--template", help=f"prompt template ({templates}; default: the recipe's)")
+    t.add_argument("--max-steps", type=int)
+    t.add_argument("--recipe", default="tiny", help="recipe name or .yaml path (default tiny)")
+    t.add_argument("--reference-tokenization", action="store_true",
+                   help="tokenize the target separately with the dummy prefix like Chinese-LLaMA-Alpaca "
+                        "(extra '▁' at the boundary); default matches how serving tokenizes prompts")
+    t.add_argument("--overlong", choices=["truncate", "drop", "error"], help="examples longer than max_length")
+    t.add_argument("--drop-invalid", action="store_true", help="skip (and report) invalid records instead of failing")
+    t.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
+    t.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an sft recipe setting, e.g. --set learning_rate=2e-4")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="same as --set")
+
+    v = sub.add_parser("preview", help="show rendered examples, tokens and the label mask")
+    v.add_argument("--data", required=True, nargs="+")
+    v.add_argument("--tokenizer", required=True, help="tokenizer folder (the adapter or model folder works)")
+    v.add_argument("--template")
+    v.add_argument("--n", type=int, default=3)
+    v.add_argument("--max-length", type=int, default=512)
+    v.add_argument("--reference-tokenization", action="store_true")
+    v.add_argument("--json", action="store_true", help='print [{"prompt","target","input_ids","labels"}]')
+
+    m = sub.add_parser("merge", help="merge adapters into the base, shard by shard, and verify by logits")
+    m.add_argument("--base", required=True)
+    m.add_argument("--adapter", action="append", required=True, help="repeat: applied in the order given")
+    m.add_argument("--out", required=True)
+    m.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    m.add_argument("--template", help="record this template instead of the adapter's")
+    m.add_argument("--atol", type=float, help="max abs logit difference allowed (default depends on --dtype)")
+    m.add_argument("--no-verify", action="store_true", help="skip the logits check (it loads the model twice, one at a time)")
+
+    g = sub.add_parser("generate", help="answer one instruction with the model's template")
+    g.add_argument("--model", required=True)
+    g.add_argument("--base", help="base model when --model is an adapter folder")
+    g.add_argument("--prompt", action="append", default=[], help="instruction (repeatable)")
+    g.add_argument("--prompts-file", help="more instructions, one per line")
+    g.add_argument("--input", default="", help="optional input joined as the template does")
+    g.add_argument("--preset", default="paper", choices=list(PRESETS))
+    g.add_argument("--max-new-tokens", type=int, default=400)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--raw", action="store_true", help="use --prompt as the full prompt text, no template")
+    g.add_argument("--json", action="store_true")
+
+    c = sub.add_parser("chat", help="interactive multi-turn chat, streaming tokens")
+    c.add_argument("--model", required=True)
+    c.add_argument("--base")
+    c.add_argument("--preset", default="paper", choices=list(PRESETS))
+    c.add_argument("--max-new-tokens", type=int, default=512)
+    c.add_argument("--context", type=int, default=2048)
+
+    pl = sub.add_parser("plan", help="trainable parameters and batch arithmetic of a recipe's SFT")
+    pl.add_argument("--recipe", required=True)
+    pl.add_argument("--vocab-size", type=int, help="default: base + added + [PAD] from the recipe")
+    pl.add_argument("--json", action="store_true")
+    return p
+
+
+@cli_entry
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    if args.cmd == "train":
+        from sft.config import parse_overrides
+        from sft.train import train
+
+        ov = parse_overrides(args.sets + args.overrides)
+        if args.reference_tokenization:
+            ov["reference_tokenization"] = True
+        if args.overlong:
+            ov["overlong"] = args.overlong
+        train(args.model, args.data, args.out, adapter=args.adapter, template=args.template, max_steps=args.max_steps,
+              recipe=args.recipe, overrides=ov, eval_data=args.eval_data, drop_invalid=args.drop_invalid,
+              resume=not args.no_resume)
+    elif args.cmd == "preview":
+        from sft.preview import preview
+
+        preview(args.data, args.tokenizer, args.template, args.n, args.json, args.max_length, args.reference_tokenization)
+    elif args.cmd == "merge":
+        from sft.merge import merge
+
+        merge(args.base, args.adapter, args.out, dtype=args.dtype, verify=not args.no_verify, atol=args.atol,
+              template=args.template)
+    elif args.cmd == "generate":
+        from sft.generate import answer, generate, load
+
+        prompts = list(args.prompt)
+        if args.prompts_file:
+            from pathlib import Path
+
+            from zhllama.errors import UserError
+
+            pf = Path(args.prompts_file)
+            if not pf.is_file():
+                raise UserError(f"{pf}: no such prompts file")
+            prompts += [ln.strip() for ln in pf.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if not prompts:
+            from zhllama.errors import UserError
+
+            raise UserError("give --prompt TEXT (repeatable) or --prompts-file FILE")
+        model, tok, tname = load(args.model, args.base)
+        rows = []
+        for q in prompts:
+            if args.raw:
+                a = generate(model, tok, q, preset=args.preset, max_new_tokens=args.max_new_tokens, seed=args.seed)
+            else:
+                a = answer(model, tok, tname, q, args.input, preset=args.preset, max_new_tokens=args.max_new_tokens,
+                           seed=args.seed)
+            rows.append({"instruction": q, "answer": a})
+            if not args.json:
+                print(f"### {q}\n{a}\n", flush=True)
+        if args.json:
+            print(json.dumps(rows, ensure_ascii=False, indent=1))
+    elif args.cmd == "chat":
+        from sft.generate import chat, load
+
+        model, tok, tname = load(args.model, args.base)
+        chat(model, tok, tname, preset=args.preset, max_new_tokens=args.max_new_tokens, context=args.context)
+    elif args.cmd == "plan":
+        from sft.plan import format_plan, plan
+
+        p = plan(args.recipe, args.vocab_size)
+        print(json.dumps(p, indent=2) if args.json else format_plan(p))
+    return 0

@@ -1,0 +1,180 @@
+"""LoRA instruction tuning on Alpaca records: everything is checked before the first step.
+
+The output folder is the PEFT adapter (adapter_model.safetensors with full embed_tokens/lm_head,
+the SFT tokenizer with [PAD], sft_template.json) and also the run folder: manifest.json,
+sft_config.json (resolved settings), result.json, checkpoints/, tensorboard/, metrics.jsonl, loss.png.
+Training goes through pretrain.train.run_training, so seeding, resume from the newest complete
+checkpoint and logging are the same as in pretraining.
+
+The base is the pretrain stage's model: either a merged folder (--model), or the resized base plus
+the phase-2 adapter (--model with --adapter), which is merged in memory by peft before SFT, the way
+Chinese-Alpaca-Plus was trained on top of Chinese-LLaMA-Plus. `sft merge` then applies the phase-2
+and SFT adapters in that order.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+from zhllama.errors import UserError
+
+
+class ListDataset:
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def _is_eval(rec, ratio: float) -> bool:
+    # content hash, not position: adding files or records never moves an example between splits
+    h = hashlib.sha256((rec.instruction + "\x00" + rec.input + "\x00" + rec.output).encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64 < ratio
+
+
+def split_records(records, ratio: float, cap: int):
+    if ratio <= 0:
+        return records, []
+    train, held = [], []
+    for r in records:
+        (held if _is_eval(r, ratio) and len(held) < cap else train).append(r)
+    return train, held
+
+
+def load_base(model_dir, adapter=None, log=print):
+    """The model SFT starts from, with its tokenizer source folder."""
+    from pretrain.embeddings import load_model_dir
+
+    if adapter:
+        from sft.merge import load_adapter, load_peft_chain
+
+        ad = load_adapter(adapter)  # validates the adapter and its tokenizer before loading 7B weights
+        log(f"loading {model_dir} + pretrain adapter {adapter} (merged in memory)")
+        model = load_peft_chain(model_dir, [adapter])
+        model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        tok_src = adapter if ad.tokenizer_len is not None else model_dir
+        return model, Path(tok_src)
+    return load_model_dir(model_dir), Path(model_dir)
+
+
+def train(model_dir, data, out, adapter=None, template=None, max_steps=None, recipe="tiny", overrides=None,
+          eval_data=None, drop_invalid=False, resume=True, log=print) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from pretrain.embeddings import resize_model
+    from pretrain.recipe import load_recipe
+    from pretrain.train import TrainSettings, run_training
+    from sft.config import sft_config, to_dict
+    from sft.data import Collator, ExampleEncoder, encode_records, load_records
+    from sft.template import get, save_name
+    from sft.vocabcheck import check_vocab, prepare_tokenizer
+    from zhllama.hashing import sha256_file, sha256_files
+    from zhllama.manifest import write_json, write_manifest
+
+    rec = load_recipe(recipe)
+    ov = dict(overrides or {})
+    if template:
+        ov["template"] = template
+    if max_steps is not None:
+        ov["max_steps"] = max_steps
+    cfg = sft_config(rec.sft, ov, f"{rec.source} sft")
+    tmpl = get(cfg.template)
+    out = Path(out)
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"{model_dir}: not a model folder (no config.json); pass the pretrain stage's merged model")
+
+    # data first: a malformed file should fail in a second, not after loading the model
+    records = load_records(data, drop_invalid=drop_invalid, log=log)
+    if eval_data:
+        train_recs, eval_recs = records, load_records(eval_data, drop_invalid=drop_invalid, log=log)
+    else:
+        train_recs, eval_recs = split_records(records, cfg.eval_ratio, cfg.max_eval_examples)
+    if not train_recs:
+        raise UserError("every record landed in the held-out split; lower eval_ratio")
+
+    model_cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    out.mkdir(parents=True, exist_ok=True)
+    tok_src = Path(adapter) if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_dir
+    tok, pad_added = prepare_tokenizer(tok_src, out, log=log)
+    if not adapter:
+        check_vocab(model_cfg.get("vocab_size"), len(tok), pad_added, model_dir, tok_src)
+    enc = ExampleEncoder(tok, tmpl, cfg.max_length, reference=cfg.reference_tokenization)
+    train_set = encode_records(train_recs, enc, cfg.overlong, log=log)
+    eval_set = encode_records(eval_recs, enc, "truncate", log=lambda *_: None) if eval_recs else None
+    log(f"data: {len(train_set.examples)} training examples ({train_set.n_trained:,} of {train_set.n_tokens:,} "
+        f"tokens trained), {len(eval_set.examples) if eval_set else 0} held out; template {tmpl.name}; "
+        f"{'reference' if cfg.reference_tokenization else 'serving-consistent'} tokenization")
+
+    model, _ = load_base(model_dir, adapter, log=log)
+    rows = model.get_input_embeddings().weight.shape[0]
+    check_vocab(rows, len(tok), pad_added, f"{model_dir}" + (f" + {adapter}" if adapter else ""), tok_src)
+    if rows != len(tok):
+        # the [PAD] row: never an input that carries attention or a label, so mean init is harmless
+        resize_model(model, len(tok), "mean")
+    model.config.pad_token_id = tok.pad_token_id
+    if cfg.num_epochs > 0:
+        cfg.max_steps = max(1, math.ceil(cfg.num_epochs * len(train_set.examples) / cfg.global_batch_size))
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_targets), modules_to_save=list(cfg.modules_to_save) or None,
+                      task_type="CAUSAL_LM")
+    from transformers import set_seed
+
+    # LoRA A is drawn from torch's RNG when the adapter is created: seed first so runs and resumes agree
+    set_seed(cfg.seed)
+    model = get_peft_model(model, lora)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    log(f"trainable parameters: {n_train:,} of {n_all:,} = {100 * n_train / n_all:.2f}%")
+    if cfg.gradient_checkpointing:
+        model.enable_input_require_grads()
+
+    settings = TrainSettings(
+        learning_rate=cfg.learning_rate, global_batch_size=cfg.global_batch_size,
+        per_device_batch_size=cfg.per_device_batch_size, max_steps=cfg.max_steps, lr_scheduler=cfg.lr_scheduler,
+        warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay, precision=cfg.precision,
+        gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed, save_steps=cfg.save_steps,
+        eval_steps=cfg.eval_steps, logging_steps=cfg.logging_steps, save_total_limit=cfg.save_total_limit,
+    )
+    inputs = {
+        "model": str(model_dir), "model_config_sha256": sha256_file(model_dir / "config.json"),
+        "pretrain_adapter": str(adapter) if adapter else None,
+        "data": [str(d) for d in data], "data_sha256": sha256_files(data),
+        "eval_data": [str(d) for d in eval_data] if eval_data else None,
+        "tokenizer": str(tok_src), "tokenizer_json_sha256": sha256_file(out / "tokenizer.json"),
+    }
+    resolved = {"recipe": rec.name, "recipe_file": rec.source, "sft": to_dict(cfg), "tokenizer_len": len(tok),
+                "pad_added": pad_added, "pad_token_id": tok.pad_token_id,
+                "pretrain_adapter": str(Path(adapter).resolve()) if adapter else None}
+    write_json(out / "sft_config.json", resolved)
+    write_manifest(out, "sft", resolved, inputs)
+    trainer, result = run_training(
+        model, ListDataset(train_set.examples), ListDataset(eval_set.examples) if eval_set else None, settings,
+        out, resume=resume, data_collator=Collator(tok.pad_token_id), processing_class=tok,
+    )
+    if trainer.is_world_process_zero():
+        # modules_to_save already holds the full embed/head; save_embedding_layers would add two more copies
+        trainer.model.save_pretrained(str(out), save_embedding_layers=False)
+        if not (out / "adapter_model.safetensors").is_file() or (out / "adapter_model.safetensors").stat().st_size < 1024:
+            raise UserError(f"{out}: the saved adapter is empty; nothing was trained")
+        # the adapter records the folder it applies to; with --adapter that is base + pretrain adapter
+        acfg = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
+        acfg["base_model_name_or_path"] = str(model_dir.resolve())
+        (out / "adapter_config.json").write_text(json.dumps(acfg, indent=2) + "\n", encoding="utf-8")
+        save_name(out, tmpl.name)
+        result.update(trainable_params=n_train, total_params=n_all, train_examples=len(train_set.examples),
+                      eval_examples=len(eval_set.examples) if eval_set else 0, overlong=len(train_set.overlong),
+                      template=tmpl.name, vocab_size=len(tok))
+        write_json(out / "result.json", result)
+        before, after = result.get("eval_loss_before"), result.get("eval_loss_after")
+        if before is not None:
+            log(f"held-out SFT loss: {before:.4f} -> {after:.4f} after {result['global_step']} steps")
+        log(f"adapter saved to {out} (vocab {len(tok):,}, template {tmpl.name})")
+    return result

@@ -1,0 +1,64 @@
+"""The SFT tokenizer (pretrain's tokenizer + [PAD] when it has no pad) and the vocabulary-size checks.
+
+Chinese-Alpaca's 49,954 tokenizer is Chinese-LLaMA's 49,953 plus one pad piece. The pad is appended
+as a CONTROL piece through vocab.merge (never produced from text, decodes to nothing), so every other
+piece keeps its id and the model only grows by one row at the end.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from zhllama.errors import UserError
+
+
+def prepare_tokenizer(src_dir, out_dir, log=print):
+    """Copy the tokenizer from src_dir to out_dir, adding [PAD] if it has none; returns (tokenizer, added)."""
+    from transformers import AutoTokenizer
+
+    src, out = Path(src_dir), Path(out_dir)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(src))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{src}: no loadable tokenizer ({e})") from None
+    out.mkdir(parents=True, exist_ok=True)
+    if tok.pad_token_id is not None:
+        tok.save_pretrained(str(out))
+        if (src / "tokenizer.model").is_file():
+            import shutil
+
+            shutil.copy2(src / "tokenizer.model", out / "tokenizer.model")
+        return AutoTokenizer.from_pretrained(str(out)), False
+    if (src / "tokenizer.model").is_file():
+        from vocab.hf_export import save_tokenizer_folder
+        from vocab.merge import PAD_PIECE, _append_pad
+        from vocab.spmodel import load_model
+
+        m = load_model(src / "tokenizer.model")
+        if len(m.pieces) != len(tok):
+            raise UserError(f"{src}: tokenizer.model has {len(m.pieces):,} pieces but tokenizer.json {len(tok):,}; "
+                            "the folder mixes two tokenizers")
+        _append_pad(m, score=0.0, control=True)
+        save_tokenizer_folder(m, out, pad_piece=PAD_PIECE)
+    else:
+        # no SentencePiece model to extend: add the pad as a special token to the HF tokenizer
+        tok.add_special_tokens({"pad_token": "[PAD]"})
+        tok.save_pretrained(str(out))
+    new = AutoTokenizer.from_pretrained(str(out))
+    log(f"tokenizer: added [PAD] as id {new.pad_token_id} ({len(tok):,} -> {len(new):,} pieces)")
+    return new, True
+
+
+def check_vocab(model_rows: int, tokenizer_len: int, pad_added: bool, model_dir, tok_dir) -> None:
+    """Fail before training on a tokenizer/model mismatch, the 49,953 vs 49,954 classic."""
+    expected = tokenizer_len - (1 if pad_added else 0)
+    if model_rows == tokenizer_len:
+        return
+    if pad_added and model_rows == expected:
+        return  # the model grows by the pad row
+    hint = ""
+    if abs(model_rows - tokenizer_len) == 1:
+        hint = " (the 49,953 vs 49,954 mix-up: use the tokenizer the model was trained with)"
+    elif model_rows % 64 == 0 and model_rows > tokenizer_len:
+        hint = " (was the model's vocabulary padded to a multiple of 64 without the tokenizer?)"
+    raise UserError(f"model {model_dir} has {model_rows:,} embedding rows but tokenizer {tok_dir} has "
+                    f"{tokenizer_len - (1 if pad_added else 0):,} pieces{hint}")

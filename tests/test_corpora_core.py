@@ -1,0 +1,326 @@
+"""Core tests of `corpora prepare` and `corpora instructions`: hermetic text from conftest, no shared data."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, make_chinese_lines, make_english_lines
+from corpora import clean, dedup
+from corpora.instruct import convert_files
+from corpora.prepare import PrepareConfig, prepare
+
+REASONS_DROPPED = ("empty", "malformed_json", "missing_field", "too_short", "low_cjk_ratio", "exact_duplicate",
+                   "near_duplicate")
+
+
+def _unique(lines):
+    return list(dict.fromkeys(lines))
+
+
+def read_split(out: Path, split: str) -> list[str]:
+    texts = []
+    for shard in sorted((out / split).glob("shard-*.jsonl.gz")):
+        with gzip.open(shard, "rt", encoding="utf-8") as f:
+            texts.extend(json.loads(line)["text"] for line in f)
+    return texts
+
+
+def tree_bytes(out: Path) -> dict[str, bytes]:
+    """Every output file except the resumable work folder."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and ".work" not in p.parts}
+
+
+def build_faulty_corpus(root: Path) -> dict:
+    """A corpus with every fault the prepare command must handle, and what it should keep."""
+    root.mkdir(parents=True, exist_ok=True)
+    good = _unique(make_chinese_lines(300, 11))
+    more = _unique(make_chinese_lines(200, 12))
+    gb = _unique(make_chinese_lines(150, 13))
+    bad = _unique(make_chinese_lines(100, 14))
+    pool = set(good) | set(more) | set(gb) | set(bad)
+    assert len(pool) == len(good) + len(more) + len(gb) + len(bad)
+    (root / "good.txt").write_text("\n".join(good) + "\n", encoding="utf-8")
+    # 30% of this file's documents repeat documents of good.txt (or of itself)
+    dups = good[:60] + more[:30]
+    (root / "dups.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in more + dups),
+                                     encoding="utf-8")
+    (root / "gb.txt").write_bytes(("\r\n".join(gb) + "\r\n").encode("gb18030"))
+    raw = b""
+    n_bad_bytes = n_nul = 0
+    for i, t in enumerate(bad):
+        b = t.encode("utf-8")
+        if i % 3 == 0:
+            cut = len(t[:5].encode("utf-8"))
+            b = b[:cut] + b"\xff\xfe" + b[cut:]  # invalid UTF-8 between characters
+            n_bad_bytes += 1  # Python replaces the run \xff\xfe by one U+FFFD per byte: counted below
+        if i % 4 == 0:
+            b = b"\x00" + b + b"\x00\x00"
+            n_nul += 3
+        raw += b + b"\n"
+    (root / "bad.txt").write_bytes(raw)
+    (root / "empty.txt").write_bytes(b"")
+    long_doc = "".join(make_chinese_lines(4000, 15))  # one line of ~150k characters
+    (root / "long.txt").write_text(long_doc + "\n", encoding="utf-8")
+    english = _unique(make_english_lines(80, 16))
+    (root / "english.txt").write_text("\n".join(english) + "\n", encoding="utf-8")
+    return {"unique": pool, "long": long_doc, "dups": len(dups), "dups_within": 30, "english": len(english),
+            "bad_lines": sum(1 for i in range(len(bad)) if i % 3 == 0), "nul": n_nul, "gb": len(gb)}
+
+
+PREPARE_ARGS = ["--min-chars", "5", "--heldout-fraction", "0.1", "--max-chars", "20000", "--shard-docs", "40",
+                "--no-progress"]
+
+
+def _cli(inp: Path, out: Path, *extra):
+    return [sys.executable, "-m", "corpora", "prepare", "--input", str(inp), "--out", str(out), *PREPARE_ARGS, *extra]
+
+
+@pytest.fixture(scope="module")
+def faulty(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faulty")
+    expect = build_faulty_corpus(root / "in")
+    out = root / "out"
+    r = subprocess.run(_cli(root / "in", out), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return root, expect, out, r.stderr
+
+
+def test_prepare_keeps_every_good_document_once_and_counts_each_fault(faulty):
+    root, expect, out, _ = faulty
+    train, held = read_split(out, "train"), read_split(out, "heldout")
+    texts = train + held
+    assert len(texts) == len(set(texts))
+    assert not set(train) & set(held)
+    long_pieces = [t for t in texts if t not in expect["unique"]]
+    # the long line comes back whole, in order, in one split
+    assert "".join(long_pieces) == expect["long"] and len(long_pieces) > 1
+    assert all(len(p) <= 20000 for p in long_pieces)
+    assert set(texts) - set(long_pieces) == expect["unique"]
+
+    stats = json.loads((out / "stats.json").read_text(encoding="utf-8"))
+    files = {Path(k).name: v for k, v in stats["files"].items()}
+    t = stats["total"]
+    assert t["dropped"]["exact_duplicate"]["docs"] == expect["dups"]
+    # the first occurrence in input order (sorted paths: dups.jsonl before good.txt) is the one kept
+    assert files["dups.jsonl"]["dropped"]["exact_duplicate"]["docs"] == expect["dups_within"]
+    assert files["good.txt"]["dropped"]["exact_duplicate"]["docs"] == expect["dups"] - expect["dups_within"]
+    assert files["english.txt"]["dropped"]["low_cjk_ratio"]["docs"] == expect["english"]
+    assert files["english.txt"]["docs_kept"] == 0
+    assert files["gb.txt"]["encoding"] == "gb18030" and files["gb.txt"]["docs_kept"] == expect["gb"]
+    assert files["gb.txt"]["normalisation"]["invalid_bytes"] == 0
+    assert files["bad.txt"]["encoding"] == "utf-8"
+    assert files["bad.txt"]["normalisation"]["invalid_bytes"] == 2 * expect["bad_lines"]
+    assert files["bad.txt"]["normalisation"]["control_chars"] == expect["nul"]
+    assert files["empty.txt"]["empty_file"] and files["empty.txt"]["docs_in"] == 0
+    assert files["long.txt"]["split"]["docs"] == 1 and files["long.txt"]["split"]["pieces"] == len(long_pieces)
+    assert t["train"]["docs"] == len(train) and t["heldout"]["docs"] == len(held)
+    assert t["chars_kept"] == sum(map(len, texts))
+    # the accounting stats.json promises, per file and in total
+    for st in list(stats["files"].values()) + [t]:
+        dropped_docs = sum(v["docs"] for v in st["dropped"].values())
+        dropped_chars = sum(v["chars"] for v in st["dropped"].values())
+        assert st["docs_in"] - st["split"]["docs"] + st["split"]["pieces"] == st["docs_kept"] + dropped_docs
+        assert st["chars_in"] - st["normalisation"]["chars_removed"] == st["chars_kept"] + dropped_chars
+
+
+def test_prepare_rerun_after_kill_9_is_byte_identical(faulty):
+    root, _, ref_out, _ = faulty
+    ref = tree_bytes(ref_out)
+    for stage, marker in (("pass 1", lambda o: any((o / ".work" / "files").glob("*.stats.json"))),
+                          ("pass 2", lambda o: any((o / "train").glob("shard-*.jsonl.gz")))):
+        out = root / f"killed-{stage[-1]}"
+        p = subprocess.Popen(_cli(root / "in", out, "--workers", "2"), cwd=ROOT, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while time.time() < deadline and p.poll() is None and not (out.exists() and marker(out)):
+            time.sleep(0.002)
+        os.killpg(p.pid, signal.SIGKILL)  # the main process and its workers, like kill -9 of the job
+        p.wait()
+        assert not (out / "stats.json").exists(), f"the run finished before the kill in {stage}"
+        r = subprocess.run(_cli(root / "in", out, "--workers", "2"), cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert tree_bytes(out) == ref, stage
+        # a third run redoes nothing and still writes the same bytes
+        r = subprocess.run(_cli(root / "in", out), cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert "already finished" in r.stderr and tree_bytes(out) == ref
+
+
+def test_prepare_output_streams_with_datasets(faulty):
+    import datasets
+
+    _, _, out, _ = faulty
+    ds = datasets.load_dataset("json", data_files={"train": str(out / "train" / "*.jsonl.gz"),
+                                                   "heldout": str(out / "heldout" / "*.jsonl.gz")}, streaming=True)
+    assert [r["text"] for r in ds["heldout"]] == read_split(out, "heldout")
+
+
+def test_changed_options_restart_pass_two(tmp_path):
+    inp = tmp_path / "a.txt"
+    lines = _unique(make_chinese_lines(120, 21))
+    inp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    prepare([inp], tmp_path / "o", PrepareConfig(shard_docs=50, heldout_fraction=0.0, workers=1), progress=False, log=lambda m: None)
+    assert len(read_split(tmp_path / "o", "train")) == len(lines)
+    prepare([inp], tmp_path / "o", PrepareConfig(shard_docs=1000, heldout_fraction=0.5, workers=1), progress=False, log=lambda m: None)
+    train, held = read_split(tmp_path / "o", "train"), read_split(tmp_path / "o", "heldout")
+    assert sorted(train + held) == sorted(lines) and len(list((tmp_path / "o" / "train").iterdir())) == 1
+    # the held-out choice depends on the document only: the same documents in another order split the same
+    inp.write_text("\n".join(reversed(lines)) + "\n", encoding="utf-8")
+    prepare([inp], tmp_path / "r", PrepareConfig(heldout_fraction=0.5, workers=1), progress=False, log=lambda m: None)
+    assert set(read_split(tmp_path / "r", "heldout")) == set(held) and 0 < len(held) < len(lines)
+
+
+def test_formats_jsonl_json_parquet_gzip_and_bad_records(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    a, b, c, d = (_unique(make_chinese_lines(30, s)) for s in (31, 32, 33, 34))
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt", encoding="utf-8") as f:
+        for t in a:
+            f.write(json.dumps({"content": t}, ensure_ascii=False) + "\n")
+        f.write('{"content": "未闭合\n')          # malformed
+        f.write('{"other": "没有这个字段"}\n')    # missing field
+    (tmp_path / "b.json").write_text(json.dumps([{"content": t} for t in b], ensure_ascii=False), encoding="utf-8")
+    pq.write_table(pa.table({"content": c}), tmp_path / "c.parquet")
+    with gzip.open(tmp_path / "d.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("\n".join(d) + "\n")
+    stats = prepare([tmp_path], tmp_path / "out", PrepareConfig(field="content", heldout_fraction=0.0, workers=2),
+                    progress=False, log=lambda m: None)
+    assert sorted(read_split(tmp_path / "out", "train")) == sorted(set(a + b + c + d))
+    files = {Path(k).name: v for k, v in stats["files"].items()}
+    assert files["a.jsonl.gz"]["dropped"]["malformed_json"]["docs"] == 1
+    assert files["a.jsonl.gz"]["dropped"]["missing_field"]["docs"] == 1
+    assert files["a.jsonl.gz"]["examples"]["malformed_json"] == [f"line {len(a) + 1}"]
+
+
+def test_malformed_json_array_is_one_clear_error(tmp_path):
+    (tmp_path / "x.json").write_text('[{"text": "你好"},\n{"text": }]', encoding="utf-8")
+    r = subprocess.run([sys.executable, "-m", "corpora", "prepare", "--input", str(tmp_path / "x.json"), "--out",
+                        str(tmp_path / "o"), "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "x.json: line 2" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_normalize_keeps_chinese_punctuation_and_fixes_the_rest():
+    zh = "他说：“我们一定要把这件事情做好。”大家纷纷点头（表示同意）……好吗？好！"
+    assert clean.normalize(zh) == zh
+    assert clean.normalize(zh, fullwidth_ascii=True) == zh
+    f = clean.Fixes()
+    assert clean.normalize("\ufeff第一行\r\n第二\x00行\r第三行\u2028\ud800第四\ufffd行 ", fixes=f) == "第一行\n第二行\n第三行\n第四行"
+    assert (f.line_endings, f.control_chars, f.invalid_bytes) == (3, 3, 1)
+    assert clean.normalize("１９９８年１．５倍，ＡＢＣ＋ｘｙｚ！", fullwidth_ascii=True) == "1998年1.5倍，ABC+xyz！"
+    assert clean.normalize("１９９８年") == "１９９８年"
+
+
+def test_detect_encoding_and_cjk_ratio():
+    text = "\n".join(make_chinese_lines(200, 41)).encode("utf-8")
+    assert clean.detect_encoding(text).encoding == "utf-8"
+    assert clean.detect_encoding(text.decode().encode("gb18030")).encoding == "gb18030"
+    trad = "長江是中國第一大河，全長約六千三百公里。我們會在這個時間來學習。" * 30
+    assert clean.detect_encoding(trad.encode("big5")).encoding == "big5"
+    damaged = text[:3000] + b"\xff" + text[3000:]
+    g = clean.detect_encoding(damaged)
+    assert g.encoding == "utf-8" and g.how == "scored"
+    assert clean.cjk_ratio("中文 abc") == pytest.approx(2 / 5)
+    assert clean.drop_reason("English only here", 5, 0.3) == "low_cjk_ratio"
+
+
+def test_split_long_joins_back():
+    doc = "".join(make_chinese_lines(200, 42)) + "无标点" * 500
+    pieces = clean.split_long(doc, 300)
+    assert "".join(pieces) == doc and all(0 < len(p) <= 300 for p in pieces)
+    assert clean.split_long("短文本。", 300) == ["短文本。"]
+
+
+def test_near_dedup_drops_near_copies_only(tmp_path):
+    base = _unique(make_chinese_lines(60, 51))
+    docs = ["".join(base[i:i + 4]) for i in range(0, 60, 4)]  # 15 long-ish distinct documents
+    near = [d[:-2] + "嗯。" for d in docs[:5]]                  # the same text with its last 2 characters changed
+    (tmp_path / "a.txt").write_text("\n".join(docs + near) + "\n", encoding="utf-8")
+    cfg = PrepareConfig(dedup="near", heldout_fraction=0.0, workers=1)
+    stats = prepare([tmp_path / "a.txt"], tmp_path / "o", cfg, progress=False, log=lambda m: None)
+    assert read_split(tmp_path / "o", "train") == docs
+    assert stats["total"]["dropped"]["near_duplicate"]["docs"] == 5
+    assert "datasketch" in stats["dedup_library"]
+    assert dedup.heldout_bucket(b"x") == dedup.heldout_bucket(b"x")
+
+
+# ------------------------------------------------------------------------------------------- instructions
+
+def test_instructions_convert_each_format(tmp_path):
+    rows = [
+        {"instruction": "翻译", "input": "猫", "output": "cat"},
+        {"id": "seed_task_1", "instruction": "写诗", "instances": [{"input": "夏天", "output": "诗一"},
+                                                                 {"input": "", "output": "诗二"}]},
+        {"question": "天为什么是蓝的？", "std_answer": "瑞利散射。", "class": "open_qa"},
+        {"input": "判断情感：很好", "target": "正面", "type": "classify"},
+        {"conversations": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "你好！"},
+                           {"from": "human", "value": "一加一？"}, {"from": "gpt", "value": "二。"}]},
+    ]
+    src = tmp_path / "mixed.json"
+    src.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    rep = convert_files([src], tmp_path / "out.json", log=lambda m: None)
+    got = json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))
+    assert rep["dropped"] == 0 and len(got) == 6
+    assert got[0] == rows[0]
+    assert got[1:3] == [{"instruction": "写诗", "input": "夏天", "output": "诗一"},
+                        {"instruction": "写诗", "input": "", "output": "诗二"}]
+    assert got[3] == {"instruction": "天为什么是蓝的？", "input": "", "output": "瑞利散射。"}
+    assert got[4] == {"instruction": "判断情感：很好", "input": "", "output": "正面"}
+    assert got[5]["output"] == "二。" and "用户：你好\n助手：你好！" in got[5]["instruction"]
+    assert got[5]["instruction"].endswith("一加一？")
+    convert_files([src], tmp_path / "out.jsonl", log=lambda m: None)
+    lines = (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(x) for x in lines] == got
+
+
+def test_instructions_reject_bad_records_with_file_and_index(tmp_path):
+    rows = [
+        {"instruction": "好", "output": "好的"},
+        {"instruction": "", "output": "空指令"},
+        {"instruction": "缺输出"},
+        {"instruction": "类型错", "output": 3},
+        {"conversations": [{"from": "human", "value": "只有提问"}]},
+        {"conversations": [{"from": "gpt", "value": "先回答"}, {"from": "human", "value": "再提问"}]},
+        {"foo": "bar"},
+        "just a string",
+        {"instruction": "写诗", "instances": [{"input": "春", "output": ""}]},
+    ]
+    src = tmp_path / "bad.jsonl"
+    src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    logs = []
+    rep = convert_files([src], tmp_path / "o.json", log=logs.append)
+    assert rep["records"] == 1 and [p["index"] for p in rep["problems"]] == list(range(1, 9))
+    assert all(p["file"] == str(src) for p in rep["problems"])
+    assert f"dropped {src} record 2: alpaca: missing field 'output'" in logs
+    assert json.loads((tmp_path / "o.json.report.json").read_text(encoding="utf-8"))["dropped"] == 8
+    r = subprocess.run([sys.executable, "-m", "corpora", "instructions", "--input", str(src), "--out",
+                        str(tmp_path / "s.json"), "--strict"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "record 1" in r.stderr
+
+
+def test_instructions_malformed_json_names_file_and_line(tmp_path):
+    src = tmp_path / "broken.json"
+    src.write_text('[\n{"instruction": "a", "output": "b"},\n{"instruction": "c" "output": "d"}\n]', encoding="utf-8")
+    r = subprocess.run([sys.executable, "-m", "corpora", "instructions", "--input", str(src), "--out",
+                        str(tmp_path / "o.json")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and f"{src}: line 3" in r.stderr and "Traceback" not in r.stderr
+    src2 = tmp_path / "broken.jsonl"
+    src2.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n', encoding="utf-8")
+    r = subprocess.run([sys.executable, "-m", "corpora", "instructions", "--input", str(src2), "--out",
+                        str(tmp_path / "o.json")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and f"{src2}: line 2" in r.stderr
+
+
+def test_cli_help():
+    for cmd in ("prepare", "instructions"):
+        r = subprocess.run([sys.executable, "-m", "corpora", cmd, "--help"], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0 and "--input" in r.stdout
