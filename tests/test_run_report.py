@@ -1,0 +1,45 @@
+"""The run report is built from what the stages wrote: every figure in it comes from those files."""
+from __future__ import annotations
+
+import json
+
+from zhllama.run_report import main
+
+
+def _w(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, ensure_ascii=False), encoding="utf-8")
+
+
+def test_report_reads_every_stage(tmp_path):
+    run = tmp_path / "run"
+    _w(run / "corpus" / "stats.json", {"total": {"docs_in": 120, "docs_kept": 100,
+                                                  "dropped": {"exact_duplicate": {"docs": 17, "chars": 900}}}})
+    _w(run / "vocab" / "vocab_report.json", {
+        "lines": 50, "vocab_size": {"base": 32000, "extended": 49953},
+        "tokenizers": {n: {"tokens": t, "tokens_per_1000_chars": t / 10, "chars_per_token": 10000 / t,
+                           "ratio_to_base": t / 14000, "byte_fallback_rate": 0.01} for n, t in (("base", 14000), ("extended", 6543))},
+        "table1": {"base": 35, "extended": 17}, "dead_pieces": {"extended": 0}, "english_lines_changed": {"extended": 0},
+        "hf_vs_sentencepiece": {"lines": 300, "disagreeing": 0}, "jieba_boundary_share": {"extended": 0.7}})
+    _w(run / "pretrain" / "phase1" / "train_result.json",
+       {"global_step": 150, "eval_loss_before": 10.81, "eval_loss_after": 9.35, "train_loss": 9.7, "train_seconds": 80.0, "tokens_seen": 160000})
+    _w(run / "sft" / "adapter" / "result.json",
+       {"global_step": 200, "eval_loss_before": 7.3, "eval_loss_after": 2.31, "train_loss": 1.7, "train_seconds": 50.0, "tokens_seen": 80000})
+    _w(run / "sft" / "merged" / "merge_verify.json", {"max_abs_diff": 6.7e-6, "top1_agreement": 1.0, "positions": 207, "tolerance": 1e-4})
+    _w(run / "report" / "generations_before.json", [{"instruction": "列出三种蔬菜。", "answer": "   "}])
+    _w(run / "report" / "generations_after.json", [{"instruction": "列出三种蔬菜。", "answer": "1. 白菜\n2. 萝卜"}])
+    _w(run / "report" / "timings.json", {"vocab": 25, "total": 334})
+    _w(run / "vocab" / "manifest.json", {"stage": "vocab", "created": "2026-11-23T07:42:38Z",
+                                         "inputs": {"corpus": "8f9b131b085b" + "0" * 52}, "versions": {"torch": "2.13.0"}})
+    assert main(["--run", str(run)]) == 0
+    md = (run / "report.md").read_text(encoding="utf-8")
+    for figure in ("6,543", "49,953", "| 17 |", "10.81", "9.35", "2,000.0", "2.31", "6.7e-06", "207 positions",
+                   "1. 白菜<br>2. 萝卜", "(only whitespace, 3 characters)", "| total | 334 |", "corpus=8f9b131b085b", "torch 2.13.0"):
+        assert figure in md, figure
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert page.startswith("<!doctype html>") and "1. 白菜<br>2. 萝卜" in page and "<table>" in page
+
+
+def test_missing_run_folder_is_a_clear_error(tmp_path, capsys):
+    assert main(["--run", str(tmp_path / "nope")]) == 2
+    assert "no such run folder" in capsys.readouterr().err
