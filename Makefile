@@ -72,12 +72,15 @@ $(RUN)/pretrain/base/config.json: $(BASE_TOKENIZER) | setup
 	HF_HUB_OFFLINE=1 $(PY) -m pretrain init --recipe $(RECIPE) --tokenizer $(BASE_TOKENIZER) --out $(RUN)/pretrain/base
 $(RUN)/pretrain/resized/config.json: $(RUN)/vocab/tokenizer.json $(if $(BASE_MODEL),,$(RUN)/pretrain/base/config.json) | setup
 	HF_HUB_OFFLINE=1 $(PY) -m pretrain resize --model $(PRETRAIN_BASE) --tokenizer $(RUN)/vocab --out $(RUN)/pretrain/resized
-$(RUN)/pretrain/phase1/config.json: $(RUN)/pretrain/resized/config.json
+# The corpus files' timestamps make phase 1 and 2 rerun when the text changes; the stage itself then
+# sees different input hashes and starts over instead of continuing stale checkpoints.
+CORPUS_FILES = $(shell find $(CORPUS) -type f 2>/dev/null)
+$(RUN)/pretrain/phase1/config.json: $(RUN)/pretrain/resized/config.json $(CORPUS_FILES)
 	if HF_HUB_OFFLINE=1 $(PY) -c "import sys; from pretrain.recipe import load_recipe; sys.exit(0 if load_recipe('$(RECIPE)').pretrain.phase1.enabled else 1)"; then \
-	  HF_HUB_OFFLINE=1 $(PY) -m pretrain phase1 --recipe $(RECIPE) --model $(RUN)/pretrain/resized --corpus $(CORPUS) --out $(RUN)/pretrain/phase1 $(PRETRAIN_ARGS); \
+	  HF_HUB_OFFLINE=1 $(PY) -m pretrain phase1 --recipe $(RECIPE) --model $(RUN)/pretrain/resized --corpus $(CORPUS) --out $(RUN)/pretrain/phase1 --restart-if-changed $(PRETRAIN_ARGS); \
 	else mkdir -p $(RUN)/pretrain/phase1 && cp $(RUN)/pretrain/resized/config.json $(RUN)/pretrain/phase1/config.json && echo skipped > $(RUN)/pretrain/phase1/SKIPPED; fi
-$(RUN)/pretrain/phase2/adapter_model.safetensors: $(RUN)/pretrain/phase1/config.json
-	HF_HUB_OFFLINE=1 $(PY) -m pretrain phase2 --recipe $(RECIPE) --corpus $(CORPUS) --out $(RUN)/pretrain/phase2 $(PRETRAIN_ARGS) \
+$(RUN)/pretrain/phase2/adapter_model.safetensors: $(RUN)/pretrain/phase1/config.json $(CORPUS_FILES)
+	HF_HUB_OFFLINE=1 $(PY) -m pretrain phase2 --recipe $(RECIPE) --corpus $(CORPUS) --out $(RUN)/pretrain/phase2 --restart-if-changed $(PRETRAIN_ARGS) \
 	  --model $$(test -f $(RUN)/pretrain/phase1/SKIPPED && echo $(RUN)/pretrain/resized || echo $(RUN)/pretrain/phase1)
 
 # Instruction tuning: LoRA SFT on the pretrain stage's model (phase 1 + phase-2 adapter), merge the phase-2
@@ -92,7 +95,7 @@ sft: $(RUN)/sft/merged/config.json
 	HF_HUB_OFFLINE=1 $(PY) -m sft generate --model $(RUN)/sft/merged --prompts-file $(SFT_PROMPTS) --preset $(SFT_PRESET) --max-new-tokens 48
 $(RUN)/sft/adapter/adapter_model.safetensors: $(RUN)/pretrain/phase2/adapter_model.safetensors $(SFT_DATA) | setup
 	HF_HUB_OFFLINE=1 $(PY) -m sft train --recipe $(RECIPE) --model $(SFT_BASE) --adapter $(RUN)/pretrain/phase2 \
-	  --data $(SFT_DATA) --out $(RUN)/sft/adapter $(SFT_ARGS)
+	  --data $(SFT_DATA) --out $(RUN)/sft/adapter --restart-if-changed $(SFT_ARGS)
 $(RUN)/sft/merged/config.json: $(RUN)/sft/adapter/adapter_model.safetensors
 	HF_HUB_OFFLINE=1 $(PY) -m sft merge --base $(SFT_BASE) --adapter $(RUN)/pretrain/phase2 --adapter $(RUN)/sft/adapter \
 	  --out $(RUN)/sft/merged --dtype $(SFT_DTYPE)

@@ -61,6 +61,8 @@ def _train_args(p: argparse.ArgumentParser, phase: str) -> None:
     p.add_argument("--resume", dest="resume", action="store_true", default=True,
                    help="continue from the last complete checkpoint in OUT (the default: rerunning a command resumes)")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="discard OUT's checkpoints and start over")
+    p.add_argument("--restart-if-changed", dest="resume", action="store_const", const="auto",
+                   help="resume if OUT's checkpoints come from the same inputs and settings, else start over (what make uses)")
     if phase == "phase1":
         p.add_argument("--new-rows-only", action="store_true", default=None, help="train only the appended embedding rows")
         p.add_argument("--base-vocab-size", type=int, help="first appended row (default: recorded by `resize`)")

@@ -60,20 +60,25 @@ def preflight(model_dir, corpus, out_dir, block_size: int, tokenizer_dir=None):
     return model, tok_dir
 
 
-def _check_resume_compatible(out_dir: Path, resolved: dict, resume: bool) -> None:
+def _check_resume_compatible(out_dir: Path, resolved: dict, resume) -> bool:
+    """Whether OUT's checkpoints may be continued. resume="auto": start over when the inputs changed."""
     from pretrain.train import last_complete_checkpoint
 
     prev = out_dir / "resolved_config.json"
     if not resume or last_complete_checkpoint(out_dir) is None or not prev.is_file():
-        return
+        return bool(resume)
     old = json.loads(prev.read_text())
     keys = ("settings", "block_size", "new_rows_only", "lora", "inputs")
     diff = [k for k in keys if old.get(k) != resolved.get(k)]
+    if diff and resume == "auto":
+        print(f"{out_dir}: {', '.join(diff)} changed since its checkpoints were written; starting over")
+        return False
     if diff:
         raise UserError(
             f"{out_dir} holds checkpoints from a run with different {', '.join(diff)}; resuming would mix them. "
-            "Use another --out, or --no-resume to start over"
+            "Use another --out, --restart-if-changed, or --no-resume to start over"
         )
+    return True
 
 
 def _prepare(stage, model_dir, corpus, out_dir, recipe, settings, resume, cache_dir, tokenizer_dir, extra):
@@ -97,8 +102,7 @@ def _prepare(stage, model_dir, corpus, out_dir, recipe, settings, resume, cache_
     )
     inputs["data"] = data_info["key"]
     resolved["data"] = {k: v for k, v in data_info.items() if k != "key"}
-    _check_resume_compatible(out_dir, resolved, resume)
-    if not resume:
+    if not _check_resume_compatible(out_dir, resolved, resume):
         shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     write_json(out_dir / "resolved_config.json", resolved)
     return model, tok_dir, train_ds, eval_ds, resolved, inputs

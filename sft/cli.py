@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--overlong", choices=["truncate", "drop", "error"], help="examples longer than max_length")
     t.add_argument("--drop-invalid", action="store_true", help="skip (and report) invalid records instead of failing")
     t.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
+    t.add_argument("--restart-if-changed", action="store_true",
+                   help="resume if the checkpoints come from the same data and settings, else start over (what make uses)")
     t.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override an sft recipe setting, e.g. --set learning_rate=2e-4")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="same as --set")
@@ -95,7 +97,7 @@ def main(argv=None):
             ov["overlong"] = args.overlong
         train(args.model, args.data, args.out, adapter=args.adapter, template=args.template, max_steps=args.max_steps,
               recipe=args.recipe, overrides=ov, eval_data=args.eval_data, drop_invalid=args.drop_invalid,
-              resume=not args.no_resume)
+              resume=False if args.no_resume else ("auto" if args.restart_if_changed else True))
     elif args.cmd == "preview":
         from sft.preview import preview
 

@@ -63,6 +63,30 @@ def load_base(model_dir, adapter=None, log=print):
     return load_model_dir(model_dir), Path(model_dir)
 
 
+def _reconcile_checkpoints(out: Path, fingerprint: dict, resume):
+    """Never continue checkpoints made from other data or settings. resume="auto": start over instead of failing."""
+    import shutil
+
+    from pretrain.train import last_complete_checkpoint
+
+    prev = out / "run_fingerprint.json"
+    if not resume:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        return False
+    if last_complete_checkpoint(out) is None or not prev.is_file():
+        return resume
+    if json.loads(prev.read_text(encoding="utf-8")) == json.loads(json.dumps(fingerprint)):
+        return resume
+    if resume == "auto":
+        print(f"{out}: data, model or settings changed since its checkpoints were written; starting over")
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        return False
+    raise UserError(
+        f"{out} holds checkpoints from a run with other data, model or settings; resuming would mix them. "
+        "Use another --out, --restart-if-changed, or --no-resume to start over"
+    )
+
+
 def train(model_dir, data, out, adapter=None, template=None, max_steps=None, recipe="tiny", overrides=None,
           eval_data=None, drop_invalid=False, resume=True, log=print) -> dict:
     import torch
@@ -153,7 +177,9 @@ def train(model_dir, data, out, adapter=None, template=None, max_steps=None, rec
     resolved = {"recipe": rec.name, "recipe_file": rec.source, "sft": to_dict(cfg), "tokenizer_len": len(tok),
                 "pad_added": pad_added, "pad_token_id": tok.pad_token_id,
                 "pretrain_adapter": str(Path(adapter).resolve()) if adapter else None}
+    resume = _reconcile_checkpoints(out, {"config": resolved, "inputs": inputs}, resume)
     write_json(out / "sft_config.json", resolved)
+    write_json(out / "run_fingerprint.json", {"config": resolved, "inputs": inputs})
     write_manifest(out, "sft", resolved, inputs)
     trainer, result = run_training(
         model, ListDataset(train_set.examples), ListDataset(eval_set.examples) if eval_set else None, settings,

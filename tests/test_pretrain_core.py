@@ -348,3 +348,24 @@ def test_two_process_torchrun_matches_single_process(setup, tmp_path):
     for x, y in zip(l1, l2):
         assert abs(x - y) < 1e-3 * max(1.0, abs(x)), (l1, l2)
     assert abs(r1["eval_loss_after"] - r2["eval_loss_after"]) < 1e-3
+
+
+def test_changed_corpus_never_continues_old_checkpoints(setup, tmp_path, capsys):
+    from conftest import make_chinese_lines
+
+    out = tmp_path / "p2"
+    common = ["phase2", "--recipe", setup["recipe"], "--model", setup["resized"], "--out", out,
+              "--cache-dir", setup["dir"] / "cache", "--max-steps", "2", "--save-steps", "1"]
+    assert _cli(*common, "--corpus", setup["corpus"]) == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x.txt").write_text("\n".join(make_chinese_lines(400, 77)) + "\n", encoding="utf-8")
+    capsys.readouterr()
+    assert _cli(*common, "--corpus", other) == 2
+    assert "holds checkpoints from a run with different inputs" in capsys.readouterr().err
+    assert _cli(*common, "--corpus", other, "--restart-if-changed") == 0
+    res = json.loads((out / "train_result.json").read_text())
+    assert res["resumed_from"] is None and res["global_step"] == 2
+    # same inputs again: the finished run is continued, not redone
+    assert _cli(*common, "--corpus", other, "--restart-if-changed") == 0
+    assert json.loads((out / "train_result.json").read_text())["resumed_from"]

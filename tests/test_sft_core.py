@@ -435,3 +435,22 @@ def test_chat_multiturn_uses_template(merged):
     hist = chat(model, tok, tname, preset="greedy", max_new_tokens=5, read=lambda _: next(inputs),
                 write=lambda *a, **k: outs.append(a))
     assert [q for q, _ in hist] == ["Repeat: water", "Count"]
+
+
+def test_checkpoints_from_other_data_are_never_continued(trained, tiny_model, sft_data, sft_recipe, tmp_path):
+    import shutil
+
+    from sft.train import train
+    from zhllama.errors import UserError
+
+    out, _ = trained
+    run = tmp_path / "adapter"
+    shutil.copytree(out, run, ignore=shutil.ignore_patterns("checkpoint-12"))
+    other = tmp_path / "other.json"
+    recs = json.loads((sft_data / "train.json").read_text(encoding="utf-8"))
+    other.write_text(json.dumps(recs[::-1][:-1], ensure_ascii=False), encoding="utf-8")
+    kw = dict(recipe=str(sft_recipe), eval_data=[sft_data / "eval.jsonl"], log=lambda *_: None)
+    with pytest.raises(UserError, match="other data, model or settings"):
+        train(tiny_model, [other], run, **kw)
+    res = train(tiny_model, [other], run, resume="auto", **kw)
+    assert res["resumed_from"] is None and res["global_step"] == 12
