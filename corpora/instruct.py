@@ -22,6 +22,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from corpora.reader import parse_jsonl
 from zhllama.errors import UserError
 from zhllama.manifest import write_json
 
@@ -58,16 +59,7 @@ def read_records(path: Path) -> list:
             return data
         if isinstance(data, dict):
             return [data]
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: line {lineno}, column {e.colno}: malformed JSON ({e.msg}); expected a JSON "
-                            "array or one JSON object per line") from None
-    return rows
+    return parse_jsonl(path, text, "a JSON array or one JSON object per line")
 
 
 def detect_format(rec: dict) -> str | None:

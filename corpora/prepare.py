@@ -32,6 +32,7 @@ from zhllama.errors import UserError
 from zhllama.manifest import write_json
 
 from . import clean, dedup
+from .reader import list_corpus_files
 
 SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".txt.gz", ".jsonl.gz", ".json.gz")
 REASONS = ("empty", "malformed_json", "missing_field", "too_short", "low_cjk_ratio", "exact_duplicate",
@@ -94,26 +95,7 @@ def _kind(path: Path) -> str:
 
 def list_inputs(paths) -> list[Path]:
     """Files and folders (recursively, known suffixes only) -> unique files in a stable order."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(SUFFIXES))
-            if not found:
-                raise UserError(f"{p}: folder holds no {', '.join(SUFFIXES)} files")
-            files.extend(found)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise UserError(f"{p}: no such file or folder")
-    if not files:
-        raise UserError("no input files given (--input PATH ...)")
-    seen, out = set(), []
-    for f in files:
-        r = f.resolve()
-        if r not in seen:
-            seen.add(r)
-            out.append(f)
-    return out
+    return list_corpus_files(paths, SUFFIXES, "input")
 
 
 def _open(path: Path):

@@ -14,23 +14,42 @@ _ENCODINGS = ("utf-8", "gb18030", "big5")
 _CJK = re.compile(r"[\u4e00-\u9fff]")
 
 
-def list_corpus_files(paths: Iterable[str | Path]) -> list[Path]:
-    """Expand files and folders (recursively) into a sorted list of corpus files."""
+def list_corpus_files(paths: Iterable[str | Path], suffixes: tuple[str, ...] = TEXT_SUFFIXES, what: str = "corpus") -> list[Path]:
+    """Expand files and folders (recursively, known suffixes only) into unique files in a stable order."""
     files: list[Path] = []
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(TEXT_SUFFIXES))
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(suffixes))
             if not found:
-                raise UserError(f"{p}: folder holds no {', '.join(TEXT_SUFFIXES)} files")
+                raise UserError(f"{p}: folder holds no {', '.join(suffixes)} files")
             files.extend(found)
         elif p.is_file():
             files.append(p)
         else:
             raise UserError(f"{p}: no such file or folder")
     if not files:
-        raise UserError("no corpus files given")
-    return files
+        raise UserError(f"no {what} files given")
+    seen: set[Path] = set()
+    unique = []
+    for f in files:
+        if f.resolve() not in seen:
+            seen.add(f.resolve())
+            unique.append(f)
+    return unique
+
+
+def parse_jsonl(path: Path, text: str, expected: str) -> list:
+    """One JSON value per non-empty line; a bad line is named by file, line and column."""
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: line {lineno}, column {e.colno}: malformed JSON ({e.msg}); expected {expected}") from None
+    return rows
 
 
 def _open_binary(path: Path):
@@ -107,34 +126,3 @@ def iter_documents(path: str | Path, encoding: str = "utf-8", field: str = "text
 def iter_corpus(paths: Iterable[str | Path], encoding: str = "utf-8", field: str = "text") -> Iterator[str]:
     for f in list_corpus_files(paths):
         yield from iter_documents(f, encoding=encoding, field=field)
-
-
-_BREAKS = re.compile(r"(?<=[。！？；!?;\n])")
-
-
-def split_long(text: str, max_bytes: int) -> list[str]:
-    """Split a document into pieces of at most max_bytes UTF-8 bytes, at sentence ends where possible.
-
-    SentencePiece silently skips training lines longer than max_sentence_length; splitting keeps the text.
-    """
-    if len(text.encode("utf-8")) <= max_bytes:
-        return [text]
-    out: list[str] = []
-    cur = ""
-    for sent in _BREAKS.split(text):
-        while len(sent.encode("utf-8")) > max_bytes:  # one enormous sentence: cut by characters
-            cut = max_bytes // 4
-            head, sent = sent[:cut], sent[cut:]
-            if cur:
-                out.append(cur)
-                cur = ""
-            out.append(head)
-        if len((cur + sent).encode("utf-8")) > max_bytes:
-            if cur:
-                out.append(cur)
-            cur = sent
-        else:
-            cur += sent
-    if cur:
-        out.append(cur)
-    return [s for s in out if s]

@@ -38,37 +38,32 @@ def _is_eval(doc: str, eval_ratio: float) -> bool:
     return eval_ratio > 0 and zlib.crc32(doc.encode("utf-8")) % 100_000 < eval_ratio * 100_000
 
 
-def _packed(tokenizer, docs, block_size: int, limit: int | None = None):
-    eos = tokenizer.eos_token_id
-    buf: list[int] = []
-    made = 0
-
-    def flush(batch):
-        nonlocal buf
-        for ids in tokenizer(batch)["input_ids"]:
-            buf.extend(ids)
-            buf.append(eos)
-
+def _batches(docs, size: int):
     batch = []
     for doc in docs:
         batch.append(doc)
-        if len(batch) >= _BATCH:
-            flush(batch)
+        if len(batch) >= size:
+            yield batch
             batch = []
-            while len(buf) >= block_size:
-                yield {"input_ids": buf[:block_size]}
-                buf = buf[block_size:]
-                made += 1
-                if limit is not None and made >= limit:
-                    return
     if batch:
-        flush(batch)
-    while len(buf) >= block_size:
-        yield {"input_ids": buf[:block_size]}
-        buf = buf[block_size:]
-        made += 1
-        if limit is not None and made >= limit:
-            return
+        yield batch
+
+
+def _packed(tokenizer, docs, block_size: int, limit: int | None = None):
+    """Documents -> tokens with EOS after each -> consecutive block_size blocks (the tail that fills no block is dropped)."""
+    eos = tokenizer.eos_token_id
+    buf: list[int] = []
+    made = 0
+    for batch in _batches(docs, _BATCH):
+        for ids in tokenizer(batch)["input_ids"]:
+            buf.extend(ids)
+            buf.append(eos)
+        while len(buf) >= block_size:
+            yield {"input_ids": buf[:block_size]}
+            buf = buf[block_size:]
+            made += 1
+            if limit is not None and made >= limit:
+                return
 
 
 def _docs(files, want_eval: bool, eval_ratio: float):

@@ -26,6 +26,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from corpora.reader import parse_jsonl
 from zhllama.errors import UserError
 
 from sft.template import Template
@@ -56,19 +57,10 @@ def _read_json_file(path: Path) -> list:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+            raise UserError(f"{path}: line {e.lineno}, column {e.colno}: malformed JSON ({e.msg})") from None
         return data
     # JSONL: one object per line; a single JSON object (not an array) is rejected below
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: malformed JSON at line {lineno}, column {e.colno}: {e.msg} "
-                            "(expected a JSON array of records or one JSON object per line)") from None
-    return rows
+    return parse_jsonl(path, text, "a JSON array of records or one JSON object per line")
 
 
 def validate(rec, path: Path, index: int) -> tuple[Record | None, str | None]:

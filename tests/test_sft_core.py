@@ -156,11 +156,11 @@ def test_invalid_records_named_by_file_and_index(tmp_path):
 def test_malformed_json_names_file_and_line(tmp_path):
     p = tmp_path / "broken.json"
     p.write_text('[\n {"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}\n]', encoding="utf-8")
-    with pytest.raises(UserError, match=r"broken.json: malformed JSON at line 3"):
+    with pytest.raises(UserError, match=r"broken.json: line 3, column \d+: malformed JSON"):
         load_records([p])
     q = tmp_path / "broken.jsonl"
     q.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n', encoding="utf-8")
-    with pytest.raises(UserError, match=r"broken.jsonl: malformed JSON at line 2"):
+    with pytest.raises(UserError, match=r"broken.jsonl: line 2, column \d+: malformed JSON"):
         load_records([q])
 
 
@@ -170,7 +170,7 @@ def test_cli_error_is_one_line_exit_2(tmp_path, tok_dir):
     r = subprocess.run([sys.executable, "-m", "sft", "preview", "--data", str(p), "--tokenizer", str(tok_dir)],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().startswith("error:") and "broken.json: malformed JSON at line 1" in r.stderr
+    assert r.stderr.strip().startswith("error:") and "broken.json: line 1, column" in r.stderr
     r = subprocess.run([sys.executable, "-m", "sft", "preview", "--data", str(ROOT / "corpora/instructions_zh.json"),
                         "--tokenizer", str(tok_dir), "--template", "nope"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "unknown template 'nope'" in r.stderr

@@ -8,7 +8,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
-from corpora.reader import iter_corpus, list_corpus_files, split_long
+from corpora.clean import split_long
+from corpora.reader import iter_corpus, list_corpus_files
 from vocab.extend import SPAN_RE, ExtendConfig, extend_vocabulary
 from vocab.spmodel import BPE, BYTE, CONTROL, NORMAL, UNKNOWN, ModelProto, load_model, save_model
 from zhllama.errors import UserError
@@ -120,7 +121,8 @@ def _train_sentencepiece(corpus, target: Path, cfg: TrainConfig) -> dict:
             input_path = tmp_path / "corpus.txt"
             with open(input_path, "w", encoding="utf-8") as f:
                 for doc in sampled_texts(corpus, cfg):
-                    for part in split_long(doc, MAX_SENTENCE_BYTES):
+                    # at most 4 UTF-8 bytes per character: pieces always fit sentencepiece's byte limit
+                    for part in split_long(doc, MAX_SENTENCE_BYTES // 4):
                         f.write(part.replace("\n", " ") + "\n")
                         lines += 1
             extra = {"input_format": "text"}
