@@ -23,7 +23,9 @@ default: all
 all: setup sample
 	@mkdir -p $(RUN)/report; set -e; now() { date +%s; }; t0=$$(now); \
 	$(MAKE) --no-print-directory prepare RAW="$(CORPUS)"; t1=$$(now); \
-	$(PY) -m corpora instructions --input $(SFT_DATA) --out $(RUN)/instructions.json; t2=$$(now); \
+	$(PY) -m corpora instructions --input $(SFT_DATA) --out $(RUN)/instructions.new.json; \
+	cmp -s $(RUN)/instructions.new.json $(RUN)/instructions.json && rm $(RUN)/instructions.new.json \
+	  || mv $(RUN)/instructions.new.json $(RUN)/instructions.json; t2=$$(now); \
 	$(MAKE) --no-print-directory vocab CORPUS=$(RUN)/corpus/train; t3=$$(now); \
 	$(MAKE) --no-print-directory pretrain CORPUS=$(RUN)/corpus/train; t4=$$(now); \
 	$(MAKE) --no-print-directory sft CORPUS=$(RUN)/corpus/train SFT_DATA=$(RUN)/instructions.json; t5=$$(now); \
