@@ -25,7 +25,8 @@ all: setup sample
 	$(MAKE) --no-print-directory prepare RAW="$(CORPUS)"; t1=$$(now); \
 	$(PY) -m corpora instructions --input $(SFT_DATA) --out $(RUN)/instructions.new.json; \
 	cmp -s $(RUN)/instructions.new.json $(RUN)/instructions.json && rm $(RUN)/instructions.new.json \
-	  || mv $(RUN)/instructions.new.json $(RUN)/instructions.json; t2=$$(now); \
+	  || mv $(RUN)/instructions.new.json $(RUN)/instructions.json; \
+	mv -f $(RUN)/instructions.new.json.report.json $(RUN)/instructions.json.report.json; t2=$$(now); \
 	$(MAKE) --no-print-directory vocab CORPUS=$(RUN)/corpus/train; t3=$$(now); \
 	$(MAKE) --no-print-directory pretrain CORPUS=$(RUN)/corpus/train; t4=$$(now); \
 	$(MAKE) --no-print-directory sft CORPUS=$(RUN)/corpus/train SFT_DATA=$(RUN)/instructions.json; t5=$$(now); \
@@ -110,6 +111,14 @@ report: | setup
 	HF_HUB_OFFLINE=1 $(PY) -m sft generate --model $(RUN)/sft/merged --prompts-file $(SFT_PROMPTS) \
 	  --preset greedy --max-new-tokens 48 --json > $(RUN)/report/generations_after.json
 	$(PY) -m zhllama.run_report --run $(RUN)
+
+# CPU benchmarks (print tables, write bench/results/*.json); bench/RESULTS.md keeps the figures we quote.
+.PHONY: bench
+bench: setup sample
+	-$(PY) bench/tokenizers.py
+	$(PY) bench/generation.py --tokenizer $(RUN)/vocab --text $(RUN)/corpus/heldout
+	$(PY) bench/pretrain_throughput.py --tokenizer $(RUN)/vocab
+	$(PY) bench/gpu.py
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

@@ -178,6 +178,7 @@ def build(run: Path) -> tuple[str, str]:
 
     if timings:
         d.h(2, "Timings")
+        d.p("Wall seconds of the latest `make all`; a stage that was up to date was skipped and shows about 0.")
         d.table(["step", "seconds"], [[k, v] for k, v in timings.items()])
 
     d.h(2, "Manifest")

@@ -1,0 +1,85 @@
+"""Pretraining throughput on CPU: phase 1 (all embedding rows / new rows only) and phase 2, tokens/s and peak RSS.
+
+    python bench/pretrain_throughput.py [--tokenizer RUN/vocab] [--base-tokenizer BASE.model] [--corpus DIR] [--steps N]
+
+Models: the tiny recipe's shape and a ~58M-parameter LLaMA shape (hidden 512, 8 layers at a 32k vocabulary),
+both built from a config on the base tokenizer and resized to the extended one with subword-mean rows.
+Every measurement runs the real CLI (`python -m pretrain phase1/phase2`) in a fresh process; tokens/s is
+what the run's train_result.json reports (tokens seen / training seconds), peak RSS is the process's own.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SHAPES = {
+    "tiny": [],
+    "58M": ["model.hidden_size=512", "model.intermediate_size=1376", "model.num_hidden_layers=8",
+            "model.num_attention_heads=8", "model.num_key_value_heads=8", "model.tie_word_embeddings=false"],
+}
+
+_RUN = ("import resource, runpy, sys; sys.argv = ['pretrain'] + sys.argv[1:]\n"
+        "try:\n    runpy.run_module('pretrain', run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"
+        "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+
+
+def _pretrain(*args) -> int:
+    r = subprocess.run([sys.executable, "-c", _RUN, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                       env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PATH": "/usr/bin:/bin",
+                            "PYTHONPATH": str(ROOT)})
+    line = [l for l in r.stdout.splitlines() if l.startswith("MAXRSS_KB")]
+    if r.returncode != 0 or not line:
+        raise SystemExit(f"pretrain {' '.join(map(str, args))} failed:\n{r.stderr[-3000:]}")
+    return int(line[-1].split()[1])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokenizer", default=str(ROOT / "runs" / "default" / "vocab"))
+    ap.add_argument("--base-tokenizer", default=str(ROOT / ".cache" / "zhllama" / "base" / "tokenizer.model"))
+    ap.add_argument("--corpus", default=str(ROOT / ".cache" / "zhllama" / "zh"))
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "pretrain_throughput.json"))
+    a = ap.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for shape in a.shapes:
+            sets = [x for s in SHAPES[shape] for x in ("--set", s)]
+            base, resized = tmp / shape / "base", tmp / shape / "resized"
+            _pretrain("init", "--recipe", "tiny", "--tokenizer", a.base_tokenizer, "--out", base, *sets)
+            _pretrain("resize", "--model", base, "--tokenizer", a.tokenizer, "--out", resized)
+            common = ["--recipe", "tiny", "--corpus", a.corpus, "--max-steps", a.steps, "--save-steps", 10_000,
+                      "--eval-steps", 10_000, "--cache-dir", tmp / "cache", "--no-resume"]
+            for label, cmd in (("phase1", ["phase1"]), ("phase1 --new-rows-only", ["phase1", "--new-rows-only"]),
+                               ("phase2", ["phase2"])):
+                out = tmp / shape / label.replace(" ", "_")
+                rss = _pretrain(*cmd, "--model", resized, "--out", out, *common)
+                res = json.loads((out / "train_result.json").read_text())
+                params = res.get("trainable", {})
+                rows.append({"model": shape, "run": label, "total_params": params.get("total"),
+                             "trainable_params": params.get("trainable"), "steps": res["global_step"],
+                             "tokens_per_s": round(res["tokens_seen"] / res["train_seconds"], 1),
+                             "peak_rss_MiB": round(rss / 1024)})
+                print(rows[-1], flush=True)
+    print(f"\n{'model':<7}{'run':<25}{'params':>12}{'trainable':>12}{'tokens/s':>10}{'peak RSS MiB':>14}")
+    for r in rows:
+        print(f"{r['model']:<7}{r['run']:<25}{r['total_params'] or 0:>12,}{r['trainable_params'] or 0:>12,}"
+              f"{r['tokens_per_s']:>10}{r['peak_rss_MiB']:>14}")
+    out = Path(a.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "settings": vars(a), "rows": rows}, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
