@@ -153,8 +153,6 @@ def resize_model(model, new_size: int, init: str, sources: list[list[int]] | Non
 
 def checkpoint_vocab_rows(model_dir: Path) -> dict:
     """Row counts of embed_tokens / lm_head as stored in the safetensors files, read from their headers only."""
-    import json
-
     from safetensors import safe_open
 
     rows = {}

@@ -63,7 +63,6 @@ def _permute(w, n_heads: int):
 
 
 def to_hf_model(h: dict, t: dict):
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(

@@ -161,8 +161,6 @@ def _read_shard(path: Path):
 
 
 def _merge_tensor(name: str, w, adapters: list[Adapter], used: set):
-    import torch
-
     mod = name[: -len(".weight")] if name.endswith(".weight") else None
     if mod is None:
         return w

@@ -89,7 +89,6 @@ def _reconcile_checkpoints(out: Path, fingerprint: dict, resume):
 
 def train(model_dir, data, out, adapter=None, template=None, max_steps=None, recipe="tiny", overrides=None,
           eval_data=None, drop_invalid=False, resume=True, log=print) -> dict:
-    import torch
     from peft import LoraConfig, get_peft_model
 
     from pretrain.embeddings import resize_model

@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 import sentencepiece as spm
 
 from corpora.probes import ENGLISH, probe_set, whitespace_probes

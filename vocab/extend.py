@@ -23,7 +23,7 @@ from typing import Iterable
 import numpy as np
 
 from vocab.merge import build_extended
-from vocab.spmodel import BYTE, CJK_CHARS, CJK_RE, NORMAL, ModelProto, processor, without_dummy_prefix
+from vocab.spmodel import CJK_CHARS, CJK_RE, NORMAL, ModelProto, processor, without_dummy_prefix
 from zhllama.errors import UserError
 
 SPAN_RE = re.compile(f"[{CJK_CHARS}]+")

@@ -8,10 +8,9 @@ piece it forms, and the normalizer reproduces sentencepiece's dummy prefix and s
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-from vocab.spmodel import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, ModelProto, save_model
+from vocab.spmodel import CONTROL, NORMAL, UNKNOWN, USER_DEFINED, ModelProto, save_model
 from zhllama.errors import UserError
 
 

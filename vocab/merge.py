@@ -4,17 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vocab.audit import dead_pieces
-from vocab.spmodel import (
-    BYTE,
-    CJK_RE,
-    CONTROL,
-    NORMAL,
-    UNKNOWN,
-    USER_DEFINED,
-    ModelProto,
-    descending_scores,
-    lowest_score,
-)
+from vocab.spmodel import CJK_RE, CONTROL, NORMAL, USER_DEFINED, ModelProto, descending_scores, lowest_score
 
 PAD_PIECE = "[PAD]"
 
@@ -156,6 +146,3 @@ def build_extended(base: "ModelProto", new_pieces: list[str]) -> "ModelProto":
         out.pieces.append(new)
     return out
 
-
-def is_special(p) -> bool:
-    return p.type in (BYTE, CONTROL, UNKNOWN)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import tempfile
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -157,6 +157,3 @@ def _train_sentencepiece(corpus, target: Path, cfg: TrainConfig) -> dict:
         target.write_bytes((tmp_path / "chinese_sp.model").read_bytes())
     return {"model_type": cfg.model_type, "vocab_size": cfg.vocab_size, "training_lines": lines}
 
-
-def config_dict(cfg: TrainConfig) -> dict:
-    return asdict(cfg)
