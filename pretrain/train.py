@@ -2,6 +2,7 @@
 
 Public API (stable; the sft stage uses it):
     TrainSettings                      dataclass of optimisation settings (see fields)
+    settings_from(*config_objects, **overrides) -> TrainSettings   same-named fields, first source wins
     settings_from_phase(phase, pretrain_cfg, **overrides) -> TrainSettings
     run_training(model, train_dataset, eval_dataset, settings, out_dir, resume=True,
                  data_collator=None, processing_class=None, callbacks=()) -> (trainer, result: dict)
@@ -54,18 +55,21 @@ class TrainSettings:
     dataloader_num_workers: int = 0
 
 
+def settings_from(*sources, **overrides) -> TrainSettings:
+    """TrainSettings from config objects whose fields carry the same names (the first source that has a
+    field wins; fields no source has keep their defaults); overrides that are None are ignored."""
+    values = {}
+    for f in dataclasses.fields(TrainSettings):
+        src = next((s for s in sources if hasattr(s, f.name)), None)
+        if src is not None:
+            values[f.name] = getattr(src, f.name)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainSettings(**values)
+
+
 def settings_from_phase(phase, pre, **overrides) -> TrainSettings:
-    s = TrainSettings(
-        learning_rate=phase.learning_rate, global_batch_size=phase.global_batch_size,
-        per_device_batch_size=phase.per_device_batch_size, max_steps=phase.max_steps, lr_scheduler=phase.lr_scheduler,
-        warmup_ratio=phase.warmup_ratio, weight_decay=phase.weight_decay, precision=pre.precision,
-        gradient_checkpointing=pre.gradient_checkpointing, seed=pre.seed, save_steps=phase.save_steps,
-        eval_steps=phase.eval_steps, logging_steps=phase.logging_steps, save_total_limit=phase.save_total_limit,
-    )
-    for k, v in overrides.items():
-        if v is not None:
-            setattr(s, k, v)
-    return s
+    """A pretraining phase's optimisation settings; precision, checkpointing and seed come from the pretrain section."""
+    return settings_from(phase, pre, **overrides)
 
 
 def world_size() -> int:

@@ -93,7 +93,7 @@ def train(model_dir, data, out, adapter=None, template=None, max_steps=None, rec
 
     from pretrain.embeddings import resize_model
     from pretrain.recipe import load_recipe
-    from pretrain.train import TrainSettings, run_training
+    from pretrain.train import run_training, settings_from
     from sft.config import sft_config, to_dict
     from sft.data import Collator, ExampleEncoder, encode_records, load_records
     from sft.template import get, save_name
@@ -159,13 +159,7 @@ def train(model_dir, data, out, adapter=None, template=None, max_steps=None, rec
     if cfg.gradient_checkpointing:
         model.enable_input_require_grads()
 
-    settings = TrainSettings(
-        learning_rate=cfg.learning_rate, global_batch_size=cfg.global_batch_size,
-        per_device_batch_size=cfg.per_device_batch_size, max_steps=cfg.max_steps, lr_scheduler=cfg.lr_scheduler,
-        warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay, precision=cfg.precision,
-        gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed, save_steps=cfg.save_steps,
-        eval_steps=cfg.eval_steps, logging_steps=cfg.logging_steps, save_total_limit=cfg.save_total_limit,
-    )
+    settings = settings_from(cfg)
     inputs = {
         "model": str(model_dir), "model_config_sha256": sha256_file(model_dir / "config.json"),
         "pretrain_adapter": str(adapter) if adapter else None,
