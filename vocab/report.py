@@ -14,9 +14,8 @@ from zhllama.manifest import write_json
 HAN_RUN_RE = re.compile(r"[\u4e00-\u9fff]{2,}")
 
 
-def _stats(m, lines: list[str]) -> dict:
-    sp = processor(m)
-    enc = sp.encode(lines, num_threads=0)
+def _stats(m, lines: list[str], enc: list[list[int]]) -> dict:
+    """Counts over `lines` and their ids `enc` under model m."""
     byte_ids = {i for i, p in enumerate(m.pieces) if p.type == BYTE}
     unk = m.trainer_spec.unk_id
     tokens = sum(len(e) for e in enc)
@@ -97,14 +96,18 @@ def build_report(
     models = {"base": base_m, "extended": ext}
     for name, p in (compare or {}).items():
         models[name] = load_any(p)
-    rows = {name: _stats(m, lines) for name, m in models.items()}
+    # each model encodes the text once; totals and the per-file ratios both come from it
+    encoded = {name: processor(m).encode(lines, num_threads=0) for name, m in models.items()}
+    rows = {name: _stats(m, lines, encoded[name]) for name, m in models.items()}
     base_tokens = rows["base"]["tokens"]
     for r in rows.values():
         r["ratio_to_base"] = round(r["tokens"] / max(1, base_tokens), 4)
-    by_file = {}
+    by_file, start = {}, 0
     for f, docs in per_file.items():
-        counts = {name: sum(len(e) for e in processor(m).encode(docs, num_threads=0)) for name, m in models.items()}
+        end = start + len(docs)
+        counts = {name: sum(len(e) for e in enc[start:end]) for name, enc in encoded.items()}
         by_file[Path(f).name] = {n: round(c / max(1, counts["base"]), 4) for n, c in counts.items()}
+        start = end
     table1 = {name: len(processor(m).encode(TABLE1)) for name, m in models.items()}
     n_base = len(base_m.pieces)
     base_set = {p.piece for p in base_m.pieces}
