@@ -11,7 +11,6 @@ faster" refers to (a trained model emits text with those statistics).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -21,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # bench/tokenizers.py is named like the `tokenizers` package: keep this folder off the import path
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
+
+from bench.common import RESULTS, write_results  # noqa: E402
 
 PROMPTS = ["人工智能是计算机科学的一个分支，", "今天天气很好，我们一起去公园散步，", "请介绍一下中国的四大发明。"]
 
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-lines", type=int, default=2000)
-    ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "generation.json"))
+    ap.add_argument("--json", default=str(RESULTS / "generation.json"))
     a = ap.parse_args(argv)
     from corpora.reader import iter_corpus
     from vocab.spmodel import load_model
@@ -101,10 +102,7 @@ def main(argv=None) -> int:
         print(f"{name:<10}{r['vocab']:>8}{r['chars_per_token']:>13}{r['tokens_per_s']:>10}{r['chinese_chars_per_s']:>17}")
     print(f"extended / base, Chinese characters per second: {rows['extended']['speedup_chars_per_s']}x "
           f"(model: hidden {a.hidden}, {a.layers} layers, greedy, {a.new_tokens} new tokens, CPU)")
-    out = Path(a.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "settings": vars(a), "results": rows}, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(a.json, settings=vars(a), results=rows)
     return 0
 
 

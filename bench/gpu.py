@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import RESULTS, write_results  # noqa: E402
+
 STAGES = {  # what trains in each measured stage, from the recipes
     "phase2": dict(targets=["q_proj", "k_proj", "v_proj", "o_proj"], vocab=49953),
     "sft": dict(targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], vocab=49954),
@@ -134,7 +136,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--max-micro-batch", type=int, default=64)
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the device (H100 SXM: 989)")
-    ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "gpu.json"))
+    ap.add_argument("--json", default=str(RESULTS / "gpu.json"))
     a = ap.parse_args(argv)
     import torch
 
@@ -147,11 +149,7 @@ def main(argv=None) -> int:
         print("  ".join(f"{c:>14}" for c in cols))
         for r in rows:
             print("  ".join(f"{json.dumps(r[c]) if isinstance(r[c], dict) else r[c]!s:>14}" for c in cols))
-    out = Path(a.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    device = "dry-run" if dry else torch.cuda.get_device_name()
-    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "device": device, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(a.json, device="dry-run" if dry else torch.cuda.get_device_name(), rows=rows)
     return 0
 
 

@@ -11,33 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# bench/tokenizers.py is named like the `tokenizers` package: keep this folder off the import path
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(ROOT))
 
-SHAPES = {
-    "tiny": [],
-    "58M": ["model.hidden_size=512", "model.intermediate_size=1376", "model.num_hidden_layers=8",
-            "model.num_attention_heads=8", "model.num_key_value_heads=8", "model.tie_word_embeddings=false"],
-}
-
-_RUN = ("import resource, runpy, sys; sys.argv = ['pretrain'] + sys.argv[1:]\n"
-        "try:\n    runpy.run_module('pretrain', run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"
-        "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+from bench.common import RESULTS, SHAPES, run_measured, write_results  # noqa: E402
 
 
-def _pretrain(*args) -> int:
-    r = subprocess.run([sys.executable, "-c", _RUN, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                       env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PATH": "/usr/bin:/bin",
-                            "PYTHONPATH": str(ROOT)})
-    line = [l for l in r.stdout.splitlines() if l.startswith("MAXRSS_KB")]
-    if r.returncode != 0 or not line:
-        raise SystemExit(f"pretrain {' '.join(map(str, args))} failed:\n{r.stderr[-3000:]}")
-    return int(line[-1].split()[1])
+def _pretrain(log: Path, *args) -> int:
+    return run_measured([sys.executable, "-m", "pretrain", *args], log)
 
 
 def main(argv=None) -> int:
@@ -46,8 +33,8 @@ def main(argv=None) -> int:
     ap.add_argument("--base-tokenizer", default=str(ROOT / ".cache" / "zhllama" / "base" / "tokenizer.model"))
     ap.add_argument("--corpus", default=str(ROOT / ".cache" / "zhllama" / "zh"))
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
-    ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "pretrain_throughput.json"))
+    ap.add_argument("--shapes", nargs="+", default=["tiny", "58M"], choices=list(SHAPES))
+    ap.add_argument("--json", default=str(RESULTS / "pretrain_throughput.json"))
     a = ap.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -55,14 +42,14 @@ def main(argv=None) -> int:
         for shape in a.shapes:
             sets = [x for s in SHAPES[shape] for x in ("--set", s)]
             base, resized = tmp / shape / "base", tmp / shape / "resized"
-            _pretrain("init", "--recipe", "tiny", "--tokenizer", a.base_tokenizer, "--out", base, *sets)
-            _pretrain("resize", "--model", base, "--tokenizer", a.tokenizer, "--out", resized)
+            _pretrain(tmp / "init.log", "init", "--recipe", "tiny", "--tokenizer", a.base_tokenizer, "--out", base, *sets)
+            _pretrain(tmp / "resize.log", "resize", "--model", base, "--tokenizer", a.tokenizer, "--out", resized)
             common = ["--recipe", "tiny", "--corpus", a.corpus, "--max-steps", a.steps, "--save-steps", 10_000,
                       "--eval-steps", 10_000, "--cache-dir", tmp / "cache", "--no-resume"]
             for label, cmd in (("phase1", ["phase1"]), ("phase1 --new-rows-only", ["phase1", "--new-rows-only"]),
                                ("phase2", ["phase2"])):
                 out = tmp / shape / label.replace(" ", "_")
-                rss = _pretrain(*cmd, "--model", resized, "--out", out, *common)
+                rss = _pretrain(tmp / "run.log", *cmd, "--model", resized, "--out", out, *common)
                 res = json.loads((out / "train_result.json").read_text())
                 params = res.get("trainable", {})
                 rows.append({"model": shape, "run": label, "total_params": params.get("total"),
@@ -74,10 +61,7 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['model']:<7}{r['run']:<25}{r['total_params'] or 0:>12,}{r['trainable_params'] or 0:>12,}"
               f"{r['tokens_per_s']:>10}{r['peak_rss_MiB']:>14}")
-    out = Path(a.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "settings": vars(a), "rows": rows}, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(a.json, settings=vars(a), rows=rows)
     return 0
 
 

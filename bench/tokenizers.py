@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import RESULTS, write_results  # noqa: E402
+
 from corpora.probes import TABLE1  # noqa: E402
 from vocab.audit import dead_pieces  # noqa: E402
 from vocab.hf_export import save_tokenizer_folder  # noqa: E402
@@ -85,7 +87,7 @@ def main() -> int:
     ap.add_argument("--data", default=os.environ.get("ZHLLAMA_DATA", str(ROOT.parent / "shared" / "data")))
     ap.add_argument("--tokenizer", nargs="*", default=[], metavar="NAME=PATH", help="more tokenizers (folder or .model)")
     ap.add_argument("--max-lines", type=int, default=3000)
-    ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "tokenizers.json"))
+    ap.add_argument("--json", default=str(RESULTS / "tokenizers.json"))
     a = ap.parse_args()
     data = Path(a.data)
     if not data.is_dir():
@@ -112,8 +114,7 @@ def main() -> int:
     print(f"{'tokenizer':<26}" + "".join(f"{c:>19}" for c in cols))
     for name, row in res.items():
         print(f"{name:<26}" + "".join(f"{row[c]:>19}" for c in cols))
-    Path(a.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "results": res}, indent=2) + "\n")
-    print(f"wrote {a.json}")
+    write_results(a.json, results=res)
     return 0
 
 

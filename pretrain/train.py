@@ -4,8 +4,11 @@ Public API (stable; the sft stage uses it):
     TrainSettings                      dataclass of optimisation settings (see fields)
     settings_from(*config_objects, **overrides) -> TrainSettings   same-named fields, first source wins
     settings_from_phase(phase, pretrain_cfg, **overrides) -> TrainSettings
-    run_training(model, train_dataset, eval_dataset, settings, out_dir, resume=True,
-                 data_collator=None, processing_class=None, callbacks=()) -> (trainer, result: dict)
+    run_training(model, train_dataset, eval_dataset, settings, out_dir, resume=True, data_collator=None,
+                 processing_class=None, callbacks=(), compute_loss_func=None, eval_collator=None)
+                 -> (trainer, result: dict)
+        compute_loss_func goes to the Trainer (loss from the model's outputs and the batch's "labels");
+        eval_collator batches the held-out loss measured before and after training (default: data_collator).
         Checkpoints go to OUT/checkpoints/checkpoint-N (a `zhllama_complete` marker is written when one is
         whole); with resume=True the newest complete one is continued. TensorBoard logs go to OUT/tensorboard,
         every log line to OUT/metrics.jsonl, a loss curve to OUT/loss.png. The final model is NOT saved here:
@@ -53,6 +56,7 @@ class TrainSettings:
     eval_before: bool = True
     max_grad_norm: float = 1.0
     dataloader_num_workers: int = 0
+    count_tokens: str = "all"  # tokens_seen counts "all" input ids or only "non_padding" ones (SFT)
 
 
 def settings_from(*sources, **overrides) -> TrainSettings:
@@ -190,7 +194,8 @@ def training_arguments(settings: TrainSettings, out_dir: Path, has_eval: bool):
         eval_strategy="steps" if has_eval else "no",
         eval_steps=settings.eval_steps if has_eval else None,
         report_to=["tensorboard"],
-        include_num_input_tokens_seen="all",
+        include_num_input_tokens_seen=settings.count_tokens,
+        prediction_loss_only=True,  # only the loss is used; gathering logits of a 50k vocabulary costs memory
         dataloader_num_workers=settings.dataloader_num_workers,
         use_cpu=not cuda,
         ddp_backend=None if cuda else ("gloo" if ws > 1 else None),
@@ -225,7 +230,7 @@ def plain_eval_loss(model, dataset, collate, batch_size: int) -> float:
 
 
 def run_training(model, train_dataset, eval_dataset, settings: TrainSettings, out_dir, resume: bool = True,
-                 data_collator=None, processing_class=None, callbacks=()):
+                 data_collator=None, processing_class=None, callbacks=(), compute_loss_func=None, eval_collator=None):
     from transformers import Trainer, set_seed
 
     from pretrain.data import collate_blocks
@@ -243,7 +248,7 @@ def run_training(model, train_dataset, eval_dataset, settings: TrainSettings, ou
     trainer = Trainer(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         data_collator=data_collator or collate_blocks, processing_class=processing_class,
-        callbacks=_callbacks(out_dir, None) + list(callbacks),
+        callbacks=_callbacks(out_dir, None) + list(callbacks), compute_loss_func=compute_loss_func,
     )
     result = {"settings": dataclasses.asdict(settings), **derived, "resumed_from": str(ckpt) if ckpt else None}
     before_path = out_dir / "eval_before.json"
@@ -251,7 +256,7 @@ def run_training(model, train_dataset, eval_dataset, settings: TrainSettings, ou
     # wrapper then never all-reduces gradients (each process silently trains on its own shard). So
     # the held-out loss is measured by a plain forward loop, before and after, the same way.
     sharded = bool(settings.deepspeed) or trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
-    collate = data_collator or collate_blocks
+    collate = eval_collator or data_collator or collate_blocks
     if eval_dataset is not None and settings.eval_before and not sharded:
         if ckpt is not None and before_path.is_file():
             result["eval_loss_before"] = json.loads(before_path.read_text())["eval_loss"]

@@ -32,6 +32,8 @@ class SFTConfig:
     eval_ratio: float = 0.05          # records held out for eval loss when no --eval-data is given
     max_eval_examples: int = 500
     reference_tokenization: bool = False
+    packing: bool = True              # padding-free batches, per-example attention, LM head only on trained tokens
+    fast_lora_dropout: bool = True    # LoRA dropout masks from 16-bit uniforms (same Bernoulli, cheaper to draw)
     overlong: str = "truncate"        # truncate | drop | error
     seed: int = 42
     logging_steps: int = 10

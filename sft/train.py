@@ -13,6 +13,7 @@ and SFT adapters in that order.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -156,10 +157,14 @@ def train(model_dir, data, out, adapter=None, template=None, max_steps=None, rec
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     log(f"trainable parameters: {n_train:,} of {n_all:,} = {100 * n_train / n_all:.2f}%")
+    if cfg.fast_lora_dropout:
+        from sft.lora_dropout import use_fast_dropout
+
+        use_fast_dropout(model)
     if cfg.gradient_checkpointing:
         model.enable_input_require_grads()
 
-    settings = settings_from(cfg)
+    settings = settings_from(cfg, count_tokens="non_padding")
     inputs = {
         "model": str(model_dir), "model_config_sha256": sha256_file(model_dir / "config.json"),
         "pretrain_adapter": str(adapter) if adapter else None,
@@ -174,10 +179,19 @@ def train(model_dir, data, out, adapter=None, template=None, max_steps=None, rec
     write_json(out / "sft_config.json", resolved)
     write_json(out / "run_fingerprint.json", {"config": resolved, "inputs": inputs})
     write_manifest(out, "sft", resolved, inputs)
-    trainer, result = run_training(
-        model, ListDataset(train_set.examples), ListDataset(eval_set.examples) if eval_set else None, settings,
-        out, resume=resume, data_collator=Collator(tok.pad_token_id), processing_class=tok,
-    )
+    padded = Collator(tok.pad_token_id)
+    if cfg.packing:
+        from sft.packing import PackedCollator, packed_attention, selected_token_loss
+
+        train_kw = dict(data_collator=PackedCollator(), compute_loss_func=selected_token_loss, eval_collator=padded)
+        attention = packed_attention(model)
+    else:
+        train_kw, attention = dict(data_collator=padded), contextlib.nullcontext()
+    with attention:
+        trainer, result = run_training(
+            model, ListDataset(train_set.examples), ListDataset(eval_set.examples) if eval_set else None, settings,
+            out, resume=resume, processing_class=tok, **train_kw,
+        )
     if trainer.is_world_process_zero():
         # modules_to_save already holds the full embed/head; save_embedding_layers would add two more copies
         trainer.model.save_pretrained(str(out), save_embedding_layers=False)

@@ -454,3 +454,17 @@ def test_checkpoints_from_other_data_are_never_continued(trained, tiny_model, sf
         train(tiny_model, [other], run, **kw)
     res = train(tiny_model, [other], run, resume="auto", **kw)
     assert res["resumed_from"] is None and res["global_step"] == 12
+
+
+def test_packed_and_padded_training_log_the_same_losses(tiny_model, sft_data, sft_recipe, tmp_path):
+    """The Trainer sees the same loss with padding-free batches: same count of trained tokens, same updates."""
+    from sft.train import train
+
+    losses = {}
+    for packing in (True, False):
+        out = tmp_path / f"packing-{packing}"
+        train(tiny_model, [sft_data / "train.json"], out, recipe=str(sft_recipe), max_steps=3, log=lambda *_: None,
+              overrides={"packing": packing, "lora_dropout": 0.0, "logging_steps": 1, "eval_ratio": 0.0})
+        losses[packing] = [h["loss"] for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]
+    assert len(losses[True]) == 3
+    assert losses[True] == pytest.approx(losses[False], rel=2e-4)
