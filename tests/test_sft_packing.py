@@ -107,3 +107,20 @@ def test_use_fast_dropout_swaps_every_lora_dropout():
                                                           task_type="CAUSAL_LM"))
     assert use_fast_dropout(m) == 2 * len(ALL_PROJ)
     assert not any(isinstance(mod, torch.nn.Dropout) for mod in m.modules())
+
+
+def test_packed_batches_with_gradient_checkpointing():
+    """The recipes for 7B/13B checkpoint activations: the packed kwargs must survive the recomputation."""
+    model = _lora_model(gqa=False)
+    model.train()
+    padded = Collator(pad_id=0)(EXAMPLES)
+    ref_loss, ref_grads = _loss_and_grads(model, lambda: model(**padded).loss)
+    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    with packed_attention(model):
+        batch = PackedCollator()(EXAMPLES)
+        labels = batch.pop("labels")
+        loss, grads = _loss_and_grads(model, lambda: selected_token_loss(model(**batch), labels))
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    for k in grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], atol=1e-5, rtol=1e-4)
