@@ -106,9 +106,13 @@ def register() -> str:
 
 @contextmanager
 def packed_attention(model):
-    """Train `model` with varlen attention; its config says "sdpa" again afterwards, so nothing saved names ours."""
+    """Train `model` with varlen attention; afterwards its config names its own attention again, so nothing saved names ours."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     before = inner.config._attn_implementation
+    if str(before).startswith("flash_attention"):
+        # FlashAttention's own varlen kernels already read cu_seq_lens from packed batches (GPU)
+        yield model
+        return
     inner.set_attn_implementation(register())
     try:
         yield model
