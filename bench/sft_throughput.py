@@ -35,6 +35,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS, ROOT, SHAPES, bench_env, print_table, run_measured, versions, write_results  # noqa: E402
+from bench.peers.args import add_job_args  # noqa: E402
 from bench.peers.venvs import ensure_venv  # noqa: E402
 
 TOOLS = ["zhllama", "zhllama-padded", "hf", "trl", "llamafactory"]
@@ -230,14 +231,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer", type=Path, default=_default_tokenizer(), help="base tokenizer.model (32k)")
     ap.add_argument("--models", nargs="+", default=["4M", "58M"], choices=list(SHAPES))
     ap.add_argument("--tools", nargs="+", default=TOOLS, choices=TOOLS)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--r", type=int, default=8)
-    ap.add_argument("--alpha", type=int, default=32)
-    ap.add_argument("--dropout", type=float, default=0.05)
-    ap.add_argument("--seed", type=int, default=42)
+    add_job_args(ap)
     ap.add_argument("--train-records", type=int, help="default steps x batch: every tool sees the same examples once")
     ap.add_argument("--eval-records", type=int, default=100)
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("ZHLLAMA_BENCH_CACHE", ROOT / ".cache" / "zhllama")),

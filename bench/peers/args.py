@@ -9,11 +9,8 @@ import json
 from pathlib import Path
 
 
-def peer_args(doc: str):
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--data", required=True, help="JSON array of Alpaca records")
-    ap.add_argument("--out", required=True)
+def add_job_args(ap) -> None:
+    """The SFT job every tool runs; bench/sft_throughput.py takes the same flags and passes them on."""
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=256)
@@ -22,6 +19,14 @@ def peer_args(doc: str):
     ap.add_argument("--alpha", type=int, default=32)
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=42)
+
+
+def peer_args(doc: str):
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", required=True, help="JSON array of Alpaca records")
+    ap.add_argument("--out", required=True)
+    add_job_args(ap)
     return ap.parse_args()
 
 
