@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import RESULTS, write_results  # noqa: E402
+from bench.common import RESULTS, print_table, write_results  # noqa: E402
 
 PROMPTS = ["人工智能是计算机科学的一个分支，", "今天天气很好，我们一起去公园散步，", "请介绍一下中国的四大发明。"]
 
@@ -97,9 +97,9 @@ def main(argv=None) -> int:
         rows[name] = {"vocab": vocabs[name], "chars_per_token": round(cpt, 3), "tokens_per_s": round(tps[name], 1),
                       "chinese_chars_per_s": round(tps[name] * cpt, 1)}
     rows["extended"]["speedup_chars_per_s"] = round(rows["extended"]["chinese_chars_per_s"] / rows["base"]["chinese_chars_per_s"], 2)
-    print(f"{'':<10}{'vocab':>8}{'chars/token':>13}{'tokens/s':>10}{'Chinese chars/s':>17}")
-    for name, r in rows.items():
-        print(f"{name:<10}{r['vocab']:>8}{r['chars_per_token']:>13}{r['tokens_per_s']:>10}{r['chinese_chars_per_s']:>17}")
+    print_table([{"model": name, **r} for name, r in rows.items()],
+                ["model", "vocab", "chars_per_token", "tokens_per_s", "chinese_chars_per_s"],
+                {"chars_per_token": "chars/token", "tokens_per_s": "tokens/s", "chinese_chars_per_s": "Chinese chars/s"})
     print(f"extended / base, Chinese characters per second: {rows['extended']['speedup_chars_per_s']}x "
           f"(model: hidden {a.hidden}, {a.layers} layers, greedy, {a.new_tokens} new tokens, CPU)")
     write_results(a.json, settings=vars(a), results=rows)

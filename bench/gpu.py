@@ -11,7 +11,6 @@ The dry run uses the same shapes on the meta device and `pretrain.plan`'s memory
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import RESULTS, write_results  # noqa: E402
+from bench.common import RESULTS, print_table, write_results  # noqa: E402
 
 STAGES = {  # what trains in each measured stage, from the recipes
     "phase2": dict(targets=["q_proj", "k_proj", "v_proj", "o_proj"], vocab=49953),
@@ -145,10 +144,7 @@ def main(argv=None) -> int:
         print("no CUDA device: running the dry run (shapes, parameter counts, memory estimate)")
     rows = dry_run(a.models, a.seq) if dry else measure(a.models, a.seq, a.steps, a.peak_tflops, a.max_micro_batch)
     if rows:
-        cols = list(rows[0])
-        print("  ".join(f"{c:>14}" for c in cols))
-        for r in rows:
-            print("  ".join(f"{json.dumps(r[c]) if isinstance(r[c], dict) else r[c]!s:>14}" for c in cols))
+        print_table(rows, list(rows[0]))
     write_results(a.json, device="dry-run" if dry else torch.cuda.get_device_name(), rows=rows)
     return 0
 

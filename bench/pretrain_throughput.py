@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import RESULTS, SHAPES, run_measured, write_results  # noqa: E402
+from bench.common import RESULTS, SHAPES, print_table, run_measured, write_results  # noqa: E402
 
 
 def _pretrain(log: Path, *args) -> int:
@@ -57,10 +57,10 @@ def main(argv=None) -> int:
                              "tokens_per_s": round(res["tokens_seen"] / res["train_seconds"], 1),
                              "peak_rss_MiB": round(rss / 1024)})
                 print(rows[-1], flush=True)
-    print(f"\n{'model':<7}{'run':<25}{'params':>12}{'trainable':>12}{'tokens/s':>10}{'peak RSS MiB':>14}")
-    for r in rows:
-        print(f"{r['model']:<7}{r['run']:<25}{r['total_params'] or 0:>12,}{r['trainable_params'] or 0:>12,}"
-              f"{r['tokens_per_s']:>10}{r['peak_rss_MiB']:>14}")
+    print()
+    print_table(rows, ["model", "run", "total_params", "trainable_params", "tokens_per_s", "peak_rss_MiB"],
+                {"total_params": "params", "trainable_params": "trainable", "tokens_per_s": "tokens/s",
+                 "peak_rss_MiB": "peak RSS MiB"})
     write_results(a.json, settings=vars(a), rows=rows)
     return 0
 

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import RESULTS, write_results  # noqa: E402
+from bench.common import RESULTS, print_table, write_results  # noqa: E402
 
 from corpora.probes import TABLE1  # noqa: E402
 from vocab.audit import dead_pieces  # noqa: E402
@@ -113,9 +113,7 @@ def main() -> int:
     res = bench(toks, llama, texts, work)
     cols = ["pieces", "chinese_tok_per_1k", "chinese_vs_llama", "english_vs_llama", "mixed_vs_llama", "dead",
             "hf_disagree", "english_changed", "table1", "sp_MBps", "hf_batch_MBps", "hf_fast_MBps"]
-    print(f"{'tokenizer':<26}" + "".join(f"{c:>19}" for c in cols))
-    for name, row in res.items():
-        print(f"{name:<26}" + "".join(f"{row[c]:>19}" for c in cols))
+    print_table([{"tokenizer": name, **row} for name, row in res.items()], ["tokenizer"] + cols)
     write_results(a.json, results=res)
     return 0
 
