@@ -99,13 +99,17 @@ def main(argv=None) -> int:
     elif a.cmd in ("phase1", "phase2"):
         from pretrain.phases import run_phase1, run_phase2
 
-        recipe, settings = resolve_training(a, a.cmd)
-        if a.cmd == "phase1":
-            res = run_phase1(a.model, a.corpus, a.out, recipe, settings, new_rows_only=recipe.pretrain.phase1.new_rows_only,
-                             resume=a.resume, cache_dir=a.cache_dir, tokenizer_dir=a.tokenizer, base_vocab=a.base_vocab_size)
-        else:
-            res = run_phase2(a.model, a.corpus, a.out, recipe, settings, resume=a.resume, cache_dir=a.cache_dir,
-                             tokenizer_dir=a.tokenizer)
+        from zhllama.runfolder import lock
+
+        with lock(a.out):  # first: a second run into a busy folder fails at once
+            recipe, settings = resolve_training(a, a.cmd)
+            if a.cmd == "phase1":
+                res = run_phase1(a.model, a.corpus, a.out, recipe, settings, resume=a.resume, cache_dir=a.cache_dir,
+                                 new_rows_only=recipe.pretrain.phase1.new_rows_only, tokenizer_dir=a.tokenizer,
+                                 base_vocab=a.base_vocab_size)
+            else:
+                res = run_phase2(a.model, a.corpus, a.out, recipe, settings, resume=a.resume, cache_dir=a.cache_dir,
+                                 tokenizer_dir=a.tokenizer)
         if res and "eval_loss_after" in res:
             print(f"{a.cmd}: held-out loss {res.get('eval_loss_before', float('nan')):.4f} -> {res['eval_loss_after']:.4f} "
                   f"after {res['global_step']} steps -> {a.out}")

@@ -14,7 +14,8 @@ from pathlib import Path
 
 
 from zhllama.errors import UserError
-from zhllama.models import INITS, check_sizes, copy_tokenizer, ensure_writable, load_model_dir, resize_model, tokenizer_len
+from zhllama.models import INITS, check_sizes, copy_tokenizer, load_model_dir, resize_model, tokenizer_len
+from zhllama.runfolder import ensure_writable
 
 def _piece_list(proto) -> list[str]:
     return [p.piece for p in proto.pieces]

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from pretrain.data import collate_blocks
 from zhllama.errors import UserError
-from zhllama.models import check_sizes, copy_tokenizer, ensure_writable, load_model_dir, tokenizer_len
+from zhllama.models import check_sizes, copy_tokenizer, load_model_dir, tokenizer_len
+from zhllama.runfolder import ensure_writable
 
 
 def trainable_summary(model) -> dict:
@@ -96,7 +97,8 @@ def _prepare(stage, model_dir, corpus, out_dir, recipe, settings, resume, cache_
 def _finish(stage, out_dir: Path, model_dir, tok_dir, resolved, inputs, fingerprint, result, summary):
     from zhllama import runfolder
 
-    manifest_inputs = {**inputs, "corpus": resolved["data"].get("files")}
+    files = inputs["data"]["files"]  # the corpus files of the tokenized-data key, with their sha256
+    manifest_inputs = {**inputs, "corpus": [{"path": str(Path(f["name"]).resolve()), "sha256": f["sha256"]} for f in files]}
     parents = [runfolder.parent_entry(model_dir)]
     if Path(tok_dir).resolve() != Path(model_dir).resolve():
         parents.append(runfolder.parent_entry(tok_dir))

@@ -86,9 +86,13 @@ def main(argv=None):
         from sft.train import train
         from zhllama.cli import resolve_recipe
 
-        recipe = resolve_recipe(args, args.model, lora_sections=("sft",), extra=lambda r: template_problems(r.sft))
-        train(args.model, args.data, args.out, adapter=args.adapter, recipe=recipe, eval_data=args.eval_data,
-              drop_invalid=args.drop_invalid, resume=False if args.no_resume else ("auto" if args.restart_if_changed else True))
+        from zhllama.runfolder import lock
+
+        with lock(args.out):  # first: a second run into a busy folder fails at once
+            recipe = resolve_recipe(args, args.model, lora_sections=("sft",), extra=lambda r: template_problems(r.sft))
+            train(args.model, args.data, args.out, adapter=args.adapter, recipe=recipe, eval_data=args.eval_data,
+                  drop_invalid=args.drop_invalid,
+                  resume=False if args.no_resume else ("auto" if args.restart_if_changed else True))
     elif args.cmd == "preview":
         from sft.preview import preview
 

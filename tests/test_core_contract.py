@@ -57,7 +57,7 @@ def test_every_bad_value_reported_at_once_before_weights_load(llama7b_config, da
         f"error: sft.lora_targets: 'qproj' is not a module of {llama7b_config} (it has down_proj, embed_tokens, "
         "gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj)",
     ]
-    assert not (tmp_path / "o").exists()
+    assert not any((tmp_path / "o").iterdir())  # locked first (so a second run fails at once), nothing written
 
 
 def test_training_without_recipe_picks_the_matching_one_or_refuses(llama7b_config, tmp_path):
@@ -131,6 +131,9 @@ def test_second_run_into_a_busy_folder_fails_at_once_and_stale_lock_is_taken_ove
             with runfolder.lock(out):
                 pass
         assert time.time() - t0 < 1
+        # the stage commands take the lock before any check or import of the training stack
+        r = _run("sft", "train", "--model", out, "--data", out, "--out", out)
+        assert r.returncode == 2 and f"{out} is in use by process {holder.pid} " in r.stderr
     finally:
         holder.kill()
         holder.wait()

@@ -462,7 +462,7 @@ def test_checkpoints_from_other_data_are_never_continued(trained, tiny_model, sf
     recs = json.loads((sft_data / "train.json").read_text(encoding="utf-8"))
     other.write_text(json.dumps(recs[::-1][:-1], ensure_ascii=False), encoding="utf-8")
     kw = dict(recipe=str(sft_recipe), eval_data=[sft_data / "eval.jsonl"], log=lambda *_: None)
-    with pytest.raises(UserError, match="other data, model or settings"):
+    with pytest.raises(UserError, match="holds checkpoints from a run with different data; resuming would mix them"):
         train(tiny_model, [other], run, **kw)
     res = train(tiny_model, [other], run, resume="auto", **kw)
     assert res["resumed_from"] is None and res["global_step"] == 12

@@ -47,10 +47,10 @@ def add_recipe_args(parser: argparse.ArgumentParser, sections, recipe_help: str 
     g = parser.add_argument_group("recipe settings (each overrides the recipe's value; see recipes/*.yaml)")
     for path, cls in sections:
         for f in dataclasses.fields(cls):
-            if f.metadata.get("cli") is False or dataclasses.is_dataclass(f.default_factory() if f.default_factory
-                                                                              is not dataclasses.MISSING else f.default):
+            # nested sections (pretrain.phase1) are plain fields without a doc: they get their own flags by path
+            if "doc" not in f.metadata or f.metadata["cli"] is False:
                 continue
-            if f.metadata.get("only") and f.metadata["only"] != path.split(".")[-1]:
+            if f.metadata["only"] and f.metadata["only"] != path.split(".")[-1]:
                 continue
             flags = [f"--{f.name.replace('_', '-')}"] + ([f.metadata["flag"]] if f.metadata.get("flag") else [])
             flags = [x for x in flags if x not in taken]

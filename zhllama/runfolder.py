@@ -11,11 +11,13 @@ Public API:
     CONFIG, RESULT, MANIFEST, LOCK                      the file names
     lock(out_dir) -> context manager                     exclusive lock on OUT: a second run into a folder in use
                                                          fails at once (UserError naming the other PID); a lock
-                                                         left by a killed process is taken over
+                                                         left by a killed process is taken over; re-entrant
+                                                         within a process (a CLI locks first, its stage again)
+    ensure_writable(out_dir)                             mkdir + write probe, UserError if not writable
     decide(out_dir, fingerprint, mode, log=print, artefacts=(), partial=None) -> "up-to-date" | "resume" | "start-over"
         (UserError = refuse). partial: whether OUT holds work to continue (default: a complete training checkpoint). mode True: resume checkpoints made with the same fingerprint, refuse others;
         "auto": start over when the fingerprint changed; False: always start over. "up-to-date": result.json
-        was written for this fingerprint and the named artefacts exist (their timestamps are refreshed for make).
+        was written for this fingerprint and the named artefacts exist (timestamps are left alone).
     begin(out_dir, config, fingerprint)                  write resolved_config.json, forget a previous result
     staging(out_dir) -> Path                             empty OUT/.partial/ for final artefacts
     publish(out_dir)                                     move everything in OUT/.partial/ into OUT (replacing)
@@ -43,6 +45,7 @@ RESULT = "result.json"
 MANIFEST = "manifest.json"
 LOCK = ".lock"
 STAGING = ".partial"
+_HELD: dict[str, int] = {}  # folders this process holds the lock of (the CLI locks before checking, the stage again)
 
 
 def _is_main() -> bool:
@@ -64,12 +67,17 @@ def lock(out_dir, log=None):
     """Hold OUT/.lock (flock) for the duration; other processes of a distributed run (RANK > 0) do not lock."""
     import fcntl
 
-    from zhllama.models import ensure_writable
-
     out = Path(out_dir)
     ensure_writable(out)
-    if not _is_main():
-        yield
+    key = str(out.resolve())
+    if not _is_main() or key in _HELD:
+        _HELD[key] = _HELD.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+            if not _HELD[key]:
+                del _HELD[key]
         return
     path = out / LOCK
     while True:
@@ -97,12 +105,27 @@ def lock(out_dir, log=None):
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     os.fsync(fd)
+    _HELD[key] = 1
     try:
         yield
     finally:
+        del _HELD[key]
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         os.close(fd)
+
+
+def ensure_writable(out_dir) -> None:
+    """mkdir OUT and prove it can be written, or UserError naming it."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{out_dir}: output folder is not writable ({e.strerror}); choose another --out or fix its "
+                        "permissions") from None
 
 
 def _read(path: Path):
@@ -129,10 +152,8 @@ def decide(out_dir, fingerprint: dict, mode=True, log=print, artefacts=(), parti
     done = read_result(out)
     if mode is False:
         return "start-over"
+    # an up-to-date folder keeps its timestamps, so make does not redo the stages after it
     if prev == fp and done is not None and done.get("fingerprint") == fp and all((out / a).exists() for a in artefacts):
-        # make compares timestamps: an up-to-date folder counts as freshly made
-        for a in artefacts:
-            os.utime(out / a)
         return "up-to-date"
     if not (partial if partial is not None else last_complete_checkpoint(out) is not None):
         return "start-over"
