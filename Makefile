@@ -14,7 +14,7 @@ VOCAB_ARGS ?=
 BASE_MODEL ?=
 PRETRAIN_ARGS ?=
 
-.PHONY: all default setup sample vocab pretrain sft report bench test test-core clean-run help FORCE
+.PHONY: all default setup sample vocab pretrain sft report bench test test-core clean-run help FORCE export serve setup-integration
 # The embedded default: the whole pipeline on the sample inputs, on CPU. `make all` takes raw inputs:
 #   make all CORPUS=raw/ SFT_DATA=raw_instructions/ RUN=runs/x
 # prepare (clean, dedup, hold out) -> vocab -> pretrain -> sft (convert + validate instructions, train, merge)
@@ -39,6 +39,9 @@ help:
 	@echo "make pretrain        resize + phase 1 + phase 2 into \$$(RUN)/pretrain (needs make vocab)"
 	@echo "make prepare         clean, deduplicate and split raw text (RAW=...) into \$$(RUN)/corpus"
 	@echo "make sft             LoRA SFT + verified merge into \$$(RUN)/sft/{adapter,merged}, then answers held-out prompts (SFT_DATA=...)"
+	@echo "make export          GGUF f16 + q8_0 of \$$(RUN)/sft/merged into \$$(RUN)/gguf, each verified in llama.cpp (needs make setup-integration)"
+	@echo "make serve           OpenAI-compatible API + browser chat for \$$(RUN)/sft/merged on http://127.0.0.1:\$$(PORT)"
+	@echo "make setup-integration  build llama-cpp-python from source (~4 min, cached by pip) and install selenium"
 	@echo "variables: RUN=$(RUN) RECIPE=$(RECIPE) BASE_TOKENIZER=... CORPUS=... VOCAB_ARGS=... BASE_MODEL=... PRETRAIN_ARGS=..."
 
 setup: $(VENV)/.installed
@@ -141,3 +144,24 @@ PREPARE_ARGS ?=
 .PHONY: prepare
 prepare: | setup
 	$(PY) -m corpora prepare --input $(RAW) --out $(RUN)/corpus $(PREPARE_ARGS)
+
+# Use the model: GGUF files for llama.cpp (verified against sentencepiece and transformers) and a local server.
+# The merged folder written before chat templates travelled gets its chat_template.jinja first (idempotent).
+GGUF_TYPES ?= f16 q8_0
+PORT ?= 8000
+SERVE_ARGS ?=
+export: $(RUN)/sft/merged/config.json | setup
+	@mkdir -p $(RUN)/gguf
+	HF_HUB_OFFLINE=1 $(PY) -m deploy template --model $(RUN)/sft/merged
+	set -e; for t in $(GGUF_TYPES); do \
+	  HF_HUB_OFFLINE=1 $(PY) -m deploy gguf --model $(RUN)/sft/merged --out $(RUN)/gguf/model-$$t.gguf --type $$t --verify; \
+	done
+serve: | setup
+	HF_HUB_OFFLINE=1 $(PY) -m deploy template --model $(RUN)/sft/merged
+	HF_HUB_OFFLINE=1 $(PY) -m deploy serve --model $(RUN)/sft/merged --port $(PORT) $(SERVE_ARGS)
+
+# The integration tier's tools: llama.cpp from PyPI's source distribution (native CPU tuning off: with it the
+# build crashed with SIGILL on some machines; pip caches the built wheel, so only the first run compiles) and
+# selenium. The browser tests also need Debian's chromium and chromium-driver (apt-get, see .ci/run).
+setup-integration: setup
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install -q torch==2.13.0 -e '.[test,integration]'
