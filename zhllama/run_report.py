@@ -115,10 +115,11 @@ def bpc_summary(models: list[dict]) -> str:
     whole = (f"From {first['model']} to {last['model']}: {first['bits_per_char']:.4f} -> {last['bits_per_char']:.4f} bits per "
              f"character ({last['bits_per_char'] - first['bits_per_char']:+.4f}, "
              f"{100 * (last['bits_per_char'] / first['bits_per_char'] - 1):+.1f}%).")
+    each = "Each step: " + ", ".join(f"{x['model']} -> {y['model']} {d:+.4f}" for d, x, y in steps) + "."
     if delta >= 0:
-        return "No step lowered bits per character. " + whole
+        return "No step lowered bits per character. " + whole + " " + each
     return (f"{b['model']} lowered Chinese bits per character the most: {a['model']} {a['bits_per_char']:.4f} -> "
-            f"{b['model']} {b['bits_per_char']:.4f} ({delta:+.4f}, {100 * delta / a['bits_per_char']:+.1f}%). " + whole)
+            f"{b['model']} {b['bits_per_char']:.4f} ({delta:+.4f}, {100 * delta / a['bits_per_char']:+.1f}%). " + whole + " " + each)
 
 
 def _num(x, spec: str):
