@@ -317,3 +317,21 @@ def test_shared_prefix_cache_gives_the_same_scores(ceval_dir, model_dir, tok):
     one_by_one = [predict_logits(model, [s], first, colon, 0)[0] for s in seqs]
     for w, c, o in zip(whole, cached, one_by_one):
         assert o.abs().max() > 1 and (w - o).abs().max() < 1e-4 and (c - o).abs().max() < 1e-4
+
+
+def test_batched_greedy_generation_equals_one_at_a_time(ceval_dir, model_dir, tok):
+    """--method generate batches left-padded prompts: the continuations must not depend on the padding."""
+    from transformers import AutoModelForCausalLM
+
+    from evaluation.choice import _read_csv, generate_answers
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    model.lm_head.weight.data.mul_(50)
+    dev = _read_csv(ceval_dir / "dev" / "computer_network_dev.csv", "ceval")
+    qs = _read_csv(ceval_dir / "val" / "computer_network_val.csv", "ceval")
+    seqs = [[tok.bos_token_id] + tok(build_prompt("computer_network", dev, q, k), add_special_tokens=False)["input_ids"]
+            for q, k in zip(qs, (0, 1, 3))]
+    assert len({len(s) for s in seqs}) == 3
+    batched = generate_answers(model, tok, seqs, pad_id=0)
+    assert batched == [generate_answers(model, tok, [s], pad_id=0)[0] for s in seqs]
+    assert all(batched)
