@@ -336,7 +336,10 @@ def load_benchmark(data, cfg: ChoiceConfig, log=print) -> Benchmark:
     return Benchmark(subjects, questions, dev)
 
 
-def evaluate(model, tok, data, cfg: ChoiceConfig, progress: bool = True, log=print, bench: Benchmark | None = None) -> dict:
+def evaluate(model, tok, data, cfg: ChoiceConfig, progress: bool = True, log=print, bench: Benchmark | None = None,
+             done: dict | None = None, on_subject=None) -> dict:
+    """Scores every subject; `done` holds results of subjects finished by an interrupted run (kept as they
+    are), `on_subject(subject, result)` is called after each subject (the CLI saves progress there)."""
     from tqdm import tqdm
 
     from evaluation.models import context_of
@@ -348,13 +351,18 @@ def evaluate(model, tok, data, cfg: ChoiceConfig, progress: bool = True, log=pri
     budget = context - (MAX_NEW_TOKENS if cfg.method == "generate" else 0)
     first, after_colon = letter_ids(tok) if cfg.method == "logits" else (None, None)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    rng = random.Random(cfg.seed)
     total = sum(len(q) for q in questions.values())
     bar = tqdm(total=total, desc=f"{cfg.format} {cfg.split}", unit="q", disable=not progress)
     results = {}
+    done = done or {}
     for s in subjects:
-        shown = tab[s]["zh"] if cfg.subject_names == "zh" else s
         qs = questions[s]
+        if s in done and done[s].get("n") == len(qs):
+            results[s] = done[s]
+            bar.update(len(qs))
+            continue
+        shown = tab[s]["zh"] if cfg.subject_names == "zh" else s
+        rng = random.Random(f"{cfg.seed}:{s}")   # per subject, so a resumed run draws the same fallbacks
         fitted = [fit_prompt(tok, shown, dev[s], q, cfg.shots, cfg.template, budget) for q in qs]
         order = sorted(range(len(qs)), key=lambda i: -len(fitted[i][0]))
         preds: list[str | None] = [None] * len(qs)
@@ -398,6 +406,8 @@ def evaluate(model, tok, data, cfg: ChoiceConfig, progress: bool = True, log=pri
             "truncated": sum(f[2] for f in fitted)}
         if how:
             results[s]["extraction"] = how
+        if on_subject:
+            on_subject(s, results[s])
     bar.close()
     dropped = sum(r["questions_with_dropped_examples"] for r in results.values())
     if dropped:

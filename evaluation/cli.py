@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
@@ -173,8 +175,26 @@ def run_choice(a) -> int:
     if len(a.models) > 1:
         raise UserError("choice evaluates one --model at a time")
     bench = load_benchmark(a.data, cfg)
+    # progress after every subject, so an interrupted run resumes where it stopped
+    partial = out.with_suffix(".partial.json")
+    fingerprint = {"config": dataclasses.asdict(cfg), "model": [spec.path, *spec.adapters], "data": str(Path(a.data).resolve()),
+                   "dtype": a.dtype}
+    done: dict = {}
+    if partial.is_file():
+        try:
+            prev = json.loads(partial.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            prev = {}
+        if prev.get("fingerprint") == json.loads(json.dumps(fingerprint)):
+            done = prev.get("subjects", {})
+            print(f"resuming: {len(done)} subject(s) already scored in {partial}")
+
+    def save(subject, result):
+        done[subject] = result
+        write_json(partial, {"fingerprint": fingerprint, "subjects": done})
+
     model, tok, _ = load(spec, a.dtype, resolve_device(a.device))
-    res = evaluate(model, tok, a.data, cfg, progress=not a.no_progress, bench=bench)
+    res = evaluate(model, tok, a.data, cfg, progress=not a.no_progress, bench=bench, done=dict(done), on_subject=save)
     res["model"] = spec.name
     print(format_table(res))
     write_result(out, "evaluation.choice", res, config=res["config"],
@@ -184,6 +204,7 @@ def run_choice(a) -> int:
         sub = Path(a.submission) if a.submission else out.with_suffix(".submission.json")
         write_json(sub, submission(res))
         msg += f" and the submission file {sub}"
+    partial.unlink(missing_ok=True)
     print(msg)
     return 0
 

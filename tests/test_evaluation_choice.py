@@ -335,3 +335,33 @@ def test_batched_greedy_generation_equals_one_at_a_time(ceval_dir, model_dir, to
     batched = generate_answers(model, tok, seqs, pad_id=0)
     assert batched == [generate_answers(model, tok, [s], pad_id=0)[0] for s in seqs]
     assert all(batched)
+
+
+def test_interrupted_run_resumes_after_the_last_finished_subject(ceval_dir, model_dir, tmp_path, monkeypatch):
+    import evaluation.choice as ch
+
+    args = ["choice", "--model", str(model_dir), "--data", str(ceval_dir), "--subjects", "computer_network,logic",
+            "--no-progress"]
+    assert main(args + ["--json", str(tmp_path / "full.json")]) == 0
+    full = json.loads((tmp_path / "full.json").read_text(encoding="utf-8"))
+
+    real, calls = ch.letters_of, []
+
+    def interrupt_second(scores):
+        calls.append(len(scores))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(scores)
+
+    monkeypatch.setattr(ch, "letters_of", interrupt_second)
+    out = tmp_path / "r.json"
+    assert main(args + ["--json", str(out)]) == 130 and not out.exists()
+    partial = json.loads((tmp_path / "r.partial.json").read_text(encoding="utf-8"))
+    assert list(partial["subjects"]) == ["computer_network"]
+    calls.clear()
+    monkeypatch.setattr(ch, "letters_of", lambda scores: calls.append(len(scores)) or real(scores))
+    assert main(args + ["--json", str(out)]) == 0
+    assert calls == [3]                                    # only logic was scored again
+    res = json.loads(out.read_text(encoding="utf-8"))
+    assert res["subjects"] == full["subjects"] and res["average"] == full["average"]
+    assert not (tmp_path / "r.partial.json").exists()
