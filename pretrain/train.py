@@ -125,8 +125,10 @@ def _callbacks(out_dir: Path, block_tokens: int | None):
             if dt > 0 and tokens > self.tokens0:
                 logs["tokens_per_s"] = round((tokens - self.tokens0) / dt, 1)
             if state.is_world_process_zero:
+                # elapsed_s: seconds since training began, so steady-state speed can be read between two lines
                 with open(out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"step": state.global_step, "tokens": tokens, **logs}) + "\n")
+                    f.write(json.dumps({"step": state.global_step, "tokens": tokens, "elapsed_s": round(dt, 3),
+                                        **logs}) + "\n")
 
     return [Bookkeeping()]
 
