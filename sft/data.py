@@ -241,16 +241,13 @@ def encode_records(records: list[Record], encoder: ExampleEncoder, overlong: str
 class Collator:
     """Right-pads a batch: pad id in input_ids, -100 in labels, 0 in the attention mask."""
 
-    def __init__(self, pad_id: int, multiple_of: int | None = None):
+    def __init__(self, pad_id: int):
         self.pad_id = pad_id
-        self.multiple_of = multiple_of
 
     def __call__(self, batch):
         import torch
 
         n = max(len(b["input_ids"]) for b in batch)
-        if self.multiple_of:
-            n = -(-n // self.multiple_of) * self.multiple_of
         ids = torch.full((len(batch), n), self.pad_id, dtype=torch.long)
         labels = torch.full((len(batch), n), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(batch), n), dtype=torch.long)

@@ -1,6 +1,6 @@
 """Recipes: dataclass configs loaded from recipes/NAME.yaml (or a path), overridable field by field.
 
-Public API (stable; the sft stage uses it too):
+Public API (stable; every stage uses it):
     load_recipe(name_or_path) -> Recipe          name = file stem under recipes/, or a .yaml path
     recipe_path(name_or_path) -> Path
     apply_overrides(dataclass_obj, {field: value}) -> same object, type-checked and coerced
