@@ -123,7 +123,7 @@ bench: setup sample
 	$(PY) bench/generation.py --tokenizer $(RUN)/vocab --text $(RUN)/corpus/heldout
 	$(PY) bench/pretrain_throughput.py --tokenizer $(RUN)/vocab
 	$(PY) bench/sft_throughput.py
-	$(PY) bench/gpu.py
+	$(PY) bench/gpu/shapes.py
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

@@ -144,6 +144,14 @@ def _torch_varlen():
     return varlen_attn
 
 
+def kernels_available(device_type: str) -> list[str]:
+    """The packed-attention kernels that can train (forward and backward) on `device_type`, fastest first."""
+    if device_type != "cuda":
+        return ["sdpa_loop"]  # FlexAttention has no CPU backward
+    return ([k for k, ok in (("flash_attn", _flash_varlen() is not None), ("varlen", _torch_varlen() is not None)) if ok]
+            + ["flex", "sdpa_loop"])
+
+
 def choose_backend(device_type: str, half: bool) -> str:
     """The packed-attention kernel for a batch on `device_type` computed in half precision or not."""
     forced = os.environ.get(BACKEND_ENV)
@@ -181,6 +189,23 @@ def document_block_mask(cu, length: int, device):
         return (doc[q] == doc[kv]) & (q >= kv)
 
     return create_block_mask(same_doc_causal, None, None, length, length, device=device)
+
+
+def _common_dtype(q, k, v):
+    """q, k, v in one dtype: the autocast dtype when autocast is on, else their promoted type.
+
+    Under autocast the projections come out in half precision but RoPE multiplies q and k by cos/sin in the
+    residual stream's dtype (fp32 when the trained embeddings are fp32), so q and k arrive in fp32 and v in
+    bf16; SDPA casts for itself under autocast, the varlen and Flex kernels do not.
+    """
+    import torch
+
+    dev = q.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+    else:
+        dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    return q.to(dt), k.to(dt), v.to(dt)
 
 
 def _varlen_layout(t):
@@ -274,6 +299,7 @@ def varlen_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
                                           is_causal=is_causal, **kwargs)
         # a packed row that did not come through packed_attention's pre-hook: the host loop, correct anywhere
         info = PackedBatch("sdpa_loop", cu, query.shape[2], bounds=cu.tolist())
+    query, key, value = _common_dtype(query, key, value)
     return _KERNELS[info.backend](module, query, key, value, info, dropout, scaling), None
 
 
@@ -319,13 +345,19 @@ def _effective_linear(head):
     return None
 
 
+def _sharded(weight) -> bool:
+    """ZeRO-3 / FSDP hold a module's full weight only inside its own forward: the loss cannot use it later."""
+    return (weight.numel() == 0 or hasattr(weight, "ds_id") or type(weight).__name__ == "DTensor"
+            or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"))
+
+
 class PackedTraining:
     """State of one `packed_attention` context: the Trainer's loss function, and what the last batch used."""
 
     def __init__(self, chunk_tokens: int):
         self.chunk_tokens = int(chunk_tokens or 0)
         self.backend = None          # kernel of the last packed batch
-        self.chunked = False         # whether the head + loss of packed batches are chunked
+        self.chunked = False         # whether a packed batch's head + loss ran chunked (set by the first one)
         self._packed_forward = False
         self._pending = None         # (linear, compute dtype) when the head was deferred in this forward
 
@@ -362,9 +394,12 @@ class PackedTraining:
             import torch
 
             lin = _effective_linear(head)
+            if lin is None or _sharded(lin.weight):
+                return original(hidden, *a, **kw)
             dev = hidden.device.type
             dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
             self._pending = (lin, dtype)
+            self.chunked = True
             return hidden  # the "logits" of this forward are the hidden states of the kept positions
         return forward
 
@@ -404,7 +439,7 @@ def packed_attention(model, loss_chunk_tokens: int = 0):
     if state.chunk_tokens > 0 and not flash and head is not None and _effective_linear(head) is not None:
         previous = head.__dict__.get("forward")
         head.forward = state.head_forward(head, head.forward)
-        state.chunked = patched = True
+        patched = True
     try:
         yield state
     finally:

@@ -147,13 +147,20 @@ def _dense_varlen(q, k, v, cu_q, max_q, scale=None):
     return torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale).transpose(0, 1)
 
 
+def _same_dtype(*ts):
+    # the real varlen kernels take one half-precision dtype for q, k and v (checked here for the autocast test)
+    assert len({t.dtype for t in ts}) == 1, [t.dtype for t in ts]
+
+
 def _flash_ref(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False):
     assert causal and dropout_p == 0.0 and isinstance(max_q, int)
+    _same_dtype(q, k, v)
     return _dense_varlen(q, k, v, cu_q, max_q, softmax_scale)
 
 
 def _torch_varlen_211(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
     assert is_causal and isinstance(max_q, int)
+    _same_dtype(query, key, value)
     return _dense_varlen(query, key, value, cu_seq_q, max_q)
 
 
@@ -161,6 +168,7 @@ def _torch_varlen_213(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, re
                       window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
     assert window_size == (-1, 0) and isinstance(max_q, int)
     assert enable_gqa == (key.shape[1] != query.shape[1])
+    _same_dtype(query, key, value)
     return _dense_varlen(query, key, value, cu_seq_q, max_q, scale)
 
 
@@ -209,6 +217,44 @@ def test_device_varlen_paths_equal_padded_without_host_reads(kernel, monkeypatch
         torch.testing.assert_close(grads[k], ref_grads[k], atol=1e-5, rtol=1e-4)
 
 
+def test_varlen_path_under_bf16_autocast_with_fp32_trained_embeddings(monkeypatch):
+    """The GPU setting on CPU: bf16 autocast, frozen weights in bf16, trained embed/head copies in fp32 (so RoPE hands
+    the kernel fp32 q/k beside bf16 v): the kernel gets one dtype, and loss and gradients match the padded batch."""
+    import sft.packing as packing
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from zhllama.precision import upcast_trainable
+
+    monkeypatch.setattr(packing, "_torch_varlen", lambda: _torch_varlen_213)
+    monkeypatch.setenv(BACKEND_ENV, "varlen")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=False, attn_implementation="sdpa")
+    model = get_peft_model(LlamaForCausalLM(cfg).to(torch.bfloat16),
+                           LoraConfig(r=4, target_modules=ALL_PROJ, init_lora_weights=False, task_type="CAUSAL_LM",
+                                      modules_to_save=["embed_tokens", "lm_head"]))
+    upcast_trainable(model)
+    amp = torch.autocast("cpu", dtype=torch.bfloat16)
+    padded = Collator(pad_id=0)(EXAMPLES)
+    with amp:
+        ref_loss, ref_grads = _loss_and_grads(model, lambda: model(**padded).loss)
+    with packed_attention(model, loss_chunk_tokens=4) as packed:
+        batch = PackedCollator()(EXAMPLES)
+        labels = batch.pop("labels")
+        model.zero_grad(set_to_none=True)
+        with amp:
+            out = model(**batch)
+        loss = packed.loss(out, labels)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert {p.dtype for p in grads.values()} == {torch.float32}
+    torch.testing.assert_close(loss.detach(), ref_loss.float(), atol=2e-2, rtol=2e-2)
+    for k in grads:
+        rel = (grads[k] - ref_grads[k]).norm() / ref_grads[k].norm()
+        assert rel < 5e-2, (k, float(rel))
+
+
 def test_flex_attention_forward_equals_padded(monkeypatch):
     """FlexAttention with the per-batch document BlockMask. CPU has its forward only (no backward in torch 2.13):
     forward loss here; the GPU script checks its gradients."""
@@ -223,6 +269,21 @@ def test_flex_attention_forward_equals_padded(monkeypatch):
             loss = packed.loss(model(**batch), labels)
             assert packed.backend == "flex"
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+
+
+def test_sharded_head_keeps_the_models_own_logits(monkeypatch):
+    """Under FSDP / ZeRO-3 the head's full weight exists only inside its forward: no deferred chunked loss then."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    model = _lora_model(gqa=False)
+    padded = Collator(pad_id=0)(EXAMPLES)
+    with torch.no_grad():
+        ref = model(**padded).loss
+        with packed_attention(model, loss_chunk_tokens=4) as packed:
+            batch = PackedCollator()(EXAMPLES)
+            labels = batch.pop("labels")
+            out = model(**batch)
+            assert out.logits.shape == (1, 9, 40)  # the 9 kept positions' full-vocabulary logits
+            torch.testing.assert_close(packed.loss(out, labels), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_choose_backend(monkeypatch):

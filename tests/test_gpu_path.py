@@ -1,4 +1,4 @@
-"""GPU training precision (zhllama.precision) and `pretrain init --dtype`: what the 7B runs rely on, checked on CPU."""
+"""What the GPU runs (bench/gpu/run.sh) rely on, checked on CPU: training precision, `pretrain init --dtype`, --eval-ratio 0."""
 from __future__ import annotations
 
 import json
@@ -50,3 +50,17 @@ def test_init_stores_the_requested_dtype(tmp_path, tiny_base):
     assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}
     man = json.loads((out / "manifest.json").read_text())
     assert man["config"]["dtype"] == "bfloat16" and man["config"]["device"] == "cpu"
+
+
+def test_phase_data_without_held_out_blocks(tmp_path, zh_corpus, tiny_base):
+    """--eval-ratio 0 (the GPU runs' setting: no held-out pass around a few timed steps) builds, caches and reloads."""
+    from pretrain.data import build_datasets
+    from vocab.hf_export import save_tokenizer_folder
+    from vocab.spmodel import load_model
+
+    tok = tmp_path / "tok"
+    save_tokenizer_folder(load_model(tiny_base), tok)
+    for _ in range(2):  # built, then read back from the cache
+        train, held, info = build_datasets([zh_corpus], tok, 64, tmp_path / "cache", eval_ratio=0.0)
+        assert held is None and len(train) > 10 and info["eval_blocks"] == 0
+    assert info["reused_cache"]
