@@ -29,8 +29,9 @@ LIMIT_MIB = 64            # tree + carried paths, per device call
 DEVICE_TIMEOUT_S = 570    # the device command's limit (at most 600); the run aims to finish in 8 minutes
 # pinned in pyproject.toml, and missing or at another version on the device
 FROM_PYPROJECT = ["transformers", "tokenizers", "peft", "datasets", "sentencepiece", "protobuf"]
-# datasets' own needs that the device lacks; versions inside datasets 5.2.0's bounds (dill<0.4.2, multiprocess<0.70.20)
-EXTRA_PINS = {"dill": "0.4.1", "multiprocess": "0.70.19"}
+# datasets' own needs that the device lacks, inside datasets 5.2.0's bounds (dill<0.4.2, multiprocess<0.70.20);
+# regex: transformers 5.23 refuses to import with regex < 2025.10.22 and the device's version is not on record
+EXTRA_PINS = {"dill": "0.4.1", "multiprocess": "0.70.19", "regex": "2026.11.19"}
 PLATFORMS = ["manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_27_x86_64", "manylinux_2_28_x86_64",
              "manylinux_2_34_x86_64", "manylinux1_x86_64"]
 SHARED = Path(os.environ.get("ZHLLAMA_DATA", ROOT.parent / "shared" / "data"))
