@@ -4,7 +4,8 @@ What goes in: the weights (q/k rows permuted into llama.cpp's rotary layout, nor
 SentencePiece vocabulary with its scores and piece types (from `tokenizer.model`, so llama.cpp tokenizes
 exactly like sentencepiece), BOS on, the dummy-prefix flag, the chat template (the folder's
 `chat_template.jinja`, i.e. the prompt format the model was trained with), `</s>` as the only
-end-of-generation token (`[PAD]` is a control piece, never generated), and `general.name`.
+end-of-generation token (llama.cpp would also stop on `[PAD]`, which it takes for a fill-in-the-middle
+pad unless one is named: EOS is named), and `general.name`.
 
 Types: f32, f16, q8_0 and q4_0 (round-to-nearest, the paper's 4-bit deployment). Tensors are converted
 and written one at a time (a 7B model never sits in memory twice); rows that are not a multiple of the
@@ -140,8 +141,8 @@ def _tensor_type(gname: str, shape, ftype: str):
 
 def export(model_dir, out, ftype: str = "f16", name: str | None = None, log=print) -> dict:
     import numpy as np
+    from gguf import GGML_QUANT_VERSION, GGUFWriter, LlamaFileType, quants
     from gguf import GGMLQuantizationType as Q
-    from gguf import GGUFWriter, LlamaFileType, quants
     from tqdm import tqdm
 
     model_dir, out = Path(model_dir), Path(out)
@@ -186,6 +187,8 @@ def export(model_dir, out, ftype: str = "f16", name: str | None = None, log=prin
     w.add_vocab_size(rows)
     w.add_file_type({"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
                      "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_0": LlamaFileType.MOSTLY_Q4_0}[ftype])
+    if ftype in ("q8_0", "q4_0"):
+        w.add_quantization_version(GGML_QUANT_VERSION)
     w.add_tokenizer_model("llama")
     w.add_token_list(pieces)
     w.add_token_scores(scores)
@@ -195,6 +198,13 @@ def export(model_dir, out, ftype: str = "f16", name: str | None = None, log=prin
     w.add_unk_token_id(0)
     if cfg.get("pad_token_id") is not None:
         w.add_pad_token_id(cfg["pad_token_id"])
+    eos_id = cfg.get("eos_token_id", 2) if isinstance(cfg.get("eos_token_id"), int) else 2
+    if "[PAD]" in pieces or "<PAD>" in pieces:
+        # llama.cpp takes a piece spelled [PAD] or <PAD> for a fill-in-the-middle pad when no FIM pad id is
+        # given, and stops generating on it. Naming EOS as the FIM pad keeps EOS the only stop token.
+        from gguf import Keys
+
+        w.add_uint32(Keys.Tokenizer.FIM_PAD_ID, eos_id)
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
     w.add_add_space_prefix(dummy_prefix)
