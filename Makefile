@@ -165,7 +165,7 @@ bench: setup sample
 	$(PY) bench/pretrain_throughput.py --tokenizer $(RUN)/vocab
 	$(PY) bench/choice_speed.py --tokenizer $(RUN)/vocab --text $(RUN)/corpus/heldout --subjects 2
 	$(PY) bench/sft_throughput.py
-	$(PY) bench/gpu.py
+	$(PY) bench/gpu/shapes.py
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
@@ -189,13 +189,17 @@ prepare: | setup
 GGUF_TYPES ?= f16 q8_0
 PORT ?= 8000
 SERVE_ARGS ?=
-export: $(RUN)/sft/merged/config.json | setup
+# Both only read RUN/sft/merged (they never re-run the pipeline): run `make` (or `make sft`) first.
+MERGED_READY = test -f $(RUN)/sft/merged/config.json || { echo "$(RUN)/sft/merged: no merged model; run make (or make sft) first" >&2; exit 2; }
+export: | setup
+	@$(MERGED_READY)
 	@mkdir -p $(RUN)/gguf
 	HF_HUB_OFFLINE=1 $(PY) -m deploy template --model $(RUN)/sft/merged
 	set -e; for t in $(GGUF_TYPES); do \
 	  HF_HUB_OFFLINE=1 $(PY) -m deploy gguf --model $(RUN)/sft/merged --out $(RUN)/gguf/model-$$t.gguf --type $$t --verify; \
 	done
 serve: | setup
+	@$(MERGED_READY)
 	HF_HUB_OFFLINE=1 $(PY) -m deploy template --model $(RUN)/sft/merged
 	HF_HUB_OFFLINE=1 $(PY) -m deploy serve --model $(RUN)/sft/merged --port $(PORT) $(SERVE_ARGS)
 

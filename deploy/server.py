@@ -92,7 +92,7 @@ def create_app(backend, limits: Limits | None = None, api_key: str | None = None
     limits = limits or Limits()
     app = FastAPI(title="zhllama", docs_url=None, redoc_url=None, openapi_url=None)
     gate = asyncio.Lock()                 # one generation at a time
-    state = {"pending": 0, "served": 0, "refused": 0}
+    state = {"pending": 0, "finished": 0, "refused": 0}
 
     def err(e: ApiError):
         return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.status}},
@@ -176,7 +176,7 @@ def create_app(backend, limits: Limits | None = None, api_key: str | None = None
 
     def release():
         state["pending"] -= 1
-        state["served"] += 1
+        state["finished"] += 1
 
     async def respond(request: Request, chat: bool):
         try:

@@ -164,6 +164,8 @@ class SFTConfig(Steps):
                                                   "(extra '▁' at the boundary); default: as serving tokenizes")
     packing: bool = setting(True, "padding-free batches, per-example attention, LM head only on trained tokens")
     fast_lora_dropout: bool = setting(True, "LoRA dropout masks from 16-bit uniforms (same Bernoulli, cheaper)")
+    loss_chunk_tokens: int = setting(1024, "packed batches: LM head + cross-entropy over this many trained rows at a "
+                                           "time (0: the whole batch at once)", ge=0)
     overlong: str = setting("truncate", "examples longer than max_length", choices=("truncate", "drop", "error"))
     seed: int = setting(42, "seed of LoRA init, data order and dropout", ge=0)
     eval_steps: int = redefault(Steps, "eval_steps", 200)
