@@ -182,7 +182,7 @@ def test_api_key_and_timeout(backend):
 
     from deploy.server import Limits, create_app
 
-    r = Running(create_app(backend, Limits(max_tokens=512, timeout=0.3), api_key="sekret"))
+    r = Running(create_app(backend, Limits(max_tokens=512, timeout=0.05), api_key="sekret"))
     try:
         body = {"messages": [{"role": "user", "content": Q}], "max_tokens": 512, "temperature": 0,
                 "repetition_penalty": 1.0}
