@@ -143,7 +143,7 @@ bench: setup sample
 	$(PY) bench/pretrain_throughput.py --tokenizer $(RUN)/vocab
 	$(PY) bench/choice_speed.py --tokenizer $(RUN)/vocab --text $(RUN)/corpus/heldout --subjects 2
 	$(PY) bench/sft_throughput.py
-	$(PY) bench/gpu.py
+	$(PY) bench/gpu/shapes.py
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
