@@ -20,10 +20,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sft", description="Instruction tuning: LoRA SFT, merge, chat")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    t = sub.add_parser("train", help="LoRA SFT on Alpaca JSON/JSONL records; writes a PEFT adapter folder")
+    t = sub.add_parser("train", help="LoRA SFT on Alpaca records or conversations (JSON/JSONL); writes a PEFT adapter folder")
     t.add_argument("--model", required=True, help="base model folder (the pretrain stage's model)")
     t.add_argument("--adapter", help="pretrain phase-2 adapter to merge into --model first")
-    t.add_argument("--data", nargs="+", required=True, help="Alpaca JSON arrays or JSONL files, mixed in order")
+    t.add_argument("--data", nargs="+", required=True,
+                   help="Alpaca or conversation ({messages}|{conversations}: loss on every assistant turn) JSON arrays or JSONL files, mixed in order")
     t.add_argument("--eval-data", nargs="+", help="held-out records (default: a content-hash split of --data)")
     t.add_argument("--out", required=True, help="adapter/run folder")
     t.add_argument("--drop-invalid", action="store_true", help="skip (and report) invalid records instead of failing")
