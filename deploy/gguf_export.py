@@ -22,6 +22,9 @@ from pathlib import Path
 from zhllama.errors import UserError
 
 TYPES = ("f32", "f16", "q8_0", "q4_0")
+# k-quants come from llama.cpp's own quantize (llama-cpp-python exposes llama_model_quantize), applied to
+# an f32 file written here; tensors whose rows do not fit the 256-value k-blocks get llama.cpp's fallback.
+LLAMA_QUANT = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}   # LLAMA_FTYPE_MOSTLY_*
 
 _LAYER = {
     "input_layernorm.weight": "attn_norm.weight",
@@ -146,8 +149,10 @@ def export(model_dir, out, ftype: str = "f16", name: str | None = None, log=prin
     from tqdm import tqdm
 
     model_dir, out = Path(model_dir), Path(out)
+    if ftype in LLAMA_QUANT:
+        return _llama_quantize(model_dir, out, ftype, name, log)
     if ftype not in TYPES:
-        raise UserError(f"--type must be one of {', '.join(TYPES)}, got {ftype!r}")
+        raise UserError(f"--type must be one of {', '.join(TYPES + tuple(LLAMA_QUANT))}, got {ftype!r}")
     cfg_path = model_dir / "config.json"
     if not cfg_path.is_file():
         raise UserError(f"{model_dir}: not a model folder (no config.json); pass RUN/sft/merged")
@@ -254,4 +259,30 @@ def export(model_dir, out, ftype: str = "f16", name: str | None = None, log=prin
             "bytes": out.stat().st_size, "chat_template": template is not None}
     log(f"wrote {out} ({ftype}, {len(plan)} tensors, vocab {rows:,}, {out.stat().st_size / 2**20:.1f} MiB, "
         f"name {name!r}{', chat template' if template else ''})")
+    return info
+
+
+def _llama_quantize(model_dir: Path, out: Path, ftype: str, name: str | None, log) -> dict:
+    import os
+
+    try:
+        import llama_cpp
+    except ImportError:
+        raise UserError(f"--type {ftype} uses llama.cpp's quantize: install llama-cpp-python "
+                        "(make setup-integration)") from None
+    src = out.with_name(out.name + ".f32.tmp")
+    tmp = out.with_name(out.name + ".tmp")
+    info = export(model_dir, src, "f32", name=name, log=lambda *_: None)
+    try:
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = LLAMA_QUANT[ftype]
+        params.nthread = os.cpu_count() or 1
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+        if rc != 0:
+            raise UserError(f"llama.cpp's quantize to {ftype} failed (code {rc}) for {model_dir}")
+    finally:
+        src.unlink(missing_ok=True)
+    tmp.replace(out)
+    info.update(gguf=str(out), type=ftype, bytes=out.stat().st_size)
+    log(f"wrote {out} ({ftype} by llama.cpp's quantize, {out.stat().st_size / 2**20:.1f} MiB, name {info['name']!r})")
     return info

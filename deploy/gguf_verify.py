@@ -4,7 +4,7 @@
   (corpora.probes: Chinese, English, mixed, whitespace-heavy), BOS included: every line must match;
 * next-token logits: llama.cpp vs transformers (float32) at every position of the merge-verification
   prompts rendered with the model's template: argmax agreement must be 100% for f32/f16, >= 95% for
-  q8_0, >= 85% for q4_0; the max absolute logit difference is reported;
+  q8_0 and q6_k, >= 90% for q5_k_m, >= 85% for q4_0 and q4_k_m; the max absolute logit difference is reported;
 * metadata: `tokenizer.chat_template` is the folder's template, `</s>` is the only end-of-generation
   token, BOS is added.
 Results go to FILE.verify.json; a failed check is an error (exit 2) after the file is written.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from zhllama.errors import UserError
 
-MIN_ARGMAX = {"f32": 1.0, "f16": 1.0, "q8_0": 0.95, "q4_0": 0.85}
+MIN_ARGMAX = {"f32": 1.0, "f16": 1.0, "q8_0": 0.95, "q6_k": 0.95, "q5_k_m": 0.9, "q4_k_m": 0.85, "q4_0": 0.85}
 
 
 def load_llama(path, n_ctx: int = 2048, logits_all: bool = False, n_threads: int | None = None, kv_f32: bool = False):

@@ -113,6 +113,22 @@ def test_llama_cpp_matches_sentencepiece_and_transformers(ggufs, chat_model, fty
 
 
 @pytest.mark.integration("llama_cpp")
+def test_k_quants_through_llama_cpp_quantize_keep_vocab_template_and_eog(chat_model, tmp_path):
+    from gguf import GGUFReader
+
+    from deploy.gguf_export import export
+    from deploy.gguf_verify import verify
+
+    out = tmp_path / "m-q4_k_m.gguf"
+    export(chat_model, out, "q4_k_m", log=lambda *_: None)
+    assert not list(tmp_path.glob("*.tmp"))
+    r = GGUFReader(str(out))
+    assert _field(r, "tokenizer.chat_template") == (chat_model / "chat_template.jinja").read_text(encoding="utf-8")
+    res = verify(out, chat_model, "q4_k_m", log=lambda *_: None)
+    assert res["ok"] and res["metadata"]["eog_tokens"] == [2]
+
+
+@pytest.mark.integration("llama_cpp")
 def test_llama_cpp_greedy_generation_and_server_equal_transformers(ggufs, chat_model):
     """The GGUF backend renders the chat template from the file and generates the folder's greedy tokens."""
     import torch
