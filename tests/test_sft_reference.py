@@ -34,11 +34,12 @@ def pipeline(data_dir, tmp_path_factory):
     corpus.write_text("".join(f"Once upon a time, there was a little girl named Lily. She had {i} red balls and "
                               f"liked to play outside with her dog number {i * 7 % 13}.\n" for i in range(300)),
                       encoding="utf-8")
-    _run("pretrain", "phase2", "--recipe", "tiny", "--model", d / "stories", "--corpus", corpus, "--out", d / "phase2",
+    # stories260K is not the tiny recipe's shape: its training settings are meant, so the shape check is off
+    _run("pretrain", "phase2", "--recipe", "tiny", "--set", "model.check=false", "--model", d / "stories", "--corpus", corpus, "--out", d / "phase2",
          "--max-steps", "3", "--batch-size", "4", "--per-device-batch-size", "4", "--eval-steps", "3",
          "--save-steps", "3", "--block-size", "64", "--eval-ratio", "0.1")
     data = data_dir / "instructions" / "alpaca_zh_llamafactory_demo_1k.json"
-    _run("sft", "train", "--recipe", "tiny", "--model", d / "stories", "--adapter", d / "phase2", "--data", data,
+    _run("sft", "train", "--recipe", "tiny", "--set", "model.check=false", "--model", d / "stories", "--adapter", d / "phase2", "--data", data,
          "--out", d / "sft", "--max-steps", "25", "--set", "sft.max_length=192", "--set", "sft.global_batch_size=8",
          "--set", "sft.per_device_batch_size=8", "--set", "sft.learning_rate=3e-3", "--set", "sft.eval_ratio=0.03",
          "--set", "sft.eval_steps=25", "--set", "sft.save_steps=25")
