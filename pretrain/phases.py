@@ -81,7 +81,30 @@ def _check_resume_compatible(out_dir: Path, resolved: dict, resume) -> bool:
     return True
 
 
-def _prepare(stage, model_dir, corpus, out_dir, recipe, settings, resume, cache_dir, tokenizer_dir, extra):
+# Below this share of Han characters a pretraining corpus is refused (an English-only corpus would train the
+# new Chinese rows on nothing); below WARN_HAN_SHARE it is trained on with a warning.
+MIN_HAN_SHARE = 0.01
+WARN_HAN_SHARE = 0.3
+
+
+def check_chinese(corpus, encoding: str = "auto", min_share: float = MIN_HAN_SHARE, stage: str = "pretraining") -> dict:
+    """How much Chinese the corpus holds (first documents of every file); an error below min_share."""
+    from corpora.reader import corpus_profile
+
+    prof = corpus_profile(corpus, encoding)
+    share = prof.han_share
+    found = (f"{prof.han_chars:,} Chinese characters in {prof.chars:,} sampled ({100 * share:.1f}%, "
+             f"first documents of {prof.files} file(s))")
+    if share < min_share:
+        raise UserError(f"corpus {', '.join(map(str, corpus))}: {found}; {stage} needs Chinese text "
+                        f"(at least {100 * min_share:g}%). Point --corpus at Chinese text, or pass --min-chinese-share 0")
+    if share < WARN_HAN_SHARE:
+        print(f"warning: corpus has little Chinese: {found}")
+    return {"han_share": round(share, 4), "sampled_chars": prof.chars}
+
+
+def _prepare(stage, model_dir, corpus, out_dir, recipe, settings, resume, cache_dir, tokenizer_dir, extra,
+             encoding="auto", min_han_share=MIN_HAN_SHARE):
     from pretrain.data import build_datasets, tokenizer_hash
     from zhllama.hashing import sha256_file
     from zhllama.manifest import write_json
@@ -89,6 +112,7 @@ def _prepare(stage, model_dir, corpus, out_dir, recipe, settings, resume, cache_
     out_dir, model_dir = Path(out_dir), Path(model_dir)
     pre = recipe.pretrain
     model, tok_dir = preflight(model_dir, corpus, out_dir, pre.block_size, tokenizer_dir)
+    chinese = check_chinese(corpus, encoding, min_han_share, stage.replace("pretrain.", "pretrain "))
     inputs = {
         "model": {"path": str(model_dir), "sha256": _weights_hash(model_dir)},
         "tokenizer": {"path": str(tok_dir), "sha256": tokenizer_hash(tok_dir)},
@@ -98,10 +122,11 @@ def _prepare(stage, model_dir, corpus, out_dir, recipe, settings, resume, cache_
                 "block_size": pre.block_size, "seed": settings.seed, "inputs": inputs, **extra}
     train_ds, eval_ds, data_info = build_datasets(
         corpus, tok_dir, pre.block_size, cache_dir or (out_dir.parent / "data_cache"),
-        eval_ratio=pre.eval_ratio, max_eval_blocks=pre.max_eval_blocks, streaming=pre.streaming,
+        eval_ratio=pre.eval_ratio, max_eval_blocks=pre.max_eval_blocks, streaming=pre.streaming, encoding=encoding,
     )
     inputs["data"] = data_info["key"]
     resolved["data"] = {k: v for k, v in data_info.items() if k != "key"}
+    resolved["data"]["chinese"] = chinese
     if not _check_resume_compatible(out_dir, resolved, resume):
         shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     write_json(out_dir / "resolved_config.json", resolved)
@@ -136,13 +161,15 @@ def base_vocab_size(model_dir, recipe, override: int | None = None) -> int:
 
 
 def run_phase1(model_dir, corpus, out_dir, recipe, settings, new_rows_only=False, resume=True, cache_dir=None,
-               tokenizer_dir=None, base_vocab: int | None = None):
+               tokenizer_dir=None, base_vocab: int | None = None, encoding: str = "auto",
+               min_han_share: float = MIN_HAN_SHARE):
     from pretrain.train import is_main_process, run_training
 
     out_dir = Path(out_dir)
     model, tok_dir, train_ds, eval_ds, resolved, inputs = _prepare(
         "pretrain.phase1", model_dir, corpus, out_dir, recipe, settings, resume, cache_dir, tokenizer_dir,
         {"new_rows_only": bool(new_rows_only), "base_vocab": base_vocab_size(model_dir, recipe, base_vocab)},
+        encoding=encoding, min_han_share=min_han_share,
     )
     base_vocab = resolved["base_vocab"]
     n_rows = model.get_input_embeddings().weight.shape[0]
@@ -202,7 +229,8 @@ def check_adapter(out_dir: Path) -> dict:
             "full_modules": sorted({k.split(".")[-2] for k in keys if "lora_" not in k})}
 
 
-def run_phase2(model_dir, corpus, out_dir, recipe, settings, resume=True, cache_dir=None, tokenizer_dir=None):
+def run_phase2(model_dir, corpus, out_dir, recipe, settings, resume=True, cache_dir=None, tokenizer_dir=None,
+               encoding: str = "auto", min_han_share: float = MIN_HAN_SHARE):
     from peft import get_peft_model
     from transformers import set_seed
 
@@ -215,6 +243,7 @@ def run_phase2(model_dir, corpus, out_dir, recipe, settings, resume=True, cache_
         "pretrain.phase2", model_dir, corpus, out_dir, recipe, settings, resume, cache_dir, tokenizer_dir,
         {"lora": {"r": phase.lora_r, "alpha": phase.lora_alpha, "dropout": phase.lora_dropout,
                   "targets": list(phase.lora_targets), "modules_to_save": list(phase.modules_to_save)}},
+        encoding=encoding, min_han_share=min_han_share,
     )
     # LoRA A matrices are drawn from torch's RNG when the adapter is created: seed first, or every run
     # (and a resumed run's first process) starts from different adapters.
@@ -233,6 +262,9 @@ def run_phase2(model_dir, corpus, out_dir, recipe, settings, resume=True, cache_
         (out_dir / "adapter_config.json").write_text(json.dumps(acfg, indent=2) + "\n")
         copy_tokenizer(tok_dir, out_dir)
         result["adapter"] = check_adapter(out_dir)
+        from zhllama.lineage import record_lineage
+
+        record_lineage(out_dir, model_dir)
         return _finish("pretrain.phase2", out_dir, resolved, inputs, result, summary)
     return result
 

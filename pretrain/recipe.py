@@ -122,7 +122,7 @@ def _coerce(cls_field, value, where: str):
             if isinstance(value, str):
                 return [v.strip() for v in value.split(",") if v.strip()]
             return list(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise UserError(f"{where}: {value!r} is not a valid {t}") from None
     return value
 
@@ -131,7 +131,7 @@ def apply_overrides(obj, values: dict, where: str = "recipe"):
     """Set dataclass fields from a mapping; nested dataclasses take nested mappings. Unknown keys are errors."""
     fields = {f.name: f for f in dataclasses.fields(obj)}
     for k, v in (values or {}).items():
-        key = k.replace("-", "_")
+        key = str(k).replace("-", "_")
         if key not in fields:
             raise UserError(f"{where}: unknown setting {k!r}; known: {', '.join(sorted(fields))}")
         cur = getattr(obj, key)

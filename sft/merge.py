@@ -1,7 +1,9 @@
 """Merge LoRA adapters into a base model, shard by shard, then verify the result by its logits.
 
-Order matters and follows the reference (LLaMA-Plus, then Alpaca-Plus): adapters are applied in
-the order given, each to the result of the previous ones. Per tensor:
+Order matters and follows the reference (LLaMA-Plus, then Alpaca-Plus): each adapter is applied to the
+result of the previous ones. The chain is checked against the adapters' lineage records
+(zhllama.lineage): one adapter alone brings its parents and its base, an explicit list must be that
+chain in that order, and the base must have the weights the chain was trained on. Per tensor:
   * a full matrix saved by an adapter (``modules_to_save``: embed_tokens, lm_head) replaces the
     current one; this is also what resizes the vocabulary (32,000 -> 49,953 -> 49,954 rows);
   * a LoRA pair adds ``B @ A * alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), computed in float32.
@@ -195,14 +197,16 @@ def merge(base, adapters, out, dtype: str = "float16", log=print, verify: bool =
     import torch
     from safetensors.torch import save_file
 
-    base, out = Path(base), Path(out)
+    from zhllama.lineage import resolve_chain
+
+    out = Path(out)
     if dtype not in TOLERANCE:
         raise UserError(f"--dtype must be one of {', '.join(TOLERANCE)}, got {dtype!r}")
-    if not (base / "config.json").is_file():
+    if base is not None and not (Path(base) / "config.json").is_file():
         raise UserError(f"{base}: not a Hugging Face model folder (no config.json)")
-    if not adapters:
-        raise UserError("give at least one --adapter")
-    ads = [load_adapter(a) for a in adapters]
+    chain = resolve_chain(base, list(adapters or []), log=log)
+    base = chain.base
+    ads = [load_adapter(a) for a in chain.adapters]
     tdtype = getattr(torch, dtype)
     cfg = json.loads((base / "config.json").read_text(encoding="utf-8"))
     base_vocab = cfg.get("vocab_size")
@@ -282,14 +286,19 @@ def merge(base, adapters, out, dtype: str = "float16", log=print, verify: bool =
         shutil.copy2(base / "generation_config.json", out / "generation_config.json")
     from sft.template import get, save_name
 
-    tname = template or next((ad.template for ad in reversed(ads) if ad.template), None) or get(None).name
-    save_name(out, tname)
+    tname = template or next((ad.template for ad in reversed(ads) if ad.template), None)
+    if tname:  # no record when no adapter was instruction-tuned: chat then warns instead of assuming a template
+        save_name(out, tname)
+    else:
+        (out / "sft_template.json").unlink(missing_ok=True)
+        tname = get(None).name  # for the verification probes only
     log(f"merged {len(ads)} adapter(s) into {out}: vocab {base_vocab:,} -> {vocab:,}, dtype {dtype}, "
         f"{len(shards)} shard(s), template {tname}")
     result = {"vocab_size": vocab, "base_vocab_size": base_vocab, "dtype": dtype, "template": tname,
-              "adapters": [str(a.path) for a in ads], "shards": len(shards)}
+              "adapters": [str(a.path) for a in ads], "shards": len(shards), "chain": chain.to_json()}
     if verify:
-        result["verify"] = verify_merge(base, [a.path for a in ads], out, dtype, atol=atol, template=tname, log=log)
+        result["verify"] = verify_merge(base, [a.path for a in ads], out, dtype, atol=atol, template=tname, log=log,
+                                        chain=chain.to_json())
     return result
 
 
@@ -343,7 +352,8 @@ def _adapter_vocab(ap) -> int | None:
 
 
 def verify_merge(base, adapters, merged, dtype: str, atol: float | None = None, template: str | None = None,
-                 log=print) -> dict:
+                 log=print, chain: dict | None = None) -> dict:
+    """Merged vs unmerged logits; merge_verify.json also states which chain (base + adapters, hashes) this was."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -371,7 +381,9 @@ def verify_merge(base, adapters, merged, dtype: str, atol: float | None = None, 
     log(f"verify: {len(batches)} probe prompts, {n} positions: max |logit diff| = {max_diff:.3g} "
         f"(tolerance {tol:g} for {dtype}), top-1 agreement {agree}/{n} = {100 * agree / n:.2f}% "
         f"(need >= {100 * min_agree:.0f}%) -> {'OK' if ok else 'FAILED'}")
-    res = {"max_abs_diff": max_diff, "top1_agreement": agree / n, "positions": n, "tolerance": tol, "ok": ok}
+    res = {"max_abs_diff": max_diff, "top1_agreement": agree / n, "positions": n, "tolerance": tol, "ok": ok,
+           "chain": chain or {"verified": False, "base": {"path": str(base)},
+                              "adapters": [{"path": str(a)} for a in adapters], "notes": ["lineage not checked"]}}
     (merged / "merge_verify.json").write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
     if not ok:
         raise UserError(f"merge verification failed: merged logits differ from the PEFT model's "

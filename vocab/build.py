@@ -79,6 +79,7 @@ def build(
     report_text: list[str | Path] | None = None,
     compare: dict | None = None,
     log=print,
+    allow_fewer: bool = False,
 ) -> dict:
     from vocab.report import build_report, format_table, save_report
 
@@ -107,7 +108,7 @@ def build(
     else:
         log(f"[vocab] training ({cfg.model_type}) on {', '.join(map(str, corpus))}")
         t0 = time.time()
-        train_stats = train(corpus, out, cfg, base_path=base_path, progress=_progress(log))
+        train_stats = train(corpus, out, cfg, base_path=base_path, progress=_progress(log), allow_fewer=allow_fewer)
         train_stats["seconds"] = round(time.time() - t0, 1)
         write_json(out / "train_stats.json", train_stats)
         write_json(stamp_path, stamp)

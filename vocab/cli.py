@@ -5,6 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
+from corpora.reader import ENCODINGS
 from vocab.train import MODEL_TYPES, TrainConfig
 from zhllama.errors import UserError, cli_entry
 
@@ -28,17 +29,33 @@ def _add_train_args(p: argparse.ArgumentParser, default_type: str) -> None:
     p.add_argument("--character-coverage", type=float, default=d.character_coverage, help="default: %(default)s")
     p.add_argument("--max-chars", type=int, default=d.max_chars, help="sample larger corpora down to about this many characters")
     p.add_argument("--word-aware", action="store_true", help="use jieba word boundaries: no piece spans two words")
-    p.add_argument("--encoding", default="utf-8", help="corpus encoding, e.g. gb18030 (default: %(default)s)")
+    p.add_argument("--max-piece-chars", type=int, default=d.max_piece_chars,
+                   help="extend: longest appended piece in characters, a leading '▁' not counted; 0 = no cap "
+                        "(default: %(default)s, chosen on held-out text, see README)")
+    p.add_argument("--max-piece-bytes", type=int, default=d.max_piece_bytes,
+                   help="extend: longest appended piece in UTF-8 bytes; 32 keeps every piece decodable by "
+                        "llama-cpp-python, whose detokenizer drops longer ones; 0 = no cap (default: %(default)s)")
+    p.add_argument("--encoding", default="auto", choices=ENCODINGS,
+                   help="corpus encoding; auto: UTF-8, else GB18030/Big5 detected per file like `corpora prepare` "
+                        "(binary files are dropped and reported) (default: %(default)s)")
+    p.add_argument("--allow-fewer", action="store_true",
+                   help="extend: accept a vocabulary with far fewer pieces than --num-added (a corpus with little "
+                        "Chinese is an error otherwise)")
 
 
 def _train_cfg(a) -> TrainConfig:
     if a.vocab_size < 100:
         raise UserError(f"--vocab-size {a.vocab_size} is too small; the Chinese model needs thousands of pieces")
+    if a.max_piece_chars < 0 or a.max_piece_bytes < 0:
+        raise UserError("--max-piece-chars and --max-piece-bytes take a positive number, or 0 for no cap")
+    if 0 < a.max_piece_bytes < 4:
+        raise UserError(f"--max-piece-bytes {a.max_piece_bytes} cannot hold one CJK character (3-4 bytes)")
     if not 0 < a.character_coverage <= 1:
         raise UserError("--character-coverage must be in (0, 1]")
     return TrainConfig(
         model_type=a.model_type, vocab_size=a.vocab_size, num_added=a.num_added, character_coverage=a.character_coverage,
         max_chars=a.max_chars, word_aware=a.word_aware, encoding=a.encoding,
+        max_piece_chars=a.max_piece_chars, max_piece_bytes=a.max_piece_bytes,
     )
 
 
@@ -94,7 +111,7 @@ def main(argv=None) -> int:
     if a.cmd == "train":
         from vocab.train import train
 
-        stats = train(a.corpus, a.out, _train_cfg(a), base_path=a.base)
+        stats = train(a.corpus, a.out, _train_cfg(a), base_path=a.base, allow_fewer=a.allow_fewer)
         print(json.dumps(stats, ensure_ascii=False, indent=2))
         print(f"wrote {Path(a.out) / 'chinese_sp.model'}")
     elif a.cmd == "merge":
@@ -114,7 +131,8 @@ def main(argv=None) -> int:
     elif a.cmd == "build":
         from vocab.build import build
 
-        build(a.base, a.corpus, a.out, _train_cfg(a), pad=a.pad, report_text=a.report_text, compare=_parse_compare(a.compare))
+        build(a.base, a.corpus, a.out, _train_cfg(a), pad=a.pad, report_text=a.report_text, compare=_parse_compare(a.compare),
+              allow_fewer=a.allow_fewer)
         print(f"wrote {a.out}")
     elif a.cmd == "report":
         from vocab.report import build_report, format_table, save_report
