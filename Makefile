@@ -76,7 +76,7 @@ $(RUN)/pretrain/resized/config.json: $(RUN)/vocab/tokenizer.json $(if $(BASE_MOD
 # sees different input hashes and starts over instead of continuing stale checkpoints.
 CORPUS_FILES = $(shell find $(CORPUS) -type f 2>/dev/null)
 $(RUN)/pretrain/phase1/config.json: $(RUN)/pretrain/resized/config.json $(CORPUS_FILES)
-	if HF_HUB_OFFLINE=1 $(PY) -c "import sys; from pretrain.recipe import load_recipe; sys.exit(0 if load_recipe('$(RECIPE)').pretrain.phase1.enabled else 1)"; then \
+	if HF_HUB_OFFLINE=1 $(PY) -c "import sys; from zhllama.recipe import load_recipe; sys.exit(0 if load_recipe('$(RECIPE)').pretrain.phase1.enabled else 1)"; then \
 	  HF_HUB_OFFLINE=1 $(PY) -m pretrain phase1 --recipe $(RECIPE) --model $(RUN)/pretrain/resized --corpus $(CORPUS) --out $(RUN)/pretrain/phase1 --restart-if-changed $(PRETRAIN_ARGS); \
 	else mkdir -p $(RUN)/pretrain/phase1 && cp $(RUN)/pretrain/resized/config.json $(RUN)/pretrain/phase1/config.json && echo skipped > $(RUN)/pretrain/phase1/SKIPPED; fi
 $(RUN)/pretrain/phase2/adapter_model.safetensors: $(RUN)/pretrain/phase1/config.json $(CORPUS_FILES)

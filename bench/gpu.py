@@ -55,7 +55,7 @@ def dry_run(names, seq: int) -> list[dict]:
     from transformers import LlamaForCausalLM
 
     from pretrain.plan import plan
-    from pretrain.recipe import load_recipe
+    from zhllama.recipe import load_recipe
 
     rows = []
     for name in names:
@@ -84,7 +84,7 @@ def measure(names, seq: int, steps: int, peak_tflops: float, max_micro: int) -> 
     from peft import get_peft_model
     from transformers import LlamaForCausalLM
 
-    from pretrain.recipe import load_recipe
+    from zhllama.recipe import load_recipe
 
     rows = []
     for name in names:

@@ -162,7 +162,7 @@ def heldout_loss(model_dir: Path, adapter: Path | None, held: Path, max_length: 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pretrain.train import plain_eval_loss
+    from zhllama.trainer import plain_eval_loss
     from sft.data import Collator, ExampleEncoder, encode_records, load_records
     from sft.template import get
 

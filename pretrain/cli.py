@@ -113,7 +113,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _apply_sets(recipe, sets, config_yaml=None):
-    from pretrain.recipe import apply_overrides, validate
+    from zhllama.recipe import apply_overrides, validate
 
     if config_yaml:
         import yaml
@@ -139,8 +139,8 @@ def _apply_sets(recipe, sets, config_yaml=None):
 
 def resolve_training(a, phase: str):
     """Recipe <- --config YAML <- --set <- explicit flags; returns (recipe, TrainSettings)."""
-    from pretrain.recipe import apply_overrides, load_recipe, validate
-    from pretrain.train import settings_from_phase
+    from zhllama.recipe import apply_overrides, load_recipe, validate
+    from zhllama.trainer import settings_from
 
     recipe = _apply_sets(load_recipe(a.recipe), a.set, a.config)
     ph = getattr(recipe.pretrain, phase)
@@ -151,7 +151,7 @@ def resolve_training(a, phase: str):
     apply_overrides(ph, phase_vals, f"pretrain.{phase}")
     apply_overrides(recipe.pretrain, pre_vals, "pretrain")
     validate(recipe, "recipe after command-line flags")
-    settings = settings_from_phase(ph, recipe.pretrain, deepspeed=a.deepspeed,
+    settings = settings_from(ph, recipe.pretrain, deepspeed=a.deepspeed,
                                    full_determinism=True if a.full_determinism else None)
     return recipe, settings
 
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
                   f"after {res['global_step']} steps -> {a.out}")
     elif a.cmd == "plan":
         from pretrain.plan import format_plan, plan
-        from pretrain.recipe import load_recipe
+        from zhllama.recipe import load_recipe
 
         p = plan(_apply_sets(load_recipe(a.recipe), a.set), a.vocab_size, a.num_gpus)
         print(json.dumps(p, indent=2) if a.json else format_plan(p))
@@ -192,7 +192,7 @@ def main(argv=None) -> int:
         print(f"converted {a.checkpoint} -> {out}")
     elif a.cmd == "init":
         from pretrain.phases import init_model
-        from pretrain.recipe import load_recipe
+        from zhllama.recipe import load_recipe
 
         out = init_model(_apply_sets(load_recipe(a.recipe), a.set), a.tokenizer, a.out, seed=a.seed)
         print(f"initialised a {a.recipe} model on {a.tokenizer} -> {out}")

@@ -14,9 +14,9 @@ import json
 import shutil
 from pathlib import Path
 
+from pretrain.data import collate_blocks
 from zhllama.errors import UserError
-
-from pretrain.embeddings import check_sizes, copy_tokenizer, ensure_writable, load_model_dir, tokenizer_len
+from zhllama.models import check_sizes, copy_tokenizer, ensure_writable, load_model_dir, tokenizer_len
 
 
 def trainable_summary(model) -> dict:
@@ -62,7 +62,7 @@ def preflight(model_dir, corpus, out_dir, block_size: int, tokenizer_dir=None):
 
 def _check_resume_compatible(out_dir: Path, resolved: dict, resume) -> bool:
     """Whether OUT's checkpoints may be continued. resume="auto": start over when the inputs changed."""
-    from pretrain.train import last_complete_checkpoint
+    from zhllama.trainer import last_complete_checkpoint
 
     prev = out_dir / "resolved_config.json"
     if not resume or last_complete_checkpoint(out_dir) is None or not prev.is_file():
@@ -163,7 +163,7 @@ def base_vocab_size(model_dir, recipe, override: int | None = None) -> int:
 def run_phase1(model_dir, corpus, out_dir, recipe, settings, new_rows_only=False, resume=True, cache_dir=None,
                tokenizer_dir=None, base_vocab: int | None = None, encoding: str = "auto",
                min_han_share: float = MIN_HAN_SHARE):
-    from pretrain.train import is_main_process, run_training
+    from zhllama.trainer import is_main_process, run_training
 
     out_dir = Path(out_dir)
     model, tok_dir, train_ds, eval_ds, resolved, inputs = _prepare(
@@ -194,7 +194,7 @@ def run_phase1(model_dir, corpus, out_dir, recipe, settings, new_rows_only=False
         model.get_input_embeddings().weight.requires_grad_(True)
     summary = trainable_summary(model)
     print(f"phase 1: training {summary['trainable']:,} of {summary['total']:,} parameters ({summary['percent']:.2f}%)")
-    trainer, result = run_training(model, train_ds, eval_ds, settings, out_dir, resume=resume)
+    trainer, result = run_training(model, train_ds, eval_ds, settings, out_dir, collate_blocks, resume=resume)
     if is_main_process():
         final = model.merge_and_unload() if new_rows_only else model
         final.save_pretrained(out_dir)
@@ -234,7 +234,7 @@ def run_phase2(model_dir, corpus, out_dir, recipe, settings, resume=True, cache_
     from peft import get_peft_model
     from transformers import set_seed
 
-    from pretrain.train import is_main_process, run_training
+    from zhllama.trainer import is_main_process, run_training
 
     out_dir = Path(out_dir)
     phase = recipe.pretrain.phase2
@@ -253,7 +253,7 @@ def run_phase2(model_dir, corpus, out_dir, recipe, settings, resume=True, cache_
         model.enable_input_require_grads()
     summary = trainable_summary(model)
     print(f"phase 2: training {summary['trainable']:,} of {summary['total']:,} parameters ({summary['percent']:.2f}%)")
-    trainer, result = run_training(model, train_ds, eval_ds, settings, out_dir, resume=resume)
+    trainer, result = run_training(model, train_ds, eval_ds, settings, out_dir, collate_blocks, resume=resume)
     if is_main_process():
         model.save_pretrained(out_dir)
         # vanilla PeftModel.from_pretrained(base, DIR) reads the base path from here

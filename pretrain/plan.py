@@ -59,7 +59,7 @@ def _module_params(model, names) -> int:
     return n
 
 
-def _memory(recipe, phase, total: int, trainable: int, num_gpus: int) -> dict:
+def _memory(recipe, phase, total: int, trainable: int, num_gpus: int, vocab: int) -> dict:
     pre, m = recipe.pretrain, recipe.model
     half = pre.precision in ("fp16", "bf16")
     wbytes = 2 if half else 4
@@ -85,25 +85,16 @@ def _memory(recipe, phase, total: int, trainable: int, num_gpus: int) -> dict:
         act = L * b * s * h * wbytes + b * s * (34 * h + 5 * a * s)
     else:
         act = L * b * s * (34 * h + 5 * a * s)
-    vocab = _vocab_of(recipe)
     logits = b * s * vocab * 4 * 2  # fp32 logits and their gradient
     total_b = weights + states + grads + act + logits
     return {"weights_gib": weights / GiB, "optimizer_gib": states / GiB, "gradients_gib": grads / GiB,
             "activations_gib": (act + logits) / GiB, "total_gib": total_b / GiB}
 
 
-_VOCAB = {}
-
-
-def _vocab_of(recipe):
-    return _VOCAB.get(id(recipe), recipe.model.base_vocab_size)
-
-
 def plan(recipe, vocab_size: int | None = None, num_gpus: int | None = None) -> dict:
     if vocab_size is None:
         vocab_size = recipe.model.base_vocab_size + int(recipe.vocab.get("num_added", 0))
     num_gpus = num_gpus or recipe.pretrain.num_gpus
-    _VOCAB[id(recipe)] = vocab_size
     model = _meta_model(recipe, vocab_size)
     base_total = _count(model)
     embed = _module_params(model, ["embed_tokens"])
@@ -136,9 +127,8 @@ def plan(recipe, vocab_size: int | None = None, num_gpus: int | None = None) -> 
             "gradient_accumulation": max(1, ph.global_batch_size // (ph.per_device_batch_size * num_gpus)),
             "tokens_per_step": per_step_tokens, "max_steps": ph.max_steps,
             "total_tokens": per_step_tokens * ph.max_steps, "learning_rate": ph.learning_rate,
-            "memory_per_gpu": _memory(recipe, ph, total, trainable, num_gpus),
+            "memory_per_gpu": _memory(recipe, ph, total, trainable, num_gpus, vocab_size),
         })
-    _VOCAB.pop(id(recipe), None)
     return {"recipe": recipe.name, "vocab_size": vocab_size, "base_parameters": base_total,
             "precision": pre.precision, "zero_stage": pre.zero_stage, "num_gpus": num_gpus,
             "block_size": pre.block_size, "gradient_checkpointing": pre.gradient_checkpointing, "phases": phases}

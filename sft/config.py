@@ -28,7 +28,6 @@ class SFTConfig:
     modules_to_save: list = field(default_factory=lambda: ["embed_tokens", "lm_head"])
     precision: str = "fp16"           # fp32 | fp16 | bf16 (CPU runs always use fp32)
     gradient_checkpointing: bool = True
-    zero_stage: int = 2
     eval_ratio: float = 0.05          # records held out for eval loss when no --eval-data is given
     max_eval_examples: int = 500
     reference_tokenization: bool = False
@@ -43,7 +42,7 @@ class SFTConfig:
 
 
 def sft_config(recipe_sft: dict | None, overrides: dict | None = None, where: str = "recipe sft") -> SFTConfig:
-    from pretrain.recipe import apply_overrides
+    from zhllama.recipe import apply_overrides
 
     cfg = SFTConfig()
     apply_overrides(cfg, recipe_sft or {}, where)

@@ -26,7 +26,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from corpora.reader import parse_jsonl
+from corpora.reader import has_lone_surrogate, parse_jsonl
 from zhllama.errors import UserError
 
 from sft.template import Template
@@ -73,6 +73,8 @@ def validate(rec, path: Path, index: int) -> tuple[Record | None, str | None]:
     for f in FIELDS:
         if f in rec and rec[f] is not None and not isinstance(rec[f], str):
             return None, f"{where}: field {f!r} must be a string, got {type(rec[f]).__name__}"
+        if isinstance(rec.get(f), str) and has_lone_surrogate(rec[f]):
+            return None, f"{where}: field {f!r} holds a lone surrogate escape (not Unicode text)"
     instruction = rec.get("instruction") or ""
     inp = rec.get("input") or ""
     out = rec.get("output") or ""
@@ -241,16 +243,13 @@ def encode_records(records: list[Record], encoder: ExampleEncoder, overlong: str
 class Collator:
     """Right-pads a batch: pad id in input_ids, -100 in labels, 0 in the attention mask."""
 
-    def __init__(self, pad_id: int, multiple_of: int | None = None):
+    def __init__(self, pad_id: int):
         self.pad_id = pad_id
-        self.multiple_of = multiple_of
 
     def __call__(self, batch):
         import torch
 
         n = max(len(b["input_ids"]) for b in batch)
-        if self.multiple_of:
-            n = -(-n // self.multiple_of) * self.multiple_of
         ids = torch.full((len(batch), n), self.pad_id, dtype=torch.long)
         labels = torch.full((len(batch), n), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(batch), n), dtype=torch.long)

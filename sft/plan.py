@@ -40,7 +40,7 @@ def count(shape, vocab: int, r: int, targets, modules_to_save) -> dict:
 
 
 def plan(recipe_name: str, vocab_size: int | None = None, overrides: dict | None = None) -> dict:
-    from pretrain.recipe import load_recipe
+    from zhllama.recipe import load_recipe
 
     from sft.config import sft_config
 

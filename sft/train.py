@@ -3,7 +3,7 @@
 The output folder is the PEFT adapter (adapter_model.safetensors with full embed_tokens/lm_head,
 the SFT tokenizer with [PAD], sft_template.json) and also the run folder: manifest.json,
 sft_config.json (resolved settings), result.json, checkpoints/, tensorboard/, metrics.jsonl, loss.png.
-Training goes through pretrain.train.run_training, so seeding, resume from the newest complete
+Training goes through zhllama.trainer.run_training, so seeding, resume from the newest complete
 checkpoint and logging are the same as in pretraining.
 
 The base is the pretrain stage's model: either a merged folder (--model), or the resized base plus
@@ -50,7 +50,7 @@ def split_records(records, ratio: float, cap: int):
 
 def load_base(model_dir, adapter=None, log=print):
     """The model SFT starts from, with its tokenizer source folder."""
-    from pretrain.embeddings import load_model_dir
+    from zhllama.models import load_model_dir
 
     if adapter:
         from sft.merge import load_adapter, load_peft_chain
@@ -72,7 +72,7 @@ def _reconcile_checkpoints(out: Path, fingerprint: dict, resume):
     """Never continue checkpoints made from other data or settings. resume="auto": start over instead of failing."""
     import shutil
 
-    from pretrain.train import last_complete_checkpoint
+    from zhllama.trainer import last_complete_checkpoint
 
     prev = out / "run_fingerprint.json"
     if not resume:
@@ -96,9 +96,9 @@ def train(model_dir, data, out, adapter=None, template=None, max_steps=None, rec
           eval_data=None, drop_invalid=False, resume=True, log=print) -> dict:
     from peft import LoraConfig, get_peft_model
 
-    from pretrain.embeddings import resize_model
-    from pretrain.recipe import load_recipe
-    from pretrain.train import run_training, settings_from
+    from zhllama.models import resize_model
+    from zhllama.recipe import load_recipe
+    from zhllama.trainer import run_training, settings_from
     from sft.config import sft_config, to_dict
     from sft.data import Collator, ExampleEncoder, encode_records, load_records
     from sft.template import get, save_name

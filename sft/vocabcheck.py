@@ -30,14 +30,14 @@ def prepare_tokenizer(src_dir, out_dir, log=print):
         return AutoTokenizer.from_pretrained(str(out)), False
     if (src / "tokenizer.model").is_file():
         from vocab.hf_export import save_tokenizer_folder
-        from vocab.merge import PAD_PIECE, _append_pad
+        from vocab.merge import PAD_PIECE, append_pad
         from vocab.spmodel import load_model
 
         m = load_model(src / "tokenizer.model")
         if len(m.pieces) != len(tok):
             raise UserError(f"{src}: tokenizer.model has {len(m.pieces):,} pieces but tokenizer.json {len(tok):,}; "
                             "the folder mixes two tokenizers")
-        _append_pad(m, score=0.0, control=True)
+        append_pad(m, score=0.0, control=True)
         save_tokenizer_folder(m, out, pad_piece=PAD_PIECE)
     else:
         # no SentencePiece model to extend: add the pad as a special token to the HF tokenizer

@@ -52,7 +52,7 @@ def setup(tmp_path_factory, tiny_base, zh_corpus):
     """base model folder (600 rows) + extended tokenizer (750) + resized model + recipe file."""
     from corpora.reader import iter_corpus
     from pretrain.phases import init_model
-    from pretrain.recipe import load_recipe
+    from zhllama.recipe import load_recipe
     from vocab.extend import ExtendConfig, extend_vocabulary
     from vocab.hf_export import save_tokenizer_folder
     from vocab.merge import build_extended
@@ -254,7 +254,7 @@ def test_plan_paper_percentages():
 
 def test_recipe_overrides_and_errors(setup):
     from pretrain.cli import parser, resolve_training
-    from pretrain.recipe import load_recipe
+    from zhllama.recipe import load_recipe
     from zhllama.errors import UserError
 
     r = load_recipe("llama-7b")

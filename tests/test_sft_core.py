@@ -219,7 +219,7 @@ def test_plan_counts_match_peft():
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pretrain.recipe import ModelShape
+    from zhllama.recipe import ModelShape
     from sft.config import ALL_PROJ
     from sft.plan import count
 

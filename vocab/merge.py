@@ -55,11 +55,12 @@ def reference_merge(base: "ModelProto", add: "ModelProto", pad: bool = False) ->
         added += 1
     res = MergeResult(out, len(base.pieces), added, overlap, score_scheme="reference: every appended piece scored 0")
     if pad:
-        res.pad_id = _append_pad(out, score=0.0)
+        res.pad_id = append_pad(out, score=0.0)
     return res
 
 
-def _append_pad(m: "ModelProto", score: float, control: bool = False) -> int:
+def append_pad(m: "ModelProto", score: float, control: bool = False) -> int:
+    """Append the Alpaca [PAD] piece (a CONTROL piece with control=True) unless present; returns its id."""
     if any(p.piece == PAD_PIECE for p in m.pieces):
         return next(i for i, p in enumerate(m.pieces) if p.piece == PAD_PIECE)
     new = ModelProto.SentencePiece()
@@ -130,7 +131,7 @@ def improved_merge(base: "ModelProto", add: "ModelProto", pad: bool = False, max
         score_scheme="improved: unique descending scores below the base's lowest, CJK pieces only",
     )
     if pad:
-        res.pad_id = _append_pad(out, score=0.0, control=True)
+        res.pad_id = append_pad(out, score=0.0, control=True)
     return res
 
 

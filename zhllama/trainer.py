@@ -1,12 +1,14 @@
-"""One Trainer setup for every training stage (pretrain phase 1/2, sft): resumable, seeded, self-describing.
+"""One Trainer setup for every training stage (pretrain phase 1/2, sft, and later stages): resumable, seeded,
+self-describing.
 
-Public API (stable; the sft stage uses it):
+Public API (stable; every training stage uses it):
     TrainSettings                      dataclass of optimisation settings (see fields)
     settings_from(*config_objects, **overrides) -> TrainSettings   same-named fields, first source wins
-    settings_from_phase(phase, pretrain_cfg, **overrides) -> TrainSettings
-    run_training(model, train_dataset, eval_dataset, settings, out_dir, resume=True, data_collator=None,
+    run_training(model, train_dataset, eval_dataset, settings, out_dir, data_collator, resume=True,
                  processing_class=None, callbacks=(), compute_loss_func=None, eval_collator=None)
                  -> (trainer, result: dict)
+        data_collator is required: each stage batches its own examples (pretrain.data.collate_blocks,
+        sft.data.Collator, sft.packing.PackedCollator, ...).
         compute_loss_func goes to the Trainer (loss from the model's outputs and the batch's "labels");
         eval_collator batches the held-out loss measured before and after training (default: data_collator).
         Checkpoints go to OUT/checkpoints/checkpoint-N (a `zhllama_complete` marker is written when one is
@@ -15,7 +17,8 @@ Public API (stable; the sft stage uses it):
         the caller saves what its stage produces (full model, adapter, ...). result holds eval_loss_before,
         eval_loss_after, train_loss, global_step, resumed_from, tokens_seen, and the effective settings.
     last_complete_checkpoint(out_dir) -> Path | None
-    world_size() -> int
+    plain_eval_loss(model, dataset, collate, batch_size) -> float   mean loss per predicted token, no Trainer
+    world_size() -> int, is_main_process() -> bool
 
 Distributed runs come from the launcher (torchrun / accelerate launch with a DDP, DeepSpeed or FSDP config):
 the Trainer reads them from the environment; nothing here is specific to one backend.
@@ -71,11 +74,6 @@ def settings_from(*sources, **overrides) -> TrainSettings:
     return TrainSettings(**values)
 
 
-def settings_from_phase(phase, pre, **overrides) -> TrainSettings:
-    """A pretraining phase's optimisation settings; precision, checkpointing and seed come from the pretrain section."""
-    return settings_from(phase, pre, **overrides)
-
-
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -97,7 +95,7 @@ def last_complete_checkpoint(out_dir) -> Path | None:
     return best[1] if best else None
 
 
-def _callbacks(out_dir: Path, block_tokens: int | None):
+def _callbacks(out_dir: Path):
     from transformers import TrainerCallback
 
     class Bookkeeping(TrainerCallback):
@@ -229,11 +227,10 @@ def plain_eval_loss(model, dataset, collate, batch_size: int) -> float:
     return total / max(1, count)
 
 
-def run_training(model, train_dataset, eval_dataset, settings: TrainSettings, out_dir, resume: bool = True,
-                 data_collator=None, processing_class=None, callbacks=(), compute_loss_func=None, eval_collator=None):
+def run_training(model, train_dataset, eval_dataset, settings: TrainSettings, out_dir, data_collator, resume=True,
+                 processing_class=None, callbacks=(), compute_loss_func=None, eval_collator=None):
     from transformers import Trainer, set_seed
 
-    from pretrain.data import collate_blocks
     from zhllama.manifest import write_json
 
     out_dir = Path(out_dir)
@@ -247,8 +244,8 @@ def run_training(model, train_dataset, eval_dataset, settings: TrainSettings, ou
         (out_dir / "metrics.jsonl").unlink(missing_ok=True)
     trainer = Trainer(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        data_collator=data_collator or collate_blocks, processing_class=processing_class,
-        callbacks=_callbacks(out_dir, None) + list(callbacks), compute_loss_func=compute_loss_func,
+        data_collator=data_collator, processing_class=processing_class,
+        callbacks=_callbacks(out_dir) + list(callbacks), compute_loss_func=compute_loss_func,
     )
     result = {"settings": dataclasses.asdict(settings), **derived, "resumed_from": str(ckpt) if ckpt else None}
     before_path = out_dir / "eval_before.json"
@@ -256,7 +253,7 @@ def run_training(model, train_dataset, eval_dataset, settings: TrainSettings, ou
     # wrapper then never all-reduces gradients (each process silently trains on its own shard). So
     # the held-out loss is measured by a plain forward loop, before and after, the same way.
     sharded = bool(settings.deepspeed) or trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
-    collate = eval_collator or data_collator or collate_blocks
+    collate = eval_collator or data_collator
     if eval_dataset is not None and settings.eval_before and not sharded:
         if ckpt is not None and before_path.is_file():
             result["eval_loss_before"] = json.loads(before_path.read_text())["eval_loss"]

@@ -1,6 +1,6 @@
 """Recipes: dataclass configs loaded from recipes/NAME.yaml (or a path), overridable field by field.
 
-Public API (stable; the sft stage uses it too):
+Public API (stable; every stage uses it):
     load_recipe(name_or_path) -> Recipe          name = file stem under recipes/, or a .yaml path
     recipe_path(name_or_path) -> Path
     apply_overrides(dataclass_obj, {field: value}) -> same object, type-checked and coerced
@@ -154,6 +154,8 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     path = recipe_path(name_or_path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(data, dict):

@@ -1,0 +1,1 @@
+"""Evaluation stage: bits per character across tokenizers, C-Eval/CMMLU multiple choice, generation + LLM judge."""

@@ -1,0 +1,152 @@
+"""Hugging Face model folders shared by every stage: load, check sizes, resize, copy the tokenizer beside a model.
+
+Public API:
+    load_model_dir(model_dir, dtype=torch.float32) -> model     UserError (one line) on a folder that cannot load,
+                                                                  checked against the safetensors headers first
+    check_sizes(model, model_dir, tok_len=None, tok_dir=None)     config.vocab_size == embedding rows == LM-head rows
+                                                                  (== len(tokenizer) when given), else UserError
+    tokenizer_len(tok_dir) -> int                                 len(AutoTokenizer) of a tokenizer folder
+    copy_tokenizer(tok_dir, out_dir)                              the tokenizer files (TOKENIZER_FILES) that exist
+    resize_model(model, new_size, init, sources=None, seed=0)    grow embed/head in place; old rows bit-identical;
+                                                                  init in INITS ("subword-mean" needs sources)
+    checkpoint_vocab_rows(model_dir) -> {tensor name: rows}       from safetensors headers, no weights read
+    ensure_writable(out_dir)                                      mkdir + write probe, UserError if not writable
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from zhllama.errors import UserError
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+INITS = ("subword-mean", "mean", "normal")
+
+
+def copy_tokenizer(tok_dir: str | Path, out_dir: str | Path) -> None:
+    tok_dir, out_dir = Path(tok_dir), Path(out_dir)
+    for name in TOKENIZER_FILES:
+        if (tok_dir / name).is_file():
+            shutil.copyfile(tok_dir / name, out_dir / name)
+
+
+def tokenizer_len(tok_dir: str | Path) -> int:
+    from transformers import AutoTokenizer
+
+    tok_dir = Path(tok_dir)
+    if not tok_dir.is_dir() or not ((tok_dir / "tokenizer.json").is_file() or (tok_dir / "tokenizer.model").is_file()):
+        raise UserError(f"{tok_dir}: not a tokenizer folder (needs tokenizer.json or tokenizer.model; `make vocab` writes one to RUN/vocab)")
+    return len(AutoTokenizer.from_pretrained(str(tok_dir)))
+
+
+def check_sizes(model, model_dir, tok_len: int | None = None, tok_dir=None) -> None:
+    """config.vocab_size == embedding rows == LM-head rows (== len(tokenizer) when given)."""
+    emb = model.get_input_embeddings().weight.shape[0]
+    head = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else emb
+    cfg = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else model.config.vocab_size
+    if not (cfg == emb == head):
+        raise UserError(
+            f"{model_dir}: config.json says vocab_size {cfg} but the weights have {emb} embedding rows and {head} LM-head rows; "
+            f"fix config.json (vocab_size: {emb}) or re-export the model (a merged model left at 32,000 is the usual cause)"
+        )
+    if tok_len is not None and tok_len != emb:
+        raise UserError(
+            f"{model_dir} has {emb:,} embedding rows but {tok_dir} has {tok_len:,} tokens: the model and tokenizer disagree "
+            f"(e.g. the 49,953 Chinese-LLaMA vs 49,954 Chinese-Alpaca tokenizer); use the tokenizer the model was resized "
+            f"with, or run `python -m pretrain resize --model {model_dir} --tokenizer {tok_dir} --out DIR`"
+        )
+
+
+@torch.no_grad()
+def resize_model(model, new_size: int, init: str, sources: list[list[int]] | None = None, seed: int = 0):
+    if init not in INITS:
+        raise UserError(f"--init {init!r}: choose one of {', '.join(INITS)}")
+    old = model.get_input_embeddings().weight.shape[0]
+    if new_size < old:
+        raise UserError(f"tokenizer has {new_size:,} tokens, fewer than the model's {old:,} rows: shrinking would drop trained rows")
+    # mean_resizing=False: we set the new rows ourselves; pad_to_multiple_of is never used (no padding of the vocab)
+    model.resize_token_embeddings(new_size, mean_resizing=False)
+    model.config.vocab_size = new_size
+    if hasattr(model.config, "get_text_config"):
+        model.config.get_text_config().vocab_size = new_size
+    n_new = new_size - old
+    if n_new == 0:
+        return model
+    tied = model.config.tie_word_embeddings if hasattr(model.config, "tie_word_embeddings") else False
+    mats = [model.get_input_embeddings().weight]
+    out_emb = model.get_output_embeddings()
+    if out_emb is not None and out_emb.weight.data_ptr() != mats[0].data_ptr():
+        mats.append(out_emb.weight)
+    gen = torch.Generator().manual_seed(seed)
+    std = getattr(model.config, "initializer_range", 0.02)
+    for w in mats:
+        old_rows = w[:old].float()
+        if init == "normal":
+            w[old:] = (torch.randn(n_new, w.shape[1], generator=gen) * std).to(w.dtype)
+        elif init == "mean":
+            w[old:] = old_rows.mean(0).to(w.dtype)
+        else:
+            if sources is None or len(sources) != n_new:
+                raise ValueError("subword-mean needs one source id list per new row")
+            fallback = old_rows.mean(0)
+            for k, ids in enumerate(sources):
+                w[old + k] = (old_rows[ids].mean(0) if ids else fallback).to(w.dtype)
+    if tied:
+        model.tie_weights()
+    return model
+
+
+def checkpoint_vocab_rows(model_dir: Path) -> dict:
+    """Row counts of embed_tokens / lm_head as stored in the safetensors files, read from their headers only."""
+    from safetensors import safe_open
+
+    rows = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            for k in sf.keys():
+                if k.endswith("embed_tokens.weight") or k.endswith("lm_head.weight"):
+                    rows[k] = sf.get_slice(k).get_shape()[0]
+    return rows
+
+
+def _precheck_config(model_dir: Path) -> None:
+    """transformers v5 re-initialises mismatched rows with only a warning; a stale vocab_size must stop us instead."""
+    import json
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    vs = cfg.get("vocab_size", cfg.get("text_config", {}).get("vocab_size"))
+    for key, n in checkpoint_vocab_rows(model_dir).items():
+        if vs is not None and n != vs:
+            raise UserError(
+                f"{model_dir}/config.json says vocab_size {vs:,} but {key} in the weights has {n:,} rows; set "
+                f"\"vocab_size\": {n} in config.json (a merged or resized model left at 32,000 is the usual cause)"
+            )
+
+
+def load_model_dir(model_dir: str | Path, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"{model_dir}: not a Hugging Face model folder (no config.json); convert it first, e.g. `python -m pretrain convert-llama2c`")
+    _precheck_config(model_dir)
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "size mismatch" in str(e):
+            raise UserError(f"{model_dir}: weights do not match config.json ({msg}); config.vocab_size is probably stale") from None
+        raise UserError(f"{model_dir}: cannot load the model ({msg})") from None
+
+
+def ensure_writable(out_dir: Path) -> None:
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{out_dir}: output folder is not writable ({e.strerror}); choose another --out or fix its permissions") from None
