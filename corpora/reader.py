@@ -166,7 +166,13 @@ def sniff(path: str | Path, encoding: str = "auto") -> FileCheck:
         enc, how = encoding, "given"
     if not whole:  # a character cut at the sample's end is not garbage
         sample = sample[: max(0, len(sample) - 4)]
-    return FileCheck(path, enc, how, binary_reason(sample, enc))
+    why = binary_reason(sample, enc)
+    if why and how == "given" and "undecodable" in why:
+        # text in another encoding than the one given: strict decoding names the line, byte and the likely codec
+        g = detect_encoding(sample, final=whole)
+        if g.encoding != enc and binary_reason(sample, g.encoding) is None:
+            why = None
+    return FileCheck(path, enc, how, why)
 
 
 @dataclass

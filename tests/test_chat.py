@@ -89,6 +89,7 @@ class Pty:
         raise AssertionError("chat did not exit")
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_answer_and_the_next_message_is_answered(chat_model):
     p = Pty([sys.executable, "-m", "sft", "chat", "--model", str(chat_model), "--preset", "greedy",
              "--max-new-tokens", str(LONG)])
