@@ -14,11 +14,12 @@ VOCAB_ARGS ?=
 BASE_MODEL ?=
 PRETRAIN_ARGS ?=
 
-.PHONY: all default setup sample vocab pretrain sft report bench test test-core clean-run help FORCE
+.PHONY: all default setup sample vocab pretrain sft eval report bench test test-core clean-run help FORCE export serve setup-integration
 # The embedded default: the whole pipeline on the sample inputs, on CPU. `make all` takes raw inputs:
 #   make all CORPUS=raw/ SFT_DATA=raw_instructions/ RUN=runs/x
 # prepare (clean, dedup, hold out) -> vocab -> pretrain -> sft (convert + validate instructions, train, merge)
-# -> RUN/report.md and RUN/report.html. Every stage skips what is up to date with its inputs.
+# -> eval (bits per character of every stage's model) -> RUN/report.md and RUN/report.html.
+# Every stage skips what is up to date with its inputs.
 default: all
 all: setup sample
 	@mkdir -p $(RUN)/report; set -e; now() { date +%s; }; t0=$$(now); \
@@ -26,19 +27,24 @@ all: setup sample
 	$(MAKE) --no-print-directory vocab CORPUS=$(RUN)/corpus/train; t2=$$(now); \
 	$(MAKE) --no-print-directory pretrain CORPUS=$(RUN)/corpus/train; t3=$$(now); \
 	$(MAKE) --no-print-directory sft CORPUS=$(RUN)/corpus/train; t4=$$(now); \
-	printf '{"prepare": %d, "vocab": %d, "pretrain": %d, "sft (convert, train, merge, answers)": %d, "total": %d}\n' \
-	  $$((t1-t0)) $$((t2-t1)) $$((t3-t2)) $$((t4-t3)) $$((t4-t0)) > $(RUN)/report/timings.json; \
+	$(MAKE) --no-print-directory eval CORPUS=$(RUN)/corpus/train; t5=$$(now); \
+	printf '{"prepare": %d, "vocab": %d, "pretrain": %d, "sft (convert, train, merge, answers)": %d, "eval (bits per character)": %d, "total": %d}\n' \
+	  $$((t1-t0)) $$((t2-t1)) $$((t3-t2)) $$((t4-t3)) $$((t5-t4)) $$((t5-t0)) > $(RUN)/report/timings.json; \
 	$(MAKE) --no-print-directory report
 
 help:
 	@echo "make                 set up .venv, fetch the sample inputs from PyPI, run the whole pipeline on them (= make all)"
 	@echo "make all             prepare -> vocab -> pretrain -> sft -> merge -> RUN/report.{md,html} (CORPUS=raw text, SFT_DATA=instructions)"
 	@echo "make vocab           build the extended tokenizer into \$$(RUN)/vocab"
-	@echo "make bench           CPU benchmarks: tokenizers, generation, pretrain and SFT throughput (vs HF, TRL, LLaMA-Factory)"
+	@echo "make bench           CPU benchmarks: tokenizers, generation, pretrain and SFT throughput (vs HF, TRL, LLaMA-Factory), C-Eval scoring time"
 	@echo "make test            core + reference tests (reference tests need ../shared/data or ZHLLAMA_DATA)"
 	@echo "make pretrain        resize + phase 1 + phase 2 into \$$(RUN)/pretrain (needs make vocab)"
 	@echo "make prepare         clean, deduplicate and split raw text (RAW=...) into \$$(RUN)/corpus"
+	@echo "make eval            bits per character of base, resized, phase 1, phase 2 and SFT models on the held-out text into \$$(RUN)/eval"
 	@echo "make sft             LoRA SFT + verified merge into \$$(RUN)/sft/{adapter,merged}, then answers held-out prompts (SFT_DATA=...)"
+	@echo "make export          GGUF f16 + q8_0 of \$$(RUN)/sft/merged into \$$(RUN)/gguf, each verified in llama.cpp (needs make setup-integration)"
+	@echo "make serve           OpenAI-compatible API + browser chat for \$$(RUN)/sft/merged on http://127.0.0.1:\$$(PORT)"
+	@echo "make setup-integration  build llama-cpp-python from source (~4 min, cached by pip) and install selenium"
 	@echo "variables: RUN=$(RUN) RECIPE=$(RECIPE) BASE_TOKENIZER=... CORPUS=... VOCAB_ARGS=... BASE_MODEL=... PRETRAIN_ARGS=..."
 
 setup: $(VENV)/.installed
@@ -104,6 +110,19 @@ $(RUN)/sft/merged/config.json: $(RUN)/sft/adapter/adapter_model.safetensors
 	HF_HUB_OFFLINE=1 $(PY) -m sft merge --base $(SFT_BASE) --adapter $(RUN)/pretrain/phase2 --adapter $(RUN)/sft/adapter \
 	  --out $(RUN)/sft/merged --dtype $(SFT_DTYPE)
 
+# Bits per character of every stage's model on the held-out split, each with its own tokenizer (the base
+# model with the base tokenizer): RUN/eval/bpc.{json,png}, shown in the report. Redone when a model or the text changes.
+EVAL_TEXT ?= $(RUN)/corpus/heldout
+EVAL_ARGS ?=
+EVAL_TEXT_FILES = $(shell find $(EVAL_TEXT) -type f 2>/dev/null)
+eval: $(RUN)/eval/bpc.json
+$(RUN)/eval/bpc.json: $(RUN)/sft/merged/config.json $(EVAL_TEXT_FILES) | setup
+	@mkdir -p $(RUN)/eval
+	HF_HUB_OFFLINE=1 $(PY) -m evaluation bpc --model $(PRETRAIN_BASE) --label base --model $(RUN)/pretrain/resized --label resized \
+	  $$(test -f $(RUN)/pretrain/phase1/SKIPPED || echo --model $(RUN)/pretrain/phase1 --label phase1) \
+	  --model $(SFT_BASE) --adapter $(RUN)/pretrain/phase2 --label phase2 --model $(RUN)/sft/merged --label sft-merged \
+	  --text $(EVAL_TEXT) --json $@ --chart $(RUN)/eval/bpc.png --no-progress $(EVAL_ARGS)
+
 # Greedy answers to the held-out instructions before SFT (pretrained model) and after (merged), then the report.
 report: | setup
 	@mkdir -p $(RUN)/report
@@ -122,6 +141,7 @@ bench: setup sample
 	-$(PY) bench/tokenizers.py
 	$(PY) bench/generation.py --tokenizer $(RUN)/vocab --text $(RUN)/corpus/heldout
 	$(PY) bench/pretrain_throughput.py --tokenizer $(RUN)/vocab
+	$(PY) bench/choice_speed.py --tokenizer $(RUN)/vocab --text $(RUN)/corpus/heldout --subjects 2
 	$(PY) bench/sft_throughput.py
 	$(PY) bench/gpu.py
 
@@ -141,3 +161,24 @@ PREPARE_ARGS ?=
 .PHONY: prepare
 prepare: | setup
 	$(PY) -m corpora prepare --input $(RAW) --out $(RUN)/corpus $(PREPARE_ARGS)
+
+# Use the model: GGUF files for llama.cpp (verified against sentencepiece and transformers) and a local server.
+# The merged folder written before chat templates travelled gets its chat_template.jinja first (idempotent).
+GGUF_TYPES ?= f16 q8_0
+PORT ?= 8000
+SERVE_ARGS ?=
+export: $(RUN)/sft/merged/config.json | setup
+	@mkdir -p $(RUN)/gguf
+	HF_HUB_OFFLINE=1 $(PY) -m deploy template --model $(RUN)/sft/merged
+	set -e; for t in $(GGUF_TYPES); do \
+	  HF_HUB_OFFLINE=1 $(PY) -m deploy gguf --model $(RUN)/sft/merged --out $(RUN)/gguf/model-$$t.gguf --type $$t --verify; \
+	done
+serve: | setup
+	HF_HUB_OFFLINE=1 $(PY) -m deploy template --model $(RUN)/sft/merged
+	HF_HUB_OFFLINE=1 $(PY) -m deploy serve --model $(RUN)/sft/merged --port $(PORT) $(SERVE_ARGS)
+
+# The integration tier's tools: llama.cpp from PyPI's source distribution (native CPU tuning off: with it the
+# build crashed with SIGILL on some machines; pip caches the built wheel, so only the first run compiles) and
+# selenium. The browser tests also need Debian's chromium and chromium-driver (apt-get, see .ci/run).
+setup-integration: setup
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install -q torch==2.13.0 -e '.[test,integration]'

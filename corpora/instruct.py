@@ -7,10 +7,10 @@ Accepted record shapes (with --format auto, decided per record from its fields):
   pclue     {input, target}
   sharegpt  {conversations: [{from, value}, ...]} or {messages: [{role, content}, ...]}
 
-ShareGPT conversations become one record per conversation: the last user turn is the instruction, the
-last assistant turn the output, and earlier turns are folded into the instruction as a transcript,
-because the Alpaca template that `sft` trains with has no history field. A system turn is kept as a
-leading line. Conversations that do not alternate user/assistant, or end on a user turn, are rejected.
+ShareGPT conversations with one exchange and no system turn become an Alpaca record; longer ones (or
+with a system turn) are kept as conversations, ``{"messages": [{"role": "system"|"user"|"assistant",
+"content"}]}``, which `sft train` trains with the loss on every assistant turn. Conversations that do
+not alternate user/assistant, or end on a user turn, are rejected.
 
 Texts are kept verbatim (whitespace is only looked at to reject empty fields) and nothing is
 deduplicated, so converting Alpaca data is lossless.
@@ -115,11 +115,13 @@ def _pclue(rec: dict) -> list[dict]:
     return [{"instruction": _str(rec, "input"), "input": "", "output": _str(rec, "target")}]
 
 
-def _sharegpt(rec: dict) -> list[dict]:
+def sharegpt_messages(rec: dict) -> list[dict]:
+    """A ShareGPT ({conversations: [{from, value}]}) or messages ({messages: [{role, content}]}) record as
+    validated [{role, content}] messages; ValueError says which turn is wrong."""
     turns = rec.get("conversations", rec.get("messages"))
     if not isinstance(turns, list) or not turns:
         raise ValueError("'conversations' must be a non-empty list of turns")
-    system, pairs, pending = "", [], None
+    msgs, pending = [], False
     for j, t in enumerate(turns):
         if not isinstance(t, dict):
             raise ValueError(f"turn {j} is not an object")
@@ -133,35 +135,35 @@ def _sharegpt(rec: dict) -> list[dict]:
         if role in _SYSTEM:
             if j != 0:
                 raise ValueError(f"turn {j}: a system turn is only allowed first")
-            system = value.strip()
+            msgs.append({"role": "system", "content": value.strip()})
         elif role in _USER:
-            if pending is not None:
+            if pending:
                 raise ValueError(f"turn {j}: two user turns in a row")
             if not value.strip():
                 raise ValueError(f"turn {j}: empty user turn")
-            pending = value
+            msgs.append({"role": "user", "content": value})
+            pending = True
         elif role in _ASSISTANT:
-            if pending is None:
+            if not pending:
                 raise ValueError(f"turn {j}: assistant turn without a user turn before it")
             if not value.strip():
                 raise ValueError(f"turn {j}: empty assistant turn")
-            pairs.append((pending, value))
-            pending = None
+            msgs.append({"role": "assistant", "content": value})
+            pending = False
         else:
             raise ValueError(f"turn {j}: unknown speaker {role!r}")
-    if pending is not None:
+    if pending:
         raise ValueError("conversation ends with a user turn (no answer to train on)")
-    if not pairs:
+    if not any(m["role"] == "assistant" for m in msgs):
         raise ValueError("no user/assistant exchange")
-    *history, (question, answer) = pairs
-    parts = [system] if system else []
-    if history:
-        transcript = "\n".join(f"用户：{q}\n助手：{a}" for q, a in history)
-        parts.append(f"以下是之前的对话：\n{transcript}\n\n请继续回答：{question}")
-    else:
-        parts.append(question)
-    instruction = "\n".join(parts)
-    return [{"instruction": instruction, "input": "", "output": answer}]
+    return msgs
+
+
+def _sharegpt(rec: dict) -> list[dict]:
+    msgs = sharegpt_messages(rec)
+    if len(msgs) == 2:
+        return [{"instruction": msgs[0]["content"], "input": "", "output": msgs[1]["content"]}]
+    return [{"messages": msgs}]
 
 
 _CONVERT = {"alpaca": _alpaca, "belle": _belle, "pclue": _pclue, "sharegpt": _sharegpt}
@@ -222,6 +224,6 @@ def convert_files(inputs, out, fmt: str = "auto", strict: bool = False, log=prin
         tmp.write_text(json.dumps(all_records, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     tmp.replace(out)
     write_json(out.with_name(out.name + ".report.json"), report)
-    log(f"wrote {len(all_records)} Alpaca records to {out}; dropped {len(all_problems)}"
+    log(f"wrote {len(all_records)} records (Alpaca, or conversations as messages) to {out}; dropped {len(all_problems)}"
         + (f" ({', '.join(f'{k}: {v}' for k, v in reasons.items())})" if reasons else ""))
     return report

@@ -76,11 +76,42 @@ def encode(tok, docs: list[str]) -> list[list[int]]:
     return [[tok.bos_token_id] + ids for ids in enc]
 
 
+def _split_head(model):
+    """(decoder, LM head) of a plain causal LM, so that only scored positions go through the LM head;
+    None for anything else (full logits are used then)."""
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "final_logit_softcapping", None) or not hasattr(model, "get_decoder"):
+        return None
+    try:
+        dec, head = model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if dec is None or head is None or getattr(cfg, "logit_scale", None):
+        return None
+    return dec, head
+
+
+def _token_nll(model, inp, mask, pos, rows, cols, targets, chunk: int = 1024):
+    """Natural-log NLL of targets at (rows, cols), in float32: the vocabulary-sized logits exist only for
+    the scored positions, `chunk` at a time (a [batch, length, vocabulary] tensor is most of the memory
+    and time of a small model with a 50k vocabulary)."""
+    import torch
+    import torch.nn.functional as F
+
+    split = _split_head(model)
+    if split is None:
+        logits = model(input_ids=inp, attention_mask=mask, position_ids=pos).logits[rows, cols].float()
+        return F.cross_entropy(logits, targets, reduction="none")
+    dec, head = split
+    h = dec(input_ids=inp, attention_mask=mask, position_ids=pos).last_hidden_state[rows, cols]
+    return torch.cat([F.cross_entropy(head(h[i:i + chunk]).float(), targets[i:i + chunk], reduction="none")
+                      for i in range(0, len(targets), chunk)])
+
+
 def score_windows(model, ids: list[list[int]], windows, batch_size: int, padding_side: str = "right",
                   progress: bool = True, desc: str = "bpc") -> list[float]:
     """Bits of each window's scored tokens, in the order of `windows` [(doc, start, end, first_scored)]."""
     import torch
-    import torch.nn.functional as F
     from tqdm import tqdm
 
     if padding_side not in ("left", "right"):
@@ -111,9 +142,8 @@ def score_windows(model, ids: list[list[int]], windows, batch_size: int, padding
                     cols.append(off + p - 1 - start)
                     targets.append(ids[d][p])
                     owner.append(i)
-            out = model(input_ids=inp.to(device), attention_mask=mask.to(device), position_ids=pos.to(device))
-            logits = out.logits[torch.tensor(rows, device=device), torch.tensor(cols, device=device)].float()
-            nll = F.cross_entropy(logits, torch.tensor(targets, device=device), reduction="none").double().cpu()
+            nll = _token_nll(model, inp.to(device), mask.to(device), pos.to(device), torch.tensor(rows, device=device),
+                             torch.tensor(cols, device=device), torch.tensor(targets, device=device)).double().cpu()
             for i, v in zip(owner, nll.tolist()):
                 bits[i] += v / LN2
             bar.update(len(targets))
@@ -165,6 +195,7 @@ def write_chart(results: list[dict], png: str | Path) -> None:
     bars = ax.bar(range(len(names)), vals, color="#4a7ab8")
     for b, v in zip(bars, vals):
         ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, max(vals) * 1.12 if vals else 1)
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("bits per character (lower is better)")
     ax.set_title("Held-out text, each model with its own tokenizer", fontsize=9)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
@@ -17,7 +19,7 @@ examples:
       --adapter runs/x/pretrain/phase2 --label phase2 --text runs/x/corpus/heldout --json runs/x/eval/bpc.json
   python -m evaluation choice --model runs/x/sft/merged --data ceval-exam --split val --json ceval_val.json
   python -m evaluation choice --model runs/x/sft/merged --data cmmlu --format cmmlu --json cmmlu.json
-  python -m evaluation generate --model runs/x/sft/merged --prompts evaluation/prompts_zh.jsonl --preset paper --out a.jsonl
+  python -m evaluation generate --model runs/x/sft/merged --prompts evaluation/data/prompts_zh.jsonl --preset paper --out a.jsonl
   python -m evaluation judge --answers a.jsonl --against b.jsonl --endpoint http://127.0.0.1:8000 --judge-model gpt-4 --out j.json
 """
 
@@ -67,7 +69,89 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--json", required=True, metavar="OUT", help="results file")
     c.add_argument("--submission", metavar="PATH", help="with --split test: C-Eval submission file (default: OUT with .submission.json)")
     c.add_argument("--no-progress", action="store_true")
+
+    g = sub.add_parser("generate", help="answers of one model to a prompt set (JSONL), for the judge",
+                       description="Answer every prompt (multi-turn rows turn by turn) with the model's own template; "
+                                   "resumable: rows already in OUT are kept.", epilog=_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(g, many=False)
+    g.add_argument("--prompts", default=None, metavar="FILE.jsonl",
+                   help="prompt set (default: the project's Chinese set, 10 task types x 10 prompts)")
+    g.add_argument("--preset", default="paper", help="decoding preset of sft generate: paper, paper-1.3, hf, greedy")
+    g.add_argument("--max-new-tokens", type=int, default=400)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--template", help="prompt template (default: the one recorded with the model)")
+    g.add_argument("--out", required=True, metavar="OUT.jsonl")
+    g.add_argument("--no-progress", action="store_true")
+
+    j = sub.add_parser("judge", help="LLM judge through an OpenAI-compatible endpoint: absolute 1-10 or pairwise",
+                       description="Score answers 1-10 (absolute) or compare two answer files pairwise in both orders "
+                                   "(--against). Retries, a cache keyed by (prompt, answer, judge), a per-category table.",
+                       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    j.add_argument("--answers", required=True, metavar="A.jsonl", help="output of evaluation generate (system A)")
+    j.add_argument("--against", metavar="B.jsonl", help="system B's answers to the same prompts: pairwise mode")
+    j.add_argument("--endpoint", required=True, metavar="URL", help="server base URL, e.g. http://127.0.0.1:8000 (or .../v1)")
+    j.add_argument("--judge-model", required=True, metavar="NAME")
+    j.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
+                   help="environment variable holding the API key, sent as a Bearer token when set (default %(default)s)")
+    j.add_argument("--retries", type=int, default=3, help="tries after the first on errors or unparsable replies (default %(default)s)")
+    j.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    j.add_argument("--backoff", type=float, default=1.0, help="seconds before the first retry, doubled each time")
+    j.add_argument("--cache", metavar="PATH", help="reply cache (default: OUT with .cache.jsonl)")
+    j.add_argument("--out", required=True, metavar="J.json")
+    j.add_argument("--no-progress", action="store_true")
     return p
+
+
+def run_generate(a) -> int:
+    from evaluation.generate import DEFAULT_PROMPTS, read_prompts, run
+    from evaluation.models import load, resolve_device
+    from sft.generate import PRESETS
+
+    if a.preset not in PRESETS:
+        raise UserError(f"--preset {a.preset}: choose from {', '.join(PRESETS)}")
+    if len(a.models) > 1:
+        raise UserError("generate answers with one --model at a time")
+    prompts = read_prompts(a.prompts or DEFAULT_PROMPTS)
+    spec = a.models[0]
+    model, tok, template = load(spec, a.dtype, resolve_device(a.device))
+    if a.template:
+        from sft.template import get
+
+        template = get(a.template).name
+    rows = run(model, tok, template, prompts, a.out, spec.name, a.preset, a.max_new_tokens, a.seed, not a.no_progress)
+    print(f"wrote {len(rows)} answers to {a.out}")
+    return 0
+
+
+def run_judge(a) -> int:
+    from evaluation.judge import JudgeClient, format_summary, judge_absolute, judge_pairwise, read_answers, summarize
+    from evaluation.record import write_result
+
+    out = _out_path(a.out)
+    if a.retries < 0:
+        raise UserError(f"--retries {a.retries}: must be 0 or more")
+    a_rows = read_answers(a.answers)
+    b_rows = read_answers(a.against) if a.against else None
+    client = JudgeClient(a.endpoint, a.judge_model, api_key=os.environ.get(a.api_key_env) or None, retries=a.retries,
+                         timeout=a.timeout, backoff=a.backoff,
+                         cache_path=Path(a.cache) if a.cache else out.with_suffix(".cache.jsonl"))
+    mode = "pairwise" if b_rows is not None else "absolute"
+    items = (judge_pairwise(client, a_rows, b_rows, not a.no_progress) if b_rows is not None
+             else judge_absolute(client, a_rows, not a.no_progress))
+    summary = summarize(items, mode)
+    print(format_summary(summary, mode))
+    systems = {"A": a_rows[0].get("model") if a_rows else None}
+    if b_rows:
+        systems["B"] = b_rows[0].get("model")
+    write_result(out, "evaluation.judge", {"mode": mode, "judge_model": a.judge_model, "endpoint": client.url,
+                                           "systems": systems, "summary": summary, "items": items,
+                                           "requests": client.requests, "cache_hits": client.cache_hits},
+                 config={"retries": a.retries, "timeout": a.timeout, "backoff": a.backoff},
+                 inputs={"answers": {"path": a.answers}, **({"against": {"path": a.against}} if a.against else {})})
+    failed = summary["all"]["failed"]
+    print(f"wrote {out} ({client.requests} requests, {client.cache_hits} cached, {failed} failed)")
+    return 0
 
 
 def run_choice(a) -> int:
@@ -91,8 +175,26 @@ def run_choice(a) -> int:
     if len(a.models) > 1:
         raise UserError("choice evaluates one --model at a time")
     bench = load_benchmark(a.data, cfg)
+    # progress after every subject, so an interrupted run resumes where it stopped
+    partial = out.with_suffix(".partial.json")
+    fingerprint = {"config": dataclasses.asdict(cfg), "model": [spec.path, *spec.adapters], "data": str(Path(a.data).resolve()),
+                   "dtype": a.dtype}
+    done: dict = {}
+    if partial.is_file():
+        try:
+            prev = json.loads(partial.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            prev = {}
+        if prev.get("fingerprint") == json.loads(json.dumps(fingerprint)):
+            done = prev.get("subjects", {})
+            print(f"resuming: {len(done)} subject(s) already scored in {partial}")
+
+    def save(subject, result):
+        done[subject] = result
+        write_json(partial, {"fingerprint": fingerprint, "subjects": done})
+
     model, tok, _ = load(spec, a.dtype, resolve_device(a.device))
-    res = evaluate(model, tok, a.data, cfg, progress=not a.no_progress, bench=bench)
+    res = evaluate(model, tok, a.data, cfg, progress=not a.no_progress, bench=bench, done=dict(done), on_subject=save)
     res["model"] = spec.name
     print(format_table(res))
     write_result(out, "evaluation.choice", res, config=res["config"],
@@ -102,6 +204,7 @@ def run_choice(a) -> int:
         sub = Path(a.submission) if a.submission else out.with_suffix(".submission.json")
         write_json(sub, submission(res))
         msg += f" and the submission file {sub}"
+    partial.unlink(missing_ok=True)
     print(msg)
     return 0
 
@@ -147,6 +250,10 @@ def main(argv=None) -> int:
         return run_bpc(a)
     if a.cmd == "choice":
         return run_choice(a)
+    if a.cmd == "generate":
+        return run_generate(a)
+    if a.cmd == "judge":
+        return run_judge(a)
     raise UserError(f"unknown command {a.cmd}")
 
 

@@ -106,9 +106,9 @@ def load(spec: ModelSpec, dtype: str = "float32", device: str = "cpu"):
         chain = resolve_chain(spec.path, spec.adapters, log=lambda m: print(m, file=sys.stderr))
         model = load_peft_chain(spec.path, chain.adapters, dtype=getattr(torch, dtype))
         model = model.merge_and_unload()  # plain forward passes; evaluation never trains
-        rows = model.get_input_embeddings().weight.shape[0]
-        if rows != len(tok):
-            raise UserError(f"{spec.name}: model has {rows:,} embedding rows but the tokenizer in {tdir} {len(tok):,} pieces")
+        from zhllama.models import check_sizes
+
+        check_sizes(model, spec.name, len(tok), tdir)
         template = load_name(spec.adapters[-1])
     if tok.bos_token_id is None:
         raise UserError(f"{spec.name}: the tokenizer has no BOS token; evaluation scores documents after BOS")

@@ -1,7 +1,8 @@
-"""Alpaca instruction data: loading with validation, tokenization and label masking.
+"""Instruction data: loading with validation, tokenization and label masking.
 
-Records are ``{"instruction", "input", "output"}`` objects in JSON arrays or JSONL files; several files
-are mixed in the order given. Bad records (missing/non-string fields, empty instruction or output) are
+Records are Alpaca ``{"instruction", "input", "output"}`` objects or conversations (``{"messages":
+[{role, content}]}`` or ShareGPT ``{"conversations": [{from, value}]}``) in JSON arrays or JSONL files;
+several files are mixed in the order given. Bad records (missing/non-string fields, empty instruction or output) are
 errors naming the file and record index; `drop_invalid=True` drops them with the same report printed.
 
 Tokenization (the boundary choice, documented because it decides what the model learns):
@@ -15,6 +16,13 @@ Tokenization (the boundary choice, documented because it decides what the model 
   model never sees at inference, where the prompt is always tokenized alone.
 * ``reference=True`` (``--reference-tokenization``): Chinese-LLaMA-Alpaca's build_dataset.py, which
   tokenizes the target separately *with* the dummy prefix, so an extra "▁" appears at the boundary.
+
+Conversations (multi-turn SFT): the loss is on every assistant turn (its answer + EOS) and nothing
+else. Turn k's prompt is tokenized exactly as inference tokenizes the conversation so far
+(``tokenizer(template.render_messages(messages[:k]))`` = ``apply_chat_template(..., tokenize=True)``),
+and the answer as a continuation; the turns share one sequence as long as each prompt extends the
+previous turns' tokens (always, since past answers end in EOS, a special token that splits
+tokenization), else the conversation continues in a new example that repeats the history as prompt.
 
 Length: an example whose prompt + target + EOS fits in `max_length` is never cut (its EOS is always
 trained). Examples that do not fit are counted and reported by file and index; policy "truncate"
@@ -43,6 +51,13 @@ class Record:
     source: str      # "file#index" for reports
     file: str = ""
     index: int = 0
+    messages: list | None = None   # a conversation: [{role, content}], instruction/output = first question, last answer
+
+    def key(self) -> str:
+        """The record's content (what the held-out split hashes)."""
+        if self.messages is not None:
+            return json.dumps(self.messages, ensure_ascii=False, sort_keys=True)
+        return self.instruction + "\x00" + self.input + "\x00" + self.output
 
 
 def _read_json_file(path: Path) -> list:
@@ -67,6 +82,16 @@ def validate(rec, path: Path, index: int) -> tuple[Record | None, str | None]:
     where = f"{path} record {index}"
     if not isinstance(rec, dict):
         return None, f"{where}: not a JSON object"
+    if "messages" in rec or "conversations" in rec:
+        from corpora.instruct import sharegpt_messages
+
+        try:
+            msgs = sharegpt_messages(rec)
+        except ValueError as e:
+            return None, f"{where}: {e}"
+        users = [m["content"] for m in msgs if m["role"] == "user"]
+        answers = [m["content"] for m in msgs if m["role"] == "assistant"]
+        return Record(users[0], "", answers[-1], f"{path}#{index}", str(path), index, messages=msgs), None
     missing = [f for f in ("instruction", "output") if f not in rec]
     if missing:
         return None, f"{where}: missing field(s) {', '.join(missing)}"
@@ -95,7 +120,7 @@ def load_records(paths, drop_invalid: bool = False, log=print) -> list[Record]:
     for p in map(Path, paths):
         rows = _read_json_file(p)
         if not isinstance(rows, list):
-            raise UserError(f"{p}: expected a JSON array of Alpaca records or JSONL, got {type(rows).__name__}")
+            raise UserError(f"{p}: expected a JSON array of Alpaca records or conversations, or JSONL, got {type(rows).__name__}")
         if not rows:
             raise UserError(f"{p}: contains no records")
         for i, row in enumerate(rows):
@@ -178,22 +203,62 @@ class ExampleEncoder:
         # exactly what generate/chat feed the model
         return list(self.tok(prompt)["input_ids"])
 
-    def encode(self, rec: Record | dict) -> Encoded:
-        if isinstance(rec, dict):
-            rec = Record(rec.get("instruction", ""), rec.get("input", "") or "", rec.get("output", ""), "<dict>")
-        prompt = self.template.render(rec.instruction, rec.input)
-        p = self.prompt_ids(prompt)
+    def _target(self, text: str) -> list[int]:
         if self.reference:
-            t = list(self.tok(rec.output, add_special_tokens=False)["input_ids"])
+            t = list(self.tok(text, add_special_tokens=False)["input_ids"])
         else:
-            t = self.cont(rec.output)
-        t = t + [self.tok.eos_token_id]
-        ids = p + t
-        labels = [IGNORE_INDEX] * len(p) + t
+            t = self.cont(text)
+        return t + [self.tok.eos_token_id]
+
+    def _cut(self, ids, labels, prompt, target, n_prompt) -> Encoded:
         truncated = len(ids) > self.max_length
         if truncated:
             ids, labels = ids[: self.max_length], labels[: self.max_length]
-        return Encoded(ids, labels, prompt, rec.output, len(p), truncated)
+        return Encoded(ids, labels, prompt, target, n_prompt, truncated)
+
+    def encode_conversation(self, messages: list[dict]) -> list[Encoded]:
+        """Loss on every assistant turn: one example, or more when a prompt does not extend the tokens before it."""
+        from sft.template import check_messages
+
+        msgs = check_messages(messages, need_last_assistant=True)
+        kw = dict(bos=self.tok.bos_token or "", eos=self.tok.eos_token)
+        out, ids, labels, answers, first = [], [], [], [], 0
+
+        def flush():
+            prompt = self.template.render_messages(msgs[:first], **kw)
+            out.append(self._cut(ids, labels, prompt, (self.tok.eos_token).join(answers),
+                                 next((i for i, x in enumerate(labels) if x != IGNORE_INDEX), len(labels))))
+
+        for j, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            p = self.prompt_ids(self.template.render_messages(msgs[:j], **kw))
+            if p[: len(ids)] != ids:
+                flush()
+                ids, labels, answers = [], [], []
+            if not ids:
+                first = j
+            new = p[len(ids):]
+            t = self._target(m["content"])
+            ids, labels = ids + new + t, labels + [IGNORE_INDEX] * len(new) + t
+            answers.append(m["content"])
+        flush()
+        return out
+
+    def encode_all(self, rec: Record) -> list[Encoded]:
+        if rec.messages is not None:
+            return self.encode_conversation(rec.messages)
+        return [self.encode(rec)]
+
+    def encode(self, rec: Record | dict) -> Encoded:
+        if isinstance(rec, dict):
+            rec = Record(rec.get("instruction", ""), rec.get("input", "") or "", rec.get("output", ""), "<dict>")
+        if rec.messages is not None:
+            return self.encode_conversation(rec.messages)[0]
+        prompt = self.template.render(rec.instruction, rec.input)
+        p = self.prompt_ids(prompt)
+        t = self._target(rec.output)
+        return self._cut(p + t, [IGNORE_INDEX] * len(p) + t, prompt, rec.output, len(p))
 
 
 @dataclass
@@ -210,18 +275,18 @@ def encode_records(records: list[Record], encoder: ExampleEncoder, overlong: str
         raise UserError(f"--overlong must be truncate, drop or error, got {overlong!r}")
     out = EncodedSet()
     for rec in records:
-        e = encoder.encode(rec)
-        if e.truncated:
-            out.overlong.append(rec.source)
-            if overlong == "drop":
+        for e in encoder.encode_all(rec):
+            if e.truncated:
+                out.overlong.append(rec.source)
+                if overlong == "drop":
+                    continue
+            if e.truncated and overlong != "error" and all(x == IGNORE_INDEX for x in e.labels):
+                # the prompt alone fills max_length: nothing to learn from this example
+                out.prompt_only.append(rec.source)
                 continue
-        if e.truncated and overlong != "error" and all(x == IGNORE_INDEX for x in e.labels):
-            # the prompt alone fills max_length: nothing to learn from this example
-            out.prompt_only.append(rec.source)
-            continue
-        out.examples.append({"input_ids": e.input_ids, "labels": e.labels})
-        out.n_tokens += len(e.input_ids)
-        out.n_trained += sum(1 for x in e.labels if x != IGNORE_INDEX)
+            out.examples.append({"input_ids": e.input_ids, "labels": e.labels})
+            out.n_tokens += len(e.input_ids)
+            out.n_trained += sum(1 for x in e.labels if x != IGNORE_INDEX)
     if out.overlong:
         shown = ", ".join(out.overlong[:5]) + (" ..." if len(out.overlong) > 5 else "")
         msg = (f"{len(out.overlong)} of {len(records)} example(s) longer than max_length={encoder.max_length} "

@@ -1,8 +1,19 @@
 """The one registry of prompt templates, used by training, preview, generate/chat and serving alike.
 
 The reference projects rendered slightly different prompts in training, the CLI and the web demo, a
-known cause of endless repetition. Here every consumer calls `get(name).render(...)`, and the template
-name travels with the adapter and the merged model (`sft_template.json`) so serving cannot drift.
+known cause of endless repetition. Here every consumer calls `get(name).render...(...)`, and the
+template travels with the adapter and the merged model: its name in `sft_template.json`, and the same
+template as a Jinja `chat_template.jinja` (transformers' convention), generated from the same strings,
+so `tokenizer.apply_chat_template`, llama.cpp (GGUF `tokenizer.chat_template`), vLLM or TGI render
+exactly the prompt the model was trained on.
+
+A conversation is a list of messages ``{"role": "system"|"user"|"assistant", "content": ...}``; a user
+message may carry an Alpaca ``"input"``. Rendering (`render_messages`, and the Jinja template alike):
+header (the system prompt: a leading system message, else the template's default), then per user
+message its block, per assistant message the assistant prefix + answer + EOS + separator, and with
+``add_generation_prompt`` the assistant prefix. Past answers end in EOS because every trained answer
+does (multi-turn SFT trains each assistant turn as answer + EOS). A one-turn conversation renders
+exactly the single-turn training prompt `render(instruction, input)`.
 
 Templates are byte-exact copies of their sources:
 * chinese-alpaca (default): Chinese-LLaMA-Alpaca's single template; the input is joined to the
@@ -10,14 +21,15 @@ Templates are byte-exact copies of their sources:
 * stanford-alpaca: Stanford Alpaca's two templates (with and without ``### Input:``), ending in
   ``### Response:`` with no space.
 * alpaca-lora: tloen/alpaca-lora's templates, ending in ``### Response:\\n``.
-
-Multi-turn chat is an inference-time convention (training data is single-turn): the header is
-written once, then each past turn as its instruction block followed by its answer and a blank line,
-then the new instruction block. A one-turn conversation renders exactly like `render`.
+* chinese-llama-2: Chinese-LLaMA-Alpaca-2's Llama-2 chat format with its bilingual system prompt;
+  later turns follow Llama-2's ``</s><s>[INST] ...`` convention.
+* chatml: ChatML-style roles (``<|im_start|>role\\n...<|im_end|>``); an assistant turn ends in the
+  model's EOS (``</s>``, the token it is trained to stop on) where ChatML writes ``<|im_end|>``.
 """
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,65 +37,182 @@ from zhllama.errors import UserError
 
 DEFAULT = "chinese-alpaca"
 TEMPLATE_FILE = "sft_template.json"
+JINJA_FILE = "chat_template.jinja"
 
-_HEADER = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-_HEADER_INPUT = (
+_SYSTEM = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+_SYSTEM_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
+    "Write a response that appropriately completes the request."
 )
+ROLES = ("system", "user", "assistant")
+
+
+def check_messages(messages, need_last_assistant: bool = False) -> list[dict]:
+    """Validated conversation: optional system first, then user/assistant alternating from a user."""
+    if not isinstance(messages, list) or not messages:
+        raise UserError("a conversation is a non-empty list of {role, content} messages")
+    out = []
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise UserError(f"message {j}: needs string 'role' and 'content'")
+        role = m["role"]
+        if role not in ROLES:
+            raise UserError(f"message {j}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        if role == "system" and j != 0:
+            raise UserError(f"message {j}: a system message is only allowed first")
+        k = j - (1 if messages[0]["role"] == "system" else 0)
+        if role != "system" and role != ("user" if k % 2 == 0 else "assistant"):
+            raise UserError(f"message {j}: expected a {'user' if k % 2 == 0 else 'assistant'} message, got {role}")
+        inp = m.get("input")
+        if inp is not None and (role != "user" or not isinstance(inp, str)):
+            raise UserError(f"message {j}: 'input' is a string on user messages only")
+        out.append(m)
+    if need_last_assistant and out[-1]["role"] != "assistant":
+        raise UserError("the conversation must end with an assistant message (the answer to train on)")
+    return out
+
+
+def _jinja_expr(fmt: str, **values: str) -> str:
+    """A str.format template as a Jinja expression: literals quoted, {name} -> the given Jinja expression."""
+    parts = re.split(r"\{(\w+)\}", fmt)
+    expr = [values[p] if i % 2 else json.dumps(p, ensure_ascii=False) for i, p in enumerate(parts) if i % 2 or p]
+    return "(" + (" ~ ".join(expr) or '""') + ")"
 
 
 @dataclass(frozen=True)
 class Template:
     name: str
-    header: str              # written once at the top
-    turn: str                # one instruction block; contains {instruction}
-    header_input: str | None = None   # None: input is joined into the instruction
-    turn_input: str | None = None     # contains {instruction} and {input}
-    turn_separator: str = "\n\n"      # after a past answer, before the next turn (chat only)
+    system: str                      # the default system prompt
+    user: str                        # one user block; contains {instruction}
+    assistant: str                   # the generation prompt: written before every answer
+    header: str = "{system}\n\n"     # written once at the top; contains {system}
+    system_input: str | None = None  # default system prompt when the first user message has an input
+    user_input: str | None = None    # contains {instruction} and {input}; None: input joined to the instruction
+    separator: str = "\n\n"          # after a past answer's EOS, before the next user block; may contain {bos}
     source: str = ""
 
-    def render(self, instruction: str, input: str = "") -> str:
-        """The prompt the model sees; the target (output + EOS) follows it directly."""
-        if input and self.turn_input is not None:
-            return self.header_input + self.turn_input.format(instruction=instruction, input=input)
+    def _user(self, instruction: str, input: str = "") -> str:
+        if input and self.user_input is not None:
+            return self.user_input.format(instruction=instruction, input=input)
         if input:
             instruction = instruction + "\n" + input
-        return self.header + self.turn.format(instruction=instruction)
+        return self.user.format(instruction=instruction)
+
+    def render_messages(self, messages: list[dict], add_generation_prompt: bool = True,
+                        bos: str = "<s>", eos: str = "</s>") -> str:
+        """The text after BOS: the chat template renders `bos + render_messages(...)`."""
+        msgs = check_messages(messages)
+        system = None
+        if msgs[0]["role"] == "system":
+            system, msgs = msgs[0]["content"], msgs[1:]
+        if system is None:
+            first_input = bool(msgs and msgs[0].get("input"))
+            system = self.system_input if first_input and self.system_input is not None else self.system
+        out = [self.header.format(system=system)]
+        for m in msgs:
+            if m["role"] == "user":
+                out.append(self._user(m["content"], m.get("input") or ""))
+            else:
+                out.append(self.assistant + m["content"] + eos + self.separator.format(bos=bos))
+        if add_generation_prompt:
+            out.append(self.assistant)
+        return "".join(out)
+
+    def render(self, instruction: str, input: str = "") -> str:
+        """The single-turn prompt the model sees; the target (output + EOS) follows it directly."""
+        msg = {"role": "user", "content": instruction}
+        if input:
+            msg["input"] = input
+        return self.render_messages([msg])
 
     def render_conversation(self, history: list[tuple[str, str]], instruction: str) -> str:
         """Prompt for a new instruction after earlier (instruction, answer) turns."""
-        if not history:
-            return self.render(instruction)
-        parts = [self.header]
+        msgs = []
         for q, a in history:
-            parts.append(self.turn.format(instruction=q) + a + self.turn_separator)
-        parts.append(self.turn.format(instruction=instruction))
-        return "".join(parts)
+            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        return self.render_messages(msgs + [{"role": "user", "content": instruction}])
+
+    def jinja(self) -> str:
+        """The same template in Jinja (transformers' chat_template; llama.cpp, vLLM, TGI read it)."""
+        sys_default = json.dumps(self.system, ensure_ascii=False)
+        sys_input = json.dumps(self.system_input, ensure_ascii=False)
+        user = _jinja_expr(self.user, instruction="m['content']")
+        if self.user_input is not None:
+            user_input = _jinja_expr(self.user_input, instruction="m['content']", input="m['input']")
+        else:
+            user_input = _jinja_expr(self.user, instruction="(m['content'] ~ \"\\n\" ~ m['input'])")
+        assistant = _jinja_expr(self.assistant)
+        lines = [
+            f"{{#- zhllama template {self.name}: {self.source} -#}}",
+            "{%- set ns = namespace(system=none, msgs=messages) -%}",
+            "{%- if messages and messages[0]['role'] == 'system' -%}",
+            "{%- set ns.system = messages[0]['content'] -%}{%- set ns.msgs = messages[1:] -%}",
+        ] + ([
+            "{%- elif messages and messages[0]['input'] is defined and messages[0]['input'] -%}",
+            f"{{%- set ns.system = {sys_input} -%}}",
+        ] if self.system_input is not None else []) + [
+            "{%- else -%}",
+            f"{{%- set ns.system = {sys_default} -%}}",
+            "{%- endif -%}",
+            "{{- bos_token ~ " + _jinja_expr(self.header, system="ns.system") + " -}}",
+            "{%- for m in ns.msgs -%}",
+            "{%- if m['role'] == 'user' -%}",
+            "{%- if m['input'] is defined and m['input'] -%}{{- " + user_input + " -}}",
+            "{%- else -%}{{- " + user + " -}}{%- endif -%}",
+            "{%- elif m['role'] == 'assistant' -%}",
+            "{{- " + assistant + " ~ m['content'] ~ eos_token ~ " + _jinja_expr(self.separator, bos="bos_token") + " -}}",
+            "{%- else -%}",
+            "{{- raise_exception('unsupported role ' ~ m['role'] ~ ': expected system (first), user, assistant') -}}",
+            "{%- endif -%}",
+            "{%- endfor -%}",
+            "{%- if add_generation_prompt -%}{{- " + assistant + " -}}{%- endif -%}",
+        ]
+        return "\n".join(lines) + "\n"
 
 
 REGISTRY: dict[str, Template] = {
     "chinese-alpaca": Template(
         name="chinese-alpaca",
-        header=_HEADER,
-        turn="### Instruction:\n{instruction}\n\n### Response: ",
+        system=_SYSTEM,
+        user="### Instruction:\n{instruction}\n\n",
+        assistant="### Response: ",
         source="ymcui/Chinese-LLaMA-Alpaca scripts/training/build_dataset.py PROMPT_TEMPLATE",
     ),
     "stanford-alpaca": Template(
         name="stanford-alpaca",
-        header=_HEADER,
-        turn="### Instruction:\n{instruction}\n\n### Response:",
-        header_input=_HEADER_INPUT,
-        turn_input="### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:",
+        system=_SYSTEM,
+        system_input=_SYSTEM_INPUT,
+        user="### Instruction:\n{instruction}\n\n",
+        user_input="### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n",
+        assistant="### Response:",
         source="tatsu-lab/stanford_alpaca train.py PROMPT_DICT",
     ),
     "alpaca-lora": Template(
         name="alpaca-lora",
-        header=_HEADER,
-        turn="### Instruction:\n{instruction}\n\n### Response:\n",
-        header_input=_HEADER_INPUT,
-        turn_input="### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+        system=_SYSTEM,
+        system_input=_SYSTEM_INPUT,
+        user="### Instruction:\n{instruction}\n\n",
+        user_input="### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n",
+        assistant="### Response:\n",
         source="tloen/alpaca-lora templates/alpaca.json",
+    ),
+    "chinese-llama-2": Template(
+        name="chinese-llama-2",
+        system="You are a helpful assistant. 你是一个乐于助人的助手。",
+        header="[INST] <<SYS>>\n{system}\n<</SYS>>\n\n",
+        user="{instruction}",
+        assistant=" [/INST]",
+        separator="{bos}[INST] ",
+        source="ymcui/Chinese-LLaMA-Alpaca-2 scripts/training/build_dataset.py PROMPT_TEMPLATE, DEFAULT_SYSTEM_PROMPT",
+    ),
+    "chatml": Template(
+        name="chatml",
+        system="You are a helpful assistant.",
+        header="<|im_start|>system\n{system}<|im_end|>\n",
+        user="<|im_start|>user\n{instruction}<|im_end|>\n",
+        assistant="<|im_start|>assistant\n",
+        separator="\n",
+        source="ChatML (OpenAI), as used by Qwen and LLaMA-Factory's chatml template; EOS ends assistant turns",
     ),
 }
 
@@ -96,10 +225,13 @@ def get(name: str | None) -> Template:
 
 
 def save_name(folder: str | Path, name: str) -> None:
+    """Record the template with a model/adapter folder: its name, and the Jinja chat template beside the
+    tokenizer (`chat_template.jinja`, which transformers v5 loads with the tokenizer)."""
     t = get(name)
     Path(folder, TEMPLATE_FILE).write_text(
         json.dumps({"template": t.name, "source": t.source}, indent=2) + "\n", encoding="utf-8"
     )
+    Path(folder, JINJA_FILE).write_text(t.jinja(), encoding="utf-8")
 
 
 def load_name(folder: str | Path, default: str | None = None) -> str:

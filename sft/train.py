@@ -35,7 +35,7 @@ class ListDataset:
 
 def _is_eval(rec, ratio: float) -> bool:
     # content hash, not position: adding files or records never moves an example between splits
-    h = hashlib.sha256((rec.instruction + "\x00" + rec.input + "\x00" + rec.output).encode()).digest()
+    h = hashlib.sha256(rec.key().encode()).digest()
     return int.from_bytes(h[:8], "big") / 2**64 < ratio
 
 

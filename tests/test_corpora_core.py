@@ -276,8 +276,9 @@ def test_instructions_convert_each_format(tmp_path):
                         {"instruction": "写诗", "input": "", "output": "诗二"}]
     assert got[3] == {"instruction": "天为什么是蓝的？", "input": "", "output": "瑞利散射。"}
     assert got[4] == {"instruction": "判断情感：很好", "input": "", "output": "正面"}
-    assert got[5]["output"] == "二。" and "用户：你好\n助手：你好！" in got[5]["instruction"]
-    assert got[5]["instruction"].endswith("一加一？")
+    # multi-turn conversations stay conversations (sft trains every assistant turn)
+    assert got[5] == {"messages": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"},
+                                   {"role": "user", "content": "一加一？"}, {"role": "assistant", "content": "二。"}]}
     convert_files([src], tmp_path / "out.jsonl", log=lambda m: None)
     lines = (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()
     assert [json.loads(x) for x in lines] == got

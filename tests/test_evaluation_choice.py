@@ -121,6 +121,16 @@ def test_five_shot_prompt_is_the_reference_string_byte_for_byte(ceval_dir):
                      "the request.\n\n### Instruction:\n" + body + "\n\n### Response: ")
 
 
+class FakeCache:
+    """Stands for a KV cache: remembers the prefix ids the rigged model was given."""
+
+    def __init__(self, ids):
+        self.ids, self.repeats = ids, 1
+
+    def batch_repeat_interleave(self, n):
+        self.repeats = n
+
+
 class RiggedModel:
     """Next-token logits decided by a table {prompt ids: letter}; checks that batches are left padded.
 
@@ -136,21 +146,31 @@ class RiggedModel:
         self._p = torch.nn.Parameter(torch.zeros(1))
         self.first = [tok.encode(x, add_special_tokens=False)[0] for x in "ABCD"]
         self.colon = [tok.encode("：" + x)[-1] for x in "ABCD"]
-        self.calls = []
+        self.calls, self.prefix_calls = [], []
 
     def parameters(self):
         yield self._p
 
-    def __call__(self, input_ids, attention_mask, position_ids, logits_to_keep=0):
+    def __call__(self, input_ids, attention_mask, position_ids=None, logits_to_keep=0, past_key_values=None,
+                 use_cache=False):
         import torch
 
-        assert bool(attention_mask[:, -1].all())            # left padding: every prompt ends at the last column
-        assert torch.equal(position_ids * attention_mask, (attention_mask.cumsum(-1) - 1).clamp(min=0) * attention_mask)
+        if use_cache and past_key_values is None:          # a subject's shared prefix, run once
+            self.prefix_calls.append(input_ids.shape[1])
+            return SimpleNamespace(logits=torch.zeros((1, 1, self.vocab)), past_key_values=FakeCache(input_ids[0].tolist()))
+        plen = len(past_key_values.ids) if past_key_values is not None else 0
+        if past_key_values is not None:
+            assert past_key_values.repeats == input_ids.shape[0] and attention_mask.shape[1] == plen + input_ids.shape[1]
+            assert bool(attention_mask[:, :plen].all())
+        mask = attention_mask[:, plen:]
+        assert bool(mask[:, -1].all())                      # left padding: every prompt ends at the last column
+        assert torch.equal(position_ids * mask, ((mask.cumsum(-1) - 1).clamp(min=0) + plen) * mask)
         self.calls.append(input_ids.shape[0])
         g = torch.Generator().manual_seed(len(self.calls))
         logits = torch.rand((input_ids.shape[0], 1, self.vocab), generator=g) - 0.5
         for r in range(input_ids.shape[0]):
-            key = tuple(input_ids[r][attention_mask[r].bool()].tolist())
+            prefix = past_key_values.ids if past_key_values is not None else []
+            key = tuple(prefix + input_ids[r][mask[r].bool()].tolist())
             x = "ABCD".index(self.rig[key])
             decoy = (x + 1) % 4
             logits[r, 0, self.first[x]] += 5
@@ -177,16 +197,18 @@ def _rig(tok, data, fmt, split, subjects, shots=5, seed=0):
     return rig, expected
 
 
-def test_rigged_logits_give_exactly_the_rigged_letters(ceval_dir, tok):
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_rigged_logits_give_exactly_the_rigged_letters(ceval_dir, tok, prefix_cache):
     subjects = ["computer_network", "logic"]
     # the two subjects share questions but not headers, so their prompts differ
     rig, expected = _rig(tok, ceval_dir, "ceval", "val", subjects, seed=3)
     model = RiggedModel(tok, rig, len(tok))
-    res = evaluate(model, tok, ceval_dir, ChoiceConfig(batch_size=2, subjects=tuple(subjects)), progress=False,
-                   log=lambda *_: None)
+    res = evaluate(model, tok, ceval_dir, ChoiceConfig(batch_size=2, subjects=tuple(subjects), prefix_cache=prefix_cache),
+                   progress=False, log=lambda *_: None)
     got = {(s, rid): x for s, r in res["subjects"].items() for rid, x in r["predictions"].items()}
     assert got == expected
     assert model.calls == [2, 1, 2, 1]
+    assert len(model.prefix_calls) == (2 if prefix_cache else 0)
     answers = {r[0]: r[6] for r in VAL}
     for s in subjects:
         correct = sum(expected[(s, rid)] == answers[rid] for rid in answers)
@@ -272,3 +294,74 @@ def test_bad_inputs_are_one_line_errors(ceval_dir, model_dir, tmp_path, capsys):
     assert main(["choice", "--model", str(model_dir), "--data", str(tmp_path / "nowhere"), "--json", str(tmp_path / "o.json")]) == 2
     assert main(["choice", "--model", str(model_dir), "--data", str(bad), "--format", "cmmlu", "--json", str(tmp_path / "o.json")]) == 2
     assert "expects DIR/{dev,test}/{subject}.csv" in capsys.readouterr().err
+
+
+def test_shared_prefix_cache_gives_the_same_scores(ceval_dir, model_dir, tok):
+    """The default path (dev examples run once, KV cache reused) scores like whole prompts, left padded."""
+    from transformers import AutoModelForCausalLM
+
+    from evaluation.choice import (_read_csv, common_prefix, letter_ids, predict_logits, predict_logits_cached,
+                                   prefix_state)
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    model.lm_head.weight.data.mul_(50)                      # logits of a few units, not a random init's hundredths
+    dev = _read_csv(ceval_dir / "dev" / "computer_network_dev.csv", "ceval")
+    qs = _read_csv(ceval_dir / "val" / "computer_network_val.csv", "ceval")
+    seqs = [[tok.bos_token_id] + tok(build_prompt("computer_network", dev, q, 5), add_special_tokens=False)["input_ids"]
+            for q in qs]
+    plen = common_prefix(seqs)
+    assert 100 < plen < min(map(len, seqs)) and all(s[:plen] == seqs[0][:plen] for s in seqs)
+    first, colon = letter_ids(tok)
+    whole = predict_logits(model, seqs, first, colon, 0)
+    cached = predict_logits_cached(model, prefix_state(model, seqs[0][:plen]), plen, [s[plen:] for s in seqs], first, colon, 0)
+    one_by_one = [predict_logits(model, [s], first, colon, 0)[0] for s in seqs]
+    for w, c, o in zip(whole, cached, one_by_one):
+        assert o.abs().max() > 1 and (w - o).abs().max() < 1e-4 and (c - o).abs().max() < 1e-4
+
+
+def test_batched_greedy_generation_equals_one_at_a_time(ceval_dir, model_dir, tok):
+    """--method generate batches left-padded prompts: the continuations must not depend on the padding."""
+    from transformers import AutoModelForCausalLM
+
+    from evaluation.choice import _read_csv, generate_answers
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    model.lm_head.weight.data.mul_(50)
+    dev = _read_csv(ceval_dir / "dev" / "computer_network_dev.csv", "ceval")
+    qs = _read_csv(ceval_dir / "val" / "computer_network_val.csv", "ceval")
+    seqs = [[tok.bos_token_id] + tok(build_prompt("computer_network", dev, q, k), add_special_tokens=False)["input_ids"]
+            for q, k in zip(qs, (0, 1, 3))]
+    assert len({len(s) for s in seqs}) == 3
+    batched = generate_answers(model, tok, seqs, pad_id=0)
+    assert batched == [generate_answers(model, tok, [s], pad_id=0)[0] for s in seqs]
+    assert all(batched)
+
+
+def test_interrupted_run_resumes_after_the_last_finished_subject(ceval_dir, model_dir, tmp_path, monkeypatch):
+    import evaluation.choice as ch
+
+    args = ["choice", "--model", str(model_dir), "--data", str(ceval_dir), "--subjects", "computer_network,logic",
+            "--no-progress"]
+    assert main(args + ["--json", str(tmp_path / "full.json")]) == 0
+    full = json.loads((tmp_path / "full.json").read_text(encoding="utf-8"))
+
+    real, calls = ch.letters_of, []
+
+    def interrupt_second(scores):
+        calls.append(len(scores))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(scores)
+
+    monkeypatch.setattr(ch, "letters_of", interrupt_second)
+    out = tmp_path / "r.json"
+    assert main(args + ["--json", str(out)]) == 130 and not out.exists()
+    partial = json.loads((tmp_path / "r.partial.json").read_text(encoding="utf-8"))
+    assert list(partial["subjects"]) == ["computer_network"]
+    calls.clear()
+    monkeypatch.setattr(ch, "letters_of", lambda scores: calls.append(len(scores)) or real(scores))
+    assert main(args + ["--json", str(out)]) == 0
+    assert calls == [3]                                    # only logic was scored again
+    res = json.loads(out.read_text(encoding="utf-8"))
+    assert res["subjects"] == full["subjects"] and res["average"] == full["average"]
+    assert not (tmp_path / "r.partial.json").exists()

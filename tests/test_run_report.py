@@ -43,3 +43,23 @@ def test_report_reads_every_stage(tmp_path):
 def test_missing_run_folder_is_a_clear_error(tmp_path, capsys):
     assert main(["--run", str(tmp_path / "nope")]) == 2
     assert "no such run folder" in capsys.readouterr().err
+
+
+def test_report_shows_bpc_table_chart_and_which_stage_lowered_it(tmp_path):
+    from zhllama.run_report import bpc_summary
+
+    run = tmp_path / "run"
+    models = [{"model": m, "documents": 40, "chars": 5000, "bytes": 15000, "tokens": t, "vocab_size": v,
+               "chars_per_token": 5000 / t, "bits_per_char": b, "bits_per_byte": b / 3, "token_ppl": 2 ** (b * 5000 / t)}
+              for m, t, v, b in (("base", 6000, 32000, 9.5), ("resized", 3000, 49953, 11.25), ("phase1", 3000, 49953, 7.0),
+                                 ("phase2", 3000, 49953, 6.5), ("sft", 3000, 49954, 6.75))]
+    _w(run / "eval" / "bpc.json", {"models": models})
+    (run / "eval" / "bpc.png").write_bytes(b"\x89PNG fake")
+    assert main(["--run", str(run)]) == 0
+    md = (run / "report.md").read_text(encoding="utf-8")
+    assert "| phase1 | 49,953 | 3,000 | 1.667 | 7.0000 | 2.3333 | 3,251.00 |" in md and "![bits per character by model](report/bpc.png)" in md
+    assert "phase1 lowered Chinese bits per character the most: resized 11.2500 -> phase1 7.0000 (-4.2500, -37.8%)" in md
+    assert "From base to sft: 9.5000 -> 6.7500 bits per character (-2.7500, -28.9%)" in md
+    assert "Each step: base -> resized +1.7500, resized -> phase1 -4.2500, phase1 -> phase2 -0.5000, phase2 -> sft +0.2500." in md
+    assert (run / "report" / "bpc.png").read_bytes() == b"\x89PNG fake"
+    assert bpc_summary(models[:1]) == ""

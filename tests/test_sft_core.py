@@ -49,7 +49,8 @@ def test_conversation_one_turn_equals_render_and_concatenates():
         assert t.render_conversation([], "q") == t.render("q")
     t = get("chinese-alpaca")
     two = t.render_conversation([("q1", "a1")], "q2")
-    assert two == H + "### Instruction:\nq1\n\n### Response: a1\n\n### Instruction:\nq2\n\n### Response: "
+    # a past answer ends in EOS, as every trained answer does
+    assert two == H + "### Instruction:\nq1\n\n### Response: a1</s>\n\n### Instruction:\nq2\n\n### Response: "
 
 
 # ---------------------------------------------------------------- tokenizer / model fixtures
@@ -297,7 +298,7 @@ def trained(tiny_model, sft_data, sft_recipe, tmp_path_factory):
 def test_train_lowers_heldout_loss_and_writes_adapter(trained, tok):
     out, res = trained
     assert res["eval_loss_after"] < res["eval_loss_before"]
-    for f in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "sft_template.json",
+    for f in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "sft_template.json", "chat_template.jinja",
               "manifest.json", "sft_config.json", "loss.png", "result.json"):
         assert (out / f).is_file(), f
     from transformers import AutoTokenizer
@@ -361,6 +362,15 @@ def test_merge_reproduces_peft_logits(merged):
     assert v["ok"] and v["max_abs_diff"] < 1e-4 and v["top1_agreement"] == 1.0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["vocab_size"] == res["vocab_size"] == res["base_vocab_size"] + 1
+    # the chat template travels: apply_chat_template on the merged folder gives the training prompt's ids
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(out))
+    msgs = [{"role": "user", "content": "Repeat: water"}]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)["input_ids"]
+    assert ids == ExampleEncoder(tok, get("chinese-alpaca"), 512).encode(
+        {"instruction": "Repeat: water", "output": "water"}).input_ids[: len(ids)]
+    assert ids == tok(get("chinese-alpaca").render("Repeat: water"))["input_ids"]
 
 
 def test_merged_loads_plainly_and_greedy_is_deterministic(merged):

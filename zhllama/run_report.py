@@ -4,7 +4,8 @@
 
 Reads (whatever exists): RUN/corpus/stats.json, RUN/vocab/{vocab_report,merge_report,train_stats,manifest}.json,
 RUN/pretrain/{phase1,phase2}/{train_result,manifest}.json and loss.png, RUN/sft/adapter/{result,manifest}.json
-and loss.png, RUN/sft/merged/merge_verify.json, RUN/report/generations_{before,after}.json, RUN/report/timings.json.
+and loss.png, RUN/sft/merged/merge_verify.json, RUN/eval/bpc.{json,png}, RUN/report/generations_{before,after}.json,
+RUN/report/timings.json.
 """
 from __future__ import annotations
 
@@ -103,6 +104,50 @@ def _copy_png(src: Path, run: Path, name: str) -> str | None:
     return f"report/{name}"
 
 
+def bpc_summary(models: list[dict]) -> str:
+    """Which step between consecutive models lowered bits per character the most, and the whole way."""
+    rows = [m for m in models if isinstance(m.get("bits_per_char"), (int, float))]
+    if len(rows) < 2:
+        return ""
+    steps = [(b["bits_per_char"] - a["bits_per_char"], a, b) for a, b in zip(rows, rows[1:])]
+    delta, a, b = min(steps, key=lambda t: t[0])
+    first, last = rows[0], rows[-1]
+    whole = (f"From {first['model']} to {last['model']}: {first['bits_per_char']:.4f} -> {last['bits_per_char']:.4f} bits per "
+             f"character ({last['bits_per_char'] - first['bits_per_char']:+.4f}, "
+             f"{100 * (last['bits_per_char'] / first['bits_per_char'] - 1):+.1f}%).")
+    each = "Each step: " + ", ".join(f"{x['model']} -> {y['model']} {d:+.4f}" for d, x, y in steps) + "."
+    if delta >= 0:
+        return "No step lowered bits per character. " + whole + " " + each
+    return (f"{b['model']} lowered Chinese bits per character the most: {a['model']} {a['bits_per_char']:.4f} -> "
+            f"{b['model']} {b['bits_per_char']:.4f} ({delta:+.4f}, {100 * delta / a['bits_per_char']:+.1f}%). " + whole + " " + each)
+
+
+def _num(x, spec: str):
+    return format(x, spec) if isinstance(x, (int, float)) else x
+
+
+def _bpc_section(d: "_Doc", run: Path) -> None:
+    res = _load(run / "eval" / "bpc.json")
+    if not res or not isinstance(res.get("models"), list):
+        return
+    models = res["models"]
+    d.h(2, "Evaluation: bits per character on the held-out text")
+    first = models[0] if models else {}
+    d.p(f"{first.get('documents', 0):,} documents, {first.get('chars', 0):,} characters, {first.get('bytes', 0):,} UTF-8 bytes; "
+        "each model scored with its own tokenizer, so bits per character compare across vocabularies and token "
+        "perplexity does not.")
+    d.table(["model", "pieces", "tokens", "chars/token", "bits/char", "bits/byte", "token ppl"],
+            [[m.get("model"), m.get("vocab_size"), m.get("tokens"), _num(m.get("chars_per_token"), ".3f"),
+              _num(m.get("bits_per_char"), ".4f"), _num(m.get("bits_per_byte"), ".4f"), _num(m.get("token_ppl"), ",.2f")]
+             for m in models])
+    summary = bpc_summary(models)
+    if summary:
+        d.p(summary)
+    rel = _copy_png(run / "eval" / "bpc.png", run, "bpc.png")
+    if rel:
+        d.img(rel, "bits per character by model")
+
+
 def build(run: Path) -> tuple[str, str]:
     run = Path(run)
     if not run.is_dir():
@@ -165,6 +210,8 @@ def build(run: Path) -> tuple[str, str]:
         d.h(2, "Merge verification")
         d.p(f"merged vs unmerged PEFT model on {mv.get('positions')} positions: max |logit difference| "
             f"{mv.get('max_abs_diff'):.3g} (tolerance {mv.get('tolerance')}), top-1 agreement {100 * mv.get('top1_agreement', 0):.1f}%.")
+
+    _bpc_section(d, run)
 
     before = _load(run / "report" / "generations_before.json")
     after = _load(run / "report" / "generations_after.json")

@@ -1,0 +1,1 @@
+"""Use the model: GGUF export verified in llama.cpp, an OpenAI-compatible server, a browser chat."""
