@@ -160,7 +160,20 @@ def main(argv=None):
         from sft.template import TEMPLATE_FILE
         from zhllama.errors import UserError
 
-        model, tok, tname = load(args.model, args.base)
+        import signal
+
+        # Ctrl-C at the prompt must reach the main thread, which waits in readline: a SIGINT delivered to another
+        # thread does not wake it. Threads inherit the creating thread's signal mask, so every thread made while
+        # loading and in a first forward pass (weight loaders, the intra-op pool) is made with SIGINT blocked.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            model, tok, tname = load(args.model, args.base)
+            import torch
+
+            with torch.no_grad():
+                model(input_ids=torch.tensor([[tok.bos_token_id if tok.bos_token_id is not None else 0] * 2]))
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         if not (Path(args.model) / TEMPLATE_FILE).is_file():
             print(f"warning: {args.model} has no {TEMPLATE_FILE}: it was not instruction-tuned (or merged without "
                   f"its SFT adapter); answers in the {tname} template will not follow instructions", file=sys.stderr)

@@ -76,17 +76,20 @@ class Pty:
         os.write(self.fd, data)
 
     def wait(self, timeout: float = 60) -> int:
+        import select
+
         deadline = time.time() + timeout
         while time.time() < deadline:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:
                 return os.waitstatus_to_exitcode(status)
             try:
-                self.out += os.read(self.fd, 65536)
+                if select.select([self.fd], [], [], 0.2)[0]:
+                    self.out += os.read(self.fd, 65536)
             except OSError:
                 time.sleep(0.1)
         os.kill(self.pid, 9)
-        raise AssertionError("chat did not exit")
+        raise AssertionError(f"chat did not exit; output:\n{self.out.decode(errors='replace')[-2000:]}")
 
 
 @pytest.mark.slow

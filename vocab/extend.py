@@ -32,7 +32,7 @@ SPAN_RE = re.compile(f"[{CJK_CHARS}]+")
 SPAN_DIGITS_RE = re.compile(f"[{CJK_CHARS}0-9]*[{CJK_CHARS}][{CJK_CHARS}0-9]*")
 
 
-DEFAULT_MAX_PIECE_CHARS = 16
+DEFAULT_MAX_PIECE_CHARS = 4  # measured on held-out sources: README "Appended-piece length"
 DEFAULT_MAX_PIECE_BYTES = 32
 
 
