@@ -143,7 +143,7 @@ bench: setup sample
 	$(PY) bench/pretrain_throughput.py --tokenizer $(RUN)/vocab
 	$(PY) bench/choice_speed.py --tokenizer $(RUN)/vocab --text $(RUN)/corpus/heldout --subjects 2
 	$(PY) bench/sft_throughput.py
-	$(PY) bench/gpu.py
+	$(PY) bench/gpu/shapes.py
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
@@ -167,18 +167,32 @@ prepare: | setup
 GGUF_TYPES ?= f16 q8_0
 PORT ?= 8000
 SERVE_ARGS ?=
-export: $(RUN)/sft/merged/config.json | setup
+# Both only read RUN/sft/merged (they never re-run the pipeline): run `make` (or `make sft`) first.
+MERGED_READY = test -f $(RUN)/sft/merged/config.json || { echo "$(RUN)/sft/merged: no merged model; run make (or make sft) first" >&2; exit 2; }
+export: | setup
+	@$(MERGED_READY)
 	@mkdir -p $(RUN)/gguf
 	HF_HUB_OFFLINE=1 $(PY) -m deploy template --model $(RUN)/sft/merged
 	set -e; for t in $(GGUF_TYPES); do \
 	  HF_HUB_OFFLINE=1 $(PY) -m deploy gguf --model $(RUN)/sft/merged --out $(RUN)/gguf/model-$$t.gguf --type $$t --verify; \
 	done
 serve: | setup
+	@$(MERGED_READY)
 	HF_HUB_OFFLINE=1 $(PY) -m deploy template --model $(RUN)/sft/merged
 	HF_HUB_OFFLINE=1 $(PY) -m deploy serve --model $(RUN)/sft/merged --port $(PORT) $(SERVE_ARGS)
 
 # The integration tier's tools: llama.cpp from PyPI's source distribution (native CPU tuning off: with it the
 # build crashed with SIGILL on some machines; pip caches the built wheel, so only the first run compiles) and
 # selenium. The browser tests also need Debian's chromium and chromium-driver (apt-get, see .ci/run).
+# llama.cpp's own converter (convert_hf_to_gguf.py + its gguf-py) is taken from the same source distribution
+# into $(LLAMA_SRC); the tests convert the merged layout with it and compare with `deploy gguf`.
+LLAMA_SRC ?= $(SAMPLE)/llama.cpp-src
 setup-integration: setup
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install -q torch==2.13.0 -e '.[test,integration]'
+	test -f $(LLAMA_SRC)/convert_hf_to_gguf.py || { \
+	  $(PY) -m pip download -q --no-deps --no-binary :all: -d $(SAMPLE)/sdist llama-cpp-python==0.3.36 && \
+	  $(PY) -c "import sys, tarfile, pathlib; t = tarfile.open(sys.argv[1]); d = pathlib.Path(sys.argv[2]); \
+	    keep = ('convert_hf_to_gguf.py', 'conversion/', 'gguf-py/', 'LICENSE'); \
+	    ms = [m for m in t.getmembers() if '/vendor/llama.cpp/' in m.name and m.name.split('/vendor/llama.cpp/', 1)[1].startswith(keep)]; \
+	    [setattr(m, 'name', m.name.split('/vendor/llama.cpp/', 1)[1]) for m in ms]; t.extractall(d, members=ms, filter='data')" \
+	    $(SAMPLE)/sdist/llama_cpp_python-0.3.36.tar.gz $(LLAMA_SRC); }

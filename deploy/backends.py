@@ -108,7 +108,7 @@ class TransformersBackend:
 class LlamaCppBackend:
     """A GGUF file through llama-cpp-python; the prompt is rendered with the file's own chat template."""
 
-    def __init__(self, gguf_path, n_ctx: int = 2048, n_threads: int | None = None):
+    def __init__(self, gguf_path, n_ctx: int = 2048, n_threads: int | None = None, kv_f32: bool = False):
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         from deploy.gguf_verify import load_llama
@@ -116,7 +116,7 @@ class LlamaCppBackend:
         p = Path(gguf_path)
         if not p.is_file():
             raise UserError(f"{p}: no such GGUF file")
-        self.llm = load_llama(p, n_ctx=n_ctx, n_threads=n_threads)
+        self.llm = load_llama(p, n_ctx=n_ctx, n_threads=n_threads, kv_f32=kv_f32)
         meta = self.llm.metadata
         src = meta.get("tokenizer.chat_template")
         if not src:

@@ -29,7 +29,7 @@ def _serve_args(p):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from deploy.gguf_export import TYPES
+    from deploy.gguf_export import LLAMA_QUANT, TYPES
 
     p = argparse.ArgumentParser(prog="python -m deploy",
                                 description="Use the model: GGUF export for llama.cpp, an OpenAI-compatible server, a browser chat")
@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "sentencepiece and logits with transformers; results in FILE.verify.json.")
     g.add_argument("--model", required=True, help="merged model folder (config.json, safetensors, tokenizer.model)")
     g.add_argument("--out", required=True, help="FILE.gguf")
-    g.add_argument("--type", default="f16", choices=TYPES, help="tensor type (default f16; norms stay f32)")
+    g.add_argument("--type", default="f16", choices=TYPES + tuple(LLAMA_QUANT),
+                   help="tensor type (default f16; norms stay f32); k-quants go through llama.cpp's quantize")
     g.add_argument("--name", help="general.name (default: 'zhllama RUN' for RUN/sft/merged)")
     g.add_argument("--verify", action="store_true", help="check the file in llama.cpp (needs llama-cpp-python)")
 

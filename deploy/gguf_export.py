@@ -4,7 +4,8 @@ What goes in: the weights (q/k rows permuted into llama.cpp's rotary layout, nor
 SentencePiece vocabulary with its scores and piece types (from `tokenizer.model`, so llama.cpp tokenizes
 exactly like sentencepiece), BOS on, the dummy-prefix flag, the chat template (the folder's
 `chat_template.jinja`, i.e. the prompt format the model was trained with), `</s>` as the only
-end-of-generation token (`[PAD]` is a control piece, never generated), and `general.name`.
+end-of-generation token (llama.cpp would also stop on `[PAD]`, which it takes for a fill-in-the-middle
+pad unless one is named: EOS is named), and `general.name`.
 
 Types: f32, f16, q8_0 and q4_0 (round-to-nearest, the paper's 4-bit deployment). Tensors are converted
 and written one at a time (a 7B model never sits in memory twice); rows that are not a multiple of the
@@ -21,6 +22,9 @@ from pathlib import Path
 from zhllama.errors import UserError
 
 TYPES = ("f32", "f16", "q8_0", "q4_0")
+# k-quants come from llama.cpp's own quantize (llama-cpp-python exposes llama_model_quantize), applied to
+# an f32 file written here; tensors whose rows do not fit the 256-value k-blocks get llama.cpp's fallback.
+LLAMA_QUANT = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}   # LLAMA_FTYPE_MOSTLY_*
 
 _LAYER = {
     "input_layernorm.weight": "attn_norm.weight",
@@ -140,13 +144,15 @@ def _tensor_type(gname: str, shape, ftype: str):
 
 def export(model_dir, out, ftype: str = "f16", name: str | None = None, log=print) -> dict:
     import numpy as np
+    from gguf import GGML_QUANT_VERSION, GGUFWriter, LlamaFileType, quants
     from gguf import GGMLQuantizationType as Q
-    from gguf import GGUFWriter, LlamaFileType, quants
     from tqdm import tqdm
 
     model_dir, out = Path(model_dir), Path(out)
+    if ftype in LLAMA_QUANT:
+        return _llama_quantize(model_dir, out, ftype, name, log)
     if ftype not in TYPES:
-        raise UserError(f"--type must be one of {', '.join(TYPES)}, got {ftype!r}")
+        raise UserError(f"--type must be one of {', '.join(TYPES + tuple(LLAMA_QUANT))}, got {ftype!r}")
     cfg_path = model_dir / "config.json"
     if not cfg_path.is_file():
         raise UserError(f"{model_dir}: not a model folder (no config.json); pass RUN/sft/merged")
@@ -186,6 +192,8 @@ def export(model_dir, out, ftype: str = "f16", name: str | None = None, log=prin
     w.add_vocab_size(rows)
     w.add_file_type({"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
                      "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_0": LlamaFileType.MOSTLY_Q4_0}[ftype])
+    if ftype in ("q8_0", "q4_0"):
+        w.add_quantization_version(GGML_QUANT_VERSION)
     w.add_tokenizer_model("llama")
     w.add_token_list(pieces)
     w.add_token_scores(scores)
@@ -195,6 +203,13 @@ def export(model_dir, out, ftype: str = "f16", name: str | None = None, log=prin
     w.add_unk_token_id(0)
     if cfg.get("pad_token_id") is not None:
         w.add_pad_token_id(cfg["pad_token_id"])
+    eos_id = cfg.get("eos_token_id", 2) if isinstance(cfg.get("eos_token_id"), int) else 2
+    if "[PAD]" in pieces or "<PAD>" in pieces:
+        # llama.cpp takes a piece spelled [PAD] or <PAD> for a fill-in-the-middle pad when no FIM pad id is
+        # given, and stops generating on it. Naming EOS as the FIM pad keeps EOS the only stop token.
+        from gguf import Keys
+
+        w.add_uint32(Keys.Tokenizer.FIM_PAD_ID, eos_id)
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
     w.add_add_space_prefix(dummy_prefix)
@@ -244,4 +259,30 @@ def export(model_dir, out, ftype: str = "f16", name: str | None = None, log=prin
             "bytes": out.stat().st_size, "chat_template": template is not None}
     log(f"wrote {out} ({ftype}, {len(plan)} tensors, vocab {rows:,}, {out.stat().st_size / 2**20:.1f} MiB, "
         f"name {name!r}{', chat template' if template else ''})")
+    return info
+
+
+def _llama_quantize(model_dir: Path, out: Path, ftype: str, name: str | None, log) -> dict:
+    import os
+
+    try:
+        import llama_cpp
+    except ImportError:
+        raise UserError(f"--type {ftype} uses llama.cpp's quantize: install llama-cpp-python "
+                        "(make setup-integration)") from None
+    src = out.with_name(out.name + ".f32.tmp")
+    tmp = out.with_name(out.name + ".tmp")
+    info = export(model_dir, src, "f32", name=name, log=lambda *_: None)
+    try:
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = LLAMA_QUANT[ftype]
+        params.nthread = os.cpu_count() or 1
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+        if rc != 0:
+            raise UserError(f"llama.cpp's quantize to {ftype} failed (code {rc}) for {model_dir}")
+    finally:
+        src.unlink(missing_ok=True)
+    tmp.replace(out)
+    info.update(gguf=str(out), type=ftype, bytes=out.stat().st_size)
+    log(f"wrote {out} ({ftype} by llama.cpp's quantize, {out.stat().st_size / 2**20:.1f} MiB, name {info['name']!r})")
     return info

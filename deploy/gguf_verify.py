@@ -4,7 +4,7 @@
   (corpora.probes: Chinese, English, mixed, whitespace-heavy), BOS included: every line must match;
 * next-token logits: llama.cpp vs transformers (float32) at every position of the merge-verification
   prompts rendered with the model's template: argmax agreement must be 100% for f32/f16, >= 95% for
-  q8_0, >= 85% for q4_0; the max absolute logit difference is reported;
+  q8_0 and q6_k, >= 90% for q5_k_m, >= 85% for q4_0 and q4_k_m; the max absolute logit difference is reported;
 * metadata: `tokenizer.chat_template` is the folder's template, `</s>` is the only end-of-generation
   token, BOS is added.
 Results go to FILE.verify.json; a failed check is an error (exit 2) after the file is written.
@@ -16,10 +16,11 @@ from pathlib import Path
 
 from zhllama.errors import UserError
 
-MIN_ARGMAX = {"f32": 1.0, "f16": 1.0, "q8_0": 0.95, "q4_0": 0.85}
+MIN_ARGMAX = {"f32": 1.0, "f16": 1.0, "q8_0": 0.95, "q6_k": 0.95, "q5_k_m": 0.9, "q4_k_m": 0.85, "q4_0": 0.85}
 
 
-def load_llama(path, n_ctx: int = 2048, logits_all: bool = False, n_threads: int | None = None):
+def load_llama(path, n_ctx: int = 2048, logits_all: bool = False, n_threads: int | None = None, kv_f32: bool = False):
+    """A llama-cpp-python model; kv_f32 keeps the KV cache in f32 (llama.cpp's default is f16) for exact comparisons."""
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -27,8 +28,9 @@ def load_llama(path, n_ctx: int = 2048, logits_all: bool = False, n_threads: int
                         "llama-cpp-python==0.3.36 (builds llama.cpp from source, about 4 minutes)") from None
     import os
 
+    kv = dict(type_k=0, type_v=0) if kv_f32 else {}   # GGML_TYPE_F32
     return Llama(model_path=str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False, seed=0,
-                 n_threads=n_threads or min(4, os.cpu_count() or 1))
+                 n_threads=n_threads or min(4, os.cpu_count() or 1), **kv)
 
 
 def eog_tokens(llm) -> list[int]:
@@ -51,7 +53,7 @@ def verify(gguf_path, model_dir, ftype: str, log=print) -> dict:
     from sft.template import get, load_name
 
     gguf_path, model_dir = Path(gguf_path), Path(model_dir)
-    llm = load_llama(gguf_path, n_ctx=512, logits_all=True)
+    llm = load_llama(gguf_path, n_ctx=512, logits_all=True, kv_f32=True)
     sp = spm.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
     res: dict = {"gguf": str(gguf_path), "model": str(model_dir), "type": ftype}
 

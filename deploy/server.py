@@ -17,6 +17,7 @@ import json
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,7 +93,7 @@ def create_app(backend, limits: Limits | None = None, api_key: str | None = None
     limits = limits or Limits()
     app = FastAPI(title="zhllama", docs_url=None, redoc_url=None, openapi_url=None)
     gate = asyncio.Lock()                 # one generation at a time
-    state = {"pending": 0, "served": 0, "refused": 0}
+    state = {"pending": 0, "finished": 0, "refused": 0}
 
     def err(e: ApiError):
         return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.status}},
@@ -124,7 +125,7 @@ def create_app(backend, limits: Limits | None = None, api_key: str | None = None
             raise ApiError(400, f"prompt is {len(ids)} tokens, over this server's limit of {limits.max_prompt_tokens}; "
                                 "shorten it or drop earlier turns", "messages", kind="context_length_exceeded")
 
-    async def run(ids, s, request: Request):
+    async def run(ids, s):
         """Async iterator of text pieces, then the Outcome; waits for the model, honours the deadline."""
         deadline = time.monotonic() + limits.timeout
         try:
@@ -176,7 +177,7 @@ def create_app(backend, limits: Limits | None = None, api_key: str | None = None
 
     def release():
         state["pending"] -= 1
-        state["served"] += 1
+        state["finished"] += 1
 
     async def respond(request: Request, chat: bool):
         try:
@@ -206,10 +207,21 @@ def create_app(backend, limits: Limits | None = None, api_key: str | None = None
             obj = "chat.completion" if chat else "text_completion"
             if body.get("stream"):
                 streaming = True
-                return StreamingResponse(sse(request, ids, s, rid, created, chat), media_type="text/event-stream",
+                done = []
+
+                def release_once():
+                    if not done:
+                        done.append(1)
+                        release()
+
+                gen = sse(ids, s, rid, created, chat, release_once)
+                # a client gone before the stream starts never runs the generator's `finally`: its slot is
+                # freed when the generator is collected
+                weakref.finalize(gen, release_once)
+                return StreamingResponse(gen, media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             text, outcome = [], None
-            async for v in run(ids, s, request):
+            async for v in run(ids, s):
                 if isinstance(v, str):
                     text.append(v)
                 else:
@@ -229,7 +241,7 @@ def create_app(backend, limits: Limits | None = None, api_key: str | None = None
             if not streaming:
                 release()
 
-    async def sse(request, ids, s, rid, created, chat):
+    async def sse(ids, s, rid, created, chat, done):
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(delta=None, text=None, finish=None):
@@ -244,7 +256,7 @@ def create_app(backend, limits: Limits | None = None, api_key: str | None = None
         try:
             if chat:
                 yield chunk(delta={"role": "assistant", "content": ""})
-            async for v in run(ids, s, request):
+            async for v in run(ids, s):
                 if isinstance(v, str):
                     if v:
                         yield chunk(delta={"content": v}, text=v)
@@ -254,7 +266,7 @@ def create_app(backend, limits: Limits | None = None, api_key: str | None = None
         except ApiError as e:
             yield "data: " + json.dumps({"error": {"message": e.message, "type": e.kind, "code": e.status}}) + "\n\n"
         finally:
-            release()
+            done()
 
     @app.get("/v1/models")
     async def models(request: Request):

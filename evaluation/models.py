@@ -123,4 +123,6 @@ def context_of(model, requested: int | None) -> int:
         return n
     if requested < 2:
         raise UserError(f"--context {requested}: must be at least 2 tokens")
+    if requested > n:
+        raise UserError(f"--context {requested}: more than the model's max_position_embeddings {n}")
     return requested

@@ -108,6 +108,10 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--tokenizer", required=True, help="BASE tokenizer.model the model is built on")
     i.add_argument("--out", required=True)
     i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the random weights are drawn (auto: cuda when visible; a 7B init takes seconds there)")
+    i.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="stored weight dtype (bfloat16: a 7B folder is 13.5 GB instead of 27)")
     i.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     return ap
 
@@ -194,7 +198,11 @@ def main(argv=None) -> int:
         from pretrain.phases import init_model
         from zhllama.recipe import load_recipe
 
-        out = init_model(_apply_sets(load_recipe(a.recipe), a.set), a.tokenizer, a.out, seed=a.seed)
+        import torch
+
+        device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        out = init_model(_apply_sets(load_recipe(a.recipe), a.set), a.tokenizer, a.out, seed=a.seed, device=device,
+                         dtype=a.dtype)
         print(f"initialised a {a.recipe} model on {a.tokenizer} -> {out}")
     return 0
 

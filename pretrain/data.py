@@ -171,7 +171,8 @@ def _build_datasets(corpus, tokenizer_dir, block_size, cache_dir, eval_ratio, ma
                 raise _empty(files, block_size)
             tr.save_to_disk(str(tmp / "train"))
             ev_rows = list(eval_gen())
-            Dataset.from_list(ev_rows, features=features).save_to_disk(str(tmp / "eval"))
+            if ev_rows:  # an empty dataset does not load back from disk (eval_ratio 0): no folder means no eval set
+                Dataset.from_list(ev_rows, features=features).save_to_disk(str(tmp / "eval"))
             shutil.rmtree(tmp / "hf", ignore_errors=True)
             (tmp / "complete.json").write_text(json.dumps(dict(key_info, train_blocks=len(tr), eval_blocks=len(ev_rows)), indent=1))
             shutil.rmtree(cache, ignore_errors=True)
@@ -183,8 +184,8 @@ def _build_datasets(corpus, tokenizer_dir, block_size, cache_dir, eval_ratio, ma
     else:
         info["reused_cache"] = True
     train_ds = load_from_disk(str(cache / "train"))
-    eval_ds = load_from_disk(str(cache / "eval"))
-    if len(eval_ds) == 0:
+    eval_ds = load_from_disk(str(cache / "eval")) if (cache / "eval").is_dir() else None
+    if eval_ds is not None and len(eval_ds) == 0:
         eval_ds = None
     info.update(streaming=False, train_blocks=len(train_ds), eval_blocks=0 if eval_ds is None else len(eval_ds),
                 train_tokens=len(train_ds) * block_size)

@@ -89,7 +89,9 @@ def resize_folder(model_dir, tokenizer_dir, out_dir, init: str = "subword-mean",
     if len(ext.pieces) != new_size:
         raise UserError(f"{tokenizer_dir}: tokenizer.model has {len(ext.pieces):,} pieces but tokenizer.json {new_size:,}; rebuild the folder")
     ensure_writable(out_dir)
-    model = load_model_dir(model_dir)
+    # the stored dtype is kept (a bf16/fp16 7B stays 13.5 GB instead of becoming 27 GB of fp32); new rows are
+    # averaged in fp32 by resize_model
+    model = load_model_dir(model_dir, dtype="auto")
     check_sizes(model, model_dir)
     old = model.get_input_embeddings().weight.shape[0]
     if new_size < old:

@@ -17,6 +17,7 @@ from pathlib import Path
 from pretrain.data import collate_blocks
 from zhllama.errors import UserError
 from zhllama.models import check_sizes, copy_tokenizer, ensure_writable, load_model_dir, tokenizer_len
+from zhllama.precision import upcast_trainable
 
 
 def trainable_summary(model) -> dict:
@@ -38,7 +39,7 @@ def _weights_hash(model_dir: Path):
     return sha256_files(files) if files else None
 
 
-def preflight(model_dir, corpus, out_dir, block_size: int, tokenizer_dir=None):
+def preflight(model_dir, corpus, out_dir, block_size: int, tokenizer_dir=None, dtype=None):
     """Every check that can fail on user input, done before any data is tokenized or any step is taken."""
     from corpora.reader import list_corpus_files
 
@@ -49,7 +50,7 @@ def preflight(model_dir, corpus, out_dir, block_size: int, tokenizer_dir=None):
     if all(f.stat().st_size == 0 for f in files):
         raise UserError(f"corpus {', '.join(map(str, files[:3]))}: all files are empty; point --corpus at your text")
     n_tok = tokenizer_len(tok_dir)
-    model = load_model_dir(model_dir)
+    model = load_model_dir(model_dir, **({"dtype": dtype} if dtype is not None else {}))
     check_sizes(model, model_dir, n_tok, tok_dir)
     ctx = getattr(model.config, "max_position_embeddings", None)
     if ctx is not None and block_size > ctx:
@@ -108,10 +109,13 @@ def _prepare(stage, model_dir, corpus, out_dir, recipe, settings, resume, cache_
     from pretrain.data import build_datasets, tokenizer_hash
     from zhllama.hashing import sha256_file
     from zhllama.manifest import write_json
+    from zhllama.precision import base_dtype
 
     out_dir, model_dir = Path(out_dir), Path(model_dir)
     pre = recipe.pretrain
-    model, tok_dir = preflight(model_dir, corpus, out_dir, pre.block_size, tokenizer_dir)
+    # on a GPU at fp16/bf16 the frozen base is loaded in half precision (zhllama.precision)
+    model, tok_dir = preflight(model_dir, corpus, out_dir, pre.block_size, tokenizer_dir,
+                               dtype=base_dtype(settings.precision))
     chinese = check_chinese(corpus, encoding, min_han_share, stage.replace("pretrain.", "pretrain "))
     inputs = {
         "model": {"path": str(model_dir), "sha256": _weights_hash(model_dir)},
@@ -192,6 +196,7 @@ def run_phase1(model_dir, corpus, out_dir, recipe, settings, new_rows_only=False
         model = get_peft_model(model, cfg)
     else:
         model.get_input_embeddings().weight.requires_grad_(True)
+    upcast_trainable(model)
     summary = trainable_summary(model)
     print(f"phase 1: training {summary['trainable']:,} of {summary['total']:,} parameters ({summary['percent']:.2f}%)")
     trainer, result = run_training(model, train_ds, eval_ds, settings, out_dir, collate_blocks, resume=resume)
@@ -249,6 +254,7 @@ def run_phase2(model_dir, corpus, out_dir, recipe, settings, resume=True, cache_
     # (and a resumed run's first process) starts from different adapters.
     set_seed(settings.seed)
     model = get_peft_model(model, lcfg)
+    upcast_trainable(model)
     if settings.gradient_checkpointing:
         model.enable_input_require_grads()
     summary = trainable_summary(model)
@@ -269,8 +275,12 @@ def run_phase2(model_dir, corpus, out_dir, recipe, settings, resume=True, cache_
     return result
 
 
-def init_model(recipe, tokenizer, out_dir, seed: int = 0) -> Path:
-    """A randomly initialised LLaMA-architecture model shaped by recipe.model, on the given base tokenizer."""
+def init_model(recipe, tokenizer, out_dir, seed: int = 0, device: str = "cpu", dtype: str = "float32") -> Path:
+    """A randomly initialised LLaMA-architecture model shaped by recipe.model, on the given base tokenizer.
+
+    device "cuda" draws the weights on the GPU (a 7B model in seconds instead of minutes of CPU randn; the
+    values differ from a CPU init with the same seed); dtype is what is stored (bfloat16 halves a 7B folder).
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -294,10 +304,21 @@ def init_model(recipe, tokenizer, out_dir, seed: int = 0) -> Path:
         tie_word_embeddings=m.tie_word_embeddings, rms_norm_eps=m.rms_norm_eps, initializer_range=m.initializer_range,
         bos_token_id=sp.trainer_spec.bos_id, eos_token_id=sp.trainer_spec.eos_id,
     )
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device {device!r}: choose cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"--dtype {dtype!r}: choose float32, bfloat16 or float16")
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
+    if device == "cpu" and dtype == "float32":
+        model = LlamaForCausalLM(cfg)
+    else:
+        with torch.device(device):
+            model = LlamaForCausalLM._from_config(cfg, dtype=getattr(torch, dtype))
     model.save_pretrained(out)
     save_tokenizer_folder(sp, out)
-    write_manifest(out, "pretrain.init", {"recipe": recipe.name, "model": dataclasses.asdict(m), "seed": seed},
+    write_manifest(out, "pretrain.init", {"recipe": recipe.name, "model": dataclasses.asdict(m), "seed": seed,
+                                          "device": device, "dtype": dtype},
                    {"tokenizer": {"path": str(tokenizer), "sha256": sha256_file(tokenizer)}})
     return out

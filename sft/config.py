@@ -33,6 +33,7 @@ class SFTConfig:
     reference_tokenization: bool = False
     packing: bool = True              # padding-free batches, per-example attention, LM head only on trained tokens
     fast_lora_dropout: bool = True    # LoRA dropout masks from 16-bit uniforms (same Bernoulli, cheaper to draw)
+    loss_chunk_tokens: int = 1024     # packed batches: LM head + CE this many trained rows at a time (0: whole batch)
     overlong: str = "truncate"        # truncate | drop | error
     seed: int = 42
     logging_steps: int = 10
@@ -64,6 +65,8 @@ def validate(c: SFTConfig, where: str) -> None:
         raise UserError(f"{where}: max_length {c.max_length} is too small")
     if c.overlong not in ("truncate", "drop", "error"):
         raise UserError(f"{where}: overlong {c.overlong!r} must be truncate, drop or error")
+    if c.loss_chunk_tokens < 0:
+        raise UserError(f"{where}: loss_chunk_tokens {c.loss_chunk_tokens} must be >= 0 (0: no chunking)")
     if not 0 <= c.eval_ratio < 1:
         raise UserError(f"{where}: eval_ratio must be in [0, 1)")
 

@@ -48,8 +48,8 @@ def split_records(records, ratio: float, cap: int):
     return train, held
 
 
-def load_base(model_dir, adapter=None, log=print):
-    """The model SFT starts from, with its tokenizer source folder."""
+def load_base(model_dir, adapter=None, log=print, dtype=None):
+    """The model SFT starts from, with its tokenizer source folder (dtype: default fp32)."""
     from zhllama.models import load_model_dir
 
     if adapter:
@@ -61,11 +61,11 @@ def load_base(model_dir, adapter=None, log=print):
         # the pretrain adapter must have been trained on exactly --model's weights (and its own parents come along)
         chain = resolve_chain(model_dir, [adapter], log=log)
         log(f"loading {model_dir} + pretrain adapter {adapter} (merged in memory)")
-        model = load_peft_chain(model_dir, chain.adapters)
+        model = load_peft_chain(model_dir, chain.adapters, dtype=dtype)
         model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
         tok_src = adapter if ad.tokenizer_len is not None else model_dir
         return model, Path(tok_src)
-    return load_model_dir(model_dir), Path(model_dir)
+    return load_model_dir(model_dir, **({"dtype": dtype} if dtype is not None else {})), Path(model_dir)
 
 
 def _reconcile_checkpoints(out: Path, fingerprint: dict, resume):
@@ -141,7 +141,10 @@ def train(model_dir, data, out, adapter=None, template=None, max_steps=None, rec
         f"tokens trained), {len(eval_set.examples) if eval_set else 0} held out; template {tmpl.name}; "
         f"{'reference' if cfg.reference_tokenization else 'serving-consistent'} tokenization")
 
-    model, _ = load_base(model_dir, adapter, log=log)
+    from zhllama.precision import base_dtype, upcast_trainable
+
+    # on a GPU at fp16/bf16 the frozen base is loaded in half precision, what trains is upcast to fp32
+    model, _ = load_base(model_dir, adapter, log=log, dtype=base_dtype(cfg.precision))
     rows = model.get_input_embeddings().weight.shape[0]
     check_vocab(rows, len(tok), pad_added, f"{model_dir}" + (f" + {adapter}" if adapter else ""), tok_src)
     if rows != len(tok):
@@ -158,6 +161,7 @@ def train(model_dir, data, out, adapter=None, template=None, max_steps=None, rec
     # LoRA A is drawn from torch's RNG when the adapter is created: seed first so runs and resumes agree
     set_seed(cfg.seed)
     model = get_peft_model(model, lora)
+    upcast_trainable(model)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     log(f"trainable parameters: {n_train:,} of {n_all:,} = {100 * n_train / n_all:.2f}%")
@@ -185,17 +189,21 @@ def train(model_dir, data, out, adapter=None, template=None, max_steps=None, rec
     write_manifest(out, "sft", resolved, inputs)
     padded = Collator(tok.pad_token_id)
     if cfg.packing:
-        from sft.packing import PackedCollator, packed_attention, selected_token_loss
+        from sft.packing import PackedCollator, packed_attention
 
-        train_kw = dict(data_collator=PackedCollator(), compute_loss_func=selected_token_loss, eval_collator=padded)
-        attention = packed_attention(model)
+        attention = packed_attention(model, cfg.loss_chunk_tokens)
     else:
-        train_kw, attention = dict(data_collator=padded), contextlib.nullcontext()
-    with attention:
+        attention = contextlib.nullcontext()
+    with attention as packed:
+        train_kw = (dict(data_collator=PackedCollator(), compute_loss_func=packed.loss, eval_collator=padded)
+                    if cfg.packing else dict(data_collator=padded))
         trainer, result = run_training(
             model, ListDataset(train_set.examples), ListDataset(eval_set.examples) if eval_set else None, settings,
             out, resume=resume, processing_class=tok, **train_kw,
         )
+        if cfg.packing:
+            result["packed_attention"] = packed.backend
+            result["loss_chunk_tokens"] = cfg.loss_chunk_tokens if packed.chunked else 0
     if trainer.is_world_process_zero():
         # modules_to_save already holds the full embed/head; save_embedding_layers would add two more copies
         trainer.model.save_pretrained(str(out), save_embedding_layers=False)

@@ -12,6 +12,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("ZHLLAMA_DATA", ROOT.parent / "shared" / "data"))
+# llama.cpp's convert_hf_to_gguf.py + gguf-py from llama-cpp-python's source distribution (make setup-integration)
+LLAMA_SRC = Path(os.environ.get("ZHLLAMA_LLAMA_CPP_SRC", ROOT / ".cache" / "zhllama" / "llama.cpp-src"))
 
 
 def _integration_missing(tool: str) -> str | None:
@@ -21,6 +23,9 @@ def _integration_missing(tool: str) -> str | None:
 
     if tool == "llama_cpp":
         return None if importlib.util.find_spec("llama_cpp") else "llama-cpp-python is not installed (make setup-integration)"
+    if tool == "llama_src":
+        return None if (LLAMA_SRC / "convert_hf_to_gguf.py").is_file() else \
+            f"llama.cpp's converter not found in {LLAMA_SRC} (make setup-integration, or set ZHLLAMA_LLAMA_CPP_SRC)"
     if tool == "chromium":
         if importlib.util.find_spec("selenium") is None:
             return "selenium is not installed (make setup-integration)"

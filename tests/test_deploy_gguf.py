@@ -113,16 +113,75 @@ def test_llama_cpp_matches_sentencepiece_and_transformers(ggufs, chat_model, fty
 
 
 @pytest.mark.integration("llama_cpp")
+def test_k_quants_through_llama_cpp_quantize_keep_vocab_template_and_eog(chat_model, tmp_path):
+    from gguf import GGUFReader
+
+    from deploy.gguf_export import export
+    from deploy.gguf_verify import verify
+
+    out = tmp_path / "m-q4_k_m.gguf"
+    export(chat_model, out, "q4_k_m", log=lambda *_: None)
+    assert not list(tmp_path.glob("*.tmp"))
+    r = GGUFReader(str(out))
+    assert _field(r, "tokenizer.chat_template") == (chat_model / "chat_template.jinja").read_text(encoding="utf-8")
+    res = verify(out, chat_model, "q4_k_m", log=lambda *_: None)
+    assert res["ok"] and res["metadata"]["eog_tokens"] == [2]
+
+
+@pytest.mark.integration("llama_cpp")
 def test_llama_cpp_greedy_generation_and_server_equal_transformers(ggufs, chat_model):
-    """The GGUF backend renders the chat template from the file and answers like the folder does."""
+    """The GGUF backend renders the chat template from the file and generates the folder's greedy tokens."""
+    import torch
+
     from deploy.backends import LlamaCppBackend, Outcome, Sampling, TransformersBackend
 
     msgs = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"},
             {"role": "user", "content": "请介绍一下北京。"}]
     hf = TransformersBackend(chat_model, device="cpu")
-    ll = LlamaCppBackend(ggufs["f32"], n_ctx=512, n_threads=2)
-    assert ll.chat_ids(msgs) == hf.chat_ids(msgs)
-    s = Sampling(max_tokens=20, do_sample=False)
-    a = "".join(hf.stream(hf.chat_ids(msgs), s, lambda: False, Outcome()))
-    b = "".join(ll.stream(ll.chat_ids(msgs), s, lambda: False, Outcome()))
-    assert a == b
+    ll = LlamaCppBackend(ggufs["f32"], n_ctx=512, n_threads=2, kv_f32=True)
+    ids = hf.chat_ids(msgs)
+    assert ll.chat_ids(msgs) == ids
+    with torch.no_grad():
+        want = hf.model.generate(input_ids=torch.tensor([ids]), max_new_tokens=30, do_sample=False)[0, len(ids):].tolist()
+    ll.llm.reset()
+    got = []
+    for t in ll.llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
+        got.append(t)
+        if len(got) == len(want) or t == 2:
+            break
+    assert got == want
+    # the random model emits stray byte pieces; the two libraries render invalid UTF-8 differently, so the
+    # streamed text is compared where it is valid: up to the first byte piece
+    out = Outcome()
+    text = "".join(ll.stream(ids, Sampling(max_tokens=30, do_sample=False), lambda: False, out))
+    pieces = hf.tok.convert_ids_to_tokens(want)
+    k = next((i for i, p in enumerate(pieces) if p.startswith("<0x")), len(pieces))
+    assert text.startswith(hf.tok.decode(want[:k])) and out.finish_reason in ("stop", "length")
+
+
+@pytest.mark.integration("llama_src")
+def test_llama_cpp_own_converter_writes_the_same_model(ggufs, chat_model, tmp_path):
+    """convert_hf_to_gguf.py (from the llama-cpp-python sdist) still converts the merged layout, and its
+    tensors, vocabulary and chat template are the ones `deploy gguf` writes."""
+    import os
+
+    from gguf import GGUFReader
+
+    from conftest import LLAMA_SRC
+
+    out = tmp_path / "conv-f32.gguf"
+    env = dict(os.environ, PYTHONPATH=f"{LLAMA_SRC / 'gguf-py'}{os.pathsep}{LLAMA_SRC}", HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, str(LLAMA_SRC / "convert_hf_to_gguf.py"), str(chat_model), "--outfile", str(out),
+                        "--outtype", "f32"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    theirs, ours = GGUFReader(str(out)), GGUFReader(ggufs["f32"])
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.bos_token_id",
+                "tokenizer.ggml.eos_token_id", "tokenizer.chat_template", "llama.block_count",
+                "llama.attention.head_count_kv", "llama.rope.dimension_count"):
+        assert _field(theirs, key) == _field(ours, key), key
+    assert np.allclose(_field(theirs, "tokenizer.ggml.scores"), _field(ours, "tokenizer.ggml.scores"))
+    a = {t.name: np.asarray(t.data) for t in theirs.tensors}
+    b = {t.name: np.asarray(t.data) for t in ours.tensors}
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k

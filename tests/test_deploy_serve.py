@@ -177,12 +177,26 @@ def test_load_16_clients_64_requests_answered_or_429(server, backend):
     assert r.status_code == 200
 
 
+def test_client_gone_mid_stream_frees_its_slot(server):
+    import httpx
+
+    body = {"messages": [{"role": "user", "content": Q}], "max_tokens": 24, "stream": True}
+    for _ in range(6):   # more than max_queue: a leaked slot would turn the last ones into 429
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())
+    t0 = time.monotonic()
+    while httpx.get(server.url + "/health", timeout=10).json()["pending"] and time.monotonic() - t0 < 20:
+        time.sleep(0.1)
+    assert httpx.get(server.url + "/health", timeout=10).json()["pending"] == 0
+
+
 def test_api_key_and_timeout(backend):
     import httpx
 
     from deploy.server import Limits, create_app
 
-    r = Running(create_app(backend, Limits(max_tokens=512, timeout=0.3), api_key="sekret"))
+    r = Running(create_app(backend, Limits(max_tokens=512, timeout=0.05), api_key="sekret"))
     try:
         body = {"messages": [{"role": "user", "content": Q}], "max_tokens": 512, "temperature": 0,
                 "repetition_penalty": 1.0}

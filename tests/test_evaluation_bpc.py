@@ -186,6 +186,8 @@ def test_cli_errors_are_one_line(two_models, tmp_path, capsys):
     assert main(["bpc", "--model", str(two_models[0]), "--text", str(t), "--context", "32", "--stride", "40",
                  "--json", str(tmp_path / "o.json")]) == 2
     assert "--stride 40" in capsys.readouterr().err
+    assert main(["bpc", "--model", str(two_models[0]), "--text", str(t), "--context", "4096", "--json", str(tmp_path / "o.json")]) == 2
+    assert "max_position_embeddings 256" in capsys.readouterr().err
 
 
 def test_model_plus_adapter_syntax_scores_the_peft_model(two_models, short_text, tmp_path):

@@ -17,7 +17,7 @@ Public API (stable; every training stage uses it):
         the caller saves what its stage produces (full model, adapter, ...). result holds eval_loss_before,
         eval_loss_after, train_loss, global_step, resumed_from, tokens_seen, and the effective settings.
     last_complete_checkpoint(out_dir) -> Path | None
-    plain_eval_loss(model, dataset, collate, batch_size) -> float   mean loss per predicted token, no Trainer
+    plain_eval_loss(model, dataset, collate, batch_size, precision="fp32") -> float   mean loss per predicted token, no Trainer
     world_size() -> int, is_main_process() -> bool
 
 Distributed runs come from the launcher (torchrun / accelerate launch with a DDP, DeepSpeed or FSDP config):
@@ -123,8 +123,10 @@ def _callbacks(out_dir: Path):
             if dt > 0 and tokens > self.tokens0:
                 logs["tokens_per_s"] = round((tokens - self.tokens0) / dt, 1)
             if state.is_world_process_zero:
+                # elapsed_s: seconds since training began, so steady-state speed can be read between two lines
                 with open(out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"step": state.global_step, "tokens": tokens, **logs}) + "\n")
+                    f.write(json.dumps({"step": state.global_step, "tokens": tokens, "elapsed_s": round(dt, 3),
+                                        **logs}) + "\n")
 
     return [Bookkeeping()]
 
@@ -207,8 +209,13 @@ def training_arguments(settings: TrainSettings, out_dir: Path, has_eval: bool):
     return TrainingArguments(**kw), dict(gradient_accumulation_steps=accum, world_size=ws, precision_used=precision)
 
 
-def plain_eval_loss(model, dataset, collate, batch_size: int) -> float:
-    """Mean loss per predicted token over `dataset`, with the model as it is (no Trainer, no wrapping)."""
+def plain_eval_loss(model, dataset, collate, batch_size: int, precision: str = "fp32") -> float:
+    """Mean loss per predicted token over `dataset`, with the model as it is (no Trainer, no wrapping).
+
+    precision fp16/bf16 on a GPU: under autocast, like training (a half-precision frozen base beside fp32
+    trained layers cannot run without it)."""
+    import contextlib
+
     import torch
 
     device = next(model.parameters()).device
@@ -216,7 +223,9 @@ def plain_eval_loss(model, dataset, collate, batch_size: int) -> float:
     model.eval()
     total, count = 0.0, 0
     rows = list(dataset)
-    with torch.no_grad():
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    amp = torch.autocast(device.type, dtype=half) if half is not None and device.type == "cuda" else contextlib.nullcontext()
+    with torch.no_grad(), amp:
         for i in range(0, len(rows), max(1, batch_size)):
             batch = {k: v.to(device) for k, v in collate(rows[i : i + batch_size]).items()}
             n = int((batch["labels"][:, 1:] != -100).sum())
@@ -258,7 +267,8 @@ def run_training(model, train_dataset, eval_dataset, settings: TrainSettings, ou
         if ckpt is not None and before_path.is_file():
             result["eval_loss_before"] = json.loads(before_path.read_text())["eval_loss"]
         else:
-            result["eval_loss_before"] = plain_eval_loss(model, eval_dataset, collate, settings.per_device_batch_size)
+            result["eval_loss_before"] = plain_eval_loss(model, eval_dataset, collate, settings.per_device_batch_size,
+                                                         derived["precision_used"])
             if trainer.is_world_process_zero():
                 write_json(before_path, {"eval_loss": result["eval_loss_before"]})
     t0 = time.time()
@@ -268,7 +278,7 @@ def run_training(model, train_dataset, eval_dataset, settings: TrainSettings, ou
     if eval_dataset is not None:
         result["eval_loss_after"] = (
             trainer.evaluate()["eval_loss"] if sharded
-            else plain_eval_loss(model, eval_dataset, collate, settings.per_device_batch_size)
+            else plain_eval_loss(model, eval_dataset, collate, settings.per_device_batch_size, derived["precision_used"])
         )
     if trainer.is_world_process_zero():
         plot_loss(trainer.state.log_history, out_dir / "loss.png")

@@ -21,12 +21,14 @@ def add_job_args(ap) -> None:
     ap.add_argument("--seed", type=int, default=42)
 
 
-def peer_args(doc: str):
+def peer_args(doc: str, extra=None):
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
     ap.add_argument("--data", required=True, help="JSON array of Alpaca records")
     ap.add_argument("--out", required=True)
     add_job_args(ap)
+    if extra:
+        extra(ap)
     return ap.parse_args()
 
 
@@ -39,9 +41,10 @@ def trainer_state_result(log_history: list, tokens: int) -> dict:
             "steps": int(end.get("step", 0)) or None}
 
 
-def write_result(out, state, *packages) -> None:
+def write_result(out, state, *packages, **extra) -> None:
     from importlib.metadata import version
 
     res = trainer_state_result(state.log_history, state.num_input_tokens_seen)
     res["versions"] = {p: version(p) for p in packages}
+    res.update(extra)
     Path(out, "bench_result.json").write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
