@@ -12,8 +12,8 @@ Two passes, both streaming:
    byte-identical however often the run was interrupted; a rerun re-reads pass 1's output (to rebuild
    the dedup state) but does not rewrite finished shards.
 
-OUT/.work is removed when the run succeeds (OUT/prepare_stamp.json then says what it was made from, so an
-unchanged rerun does nothing); after a failure or kill it stays and the rerun continues from it.
+OUT/.work is removed when the run succeeds (the run folder's recorded fingerprint then says what it was made
+from, so an unchanged rerun does nothing); after a failure or kill it stays and the rerun continues from it.
 
 Load the result with `datasets.load_dataset("json", data_files={"train": "OUT/train/*.jsonl.gz",
 "heldout": "OUT/heldout/*.jsonl.gz"}, streaming=True)`; every record is {"text": ...}.
@@ -384,31 +384,10 @@ def _add(total: dict, part: dict) -> None:
             total[k] = total.get(k, 0) + v
 
 
-def prepare(inputs, out_dir, cfg: PrepareConfig | None = None, progress: bool = True, log=print) -> dict:
-    """Run both passes into out_dir; returns the stats written to out_dir/stats.json."""
+def _pass1(files, cfg: PrepareConfig, work: Path, progress: bool) -> dict[int, dict]:
+    """Clean every file (in parallel); finished ones return their stored stats at once."""
     from tqdm import tqdm
 
-    cfg = cfg or PrepareConfig()
-    cfg.validate()
-    files = list_inputs(inputs)
-    out = Path(out_dir)
-    # a finished run keeps only this stamp (inputs' size/mtime + options), not its 1x-corpus-sized work folder
-    stamp_path = out / "prepare_stamp.json"
-    stamp = {"files": [_fingerprint(f, cfg) for f in files], "config": cfg.public()}
-    if (out / "stats.json").is_file() and stamp_path.is_file():
-        try:
-            if json.loads(stamp_path.read_text(encoding="utf-8")) == stamp:
-                log(f"{out} is up to date with its inputs and options; nothing to do")
-                return json.loads((out / "stats.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            pass
-    stamp_path.unlink(missing_ok=True)
-    work = out / ".work" / "files"
-    work.mkdir(parents=True, exist_ok=True)
-    for d in (work, out / "train", out / "heldout"):
-        _remove_stale_tmp(d)
-
-    # pass 1: files in parallel; finished ones return their stored stats at once
     results: dict[int, dict] = {}
     jobs = [(i, f, cfg, work) for i, f in enumerate(files)]
     n_workers = min(cfg.workers or os.cpu_count() or 1, len(jobs))
@@ -428,16 +407,12 @@ def prepare(inputs, out_dir, cfg: PrepareConfig | None = None, progress: bool = 
             results[i] = res
             bar.update(1)
     bar.close()
+    return results
 
-    # pass 2 state: if the inputs or options differ from the run that wrote the shards, start over
-    plan = {"files": [results[i]["fingerprint"] for i in range(len(files))], "config": cfg.public()}
-    plan_path = out / ".work" / "pass2.json"
-    old = json.loads(plan_path.read_text(encoding="utf-8")) if plan_path.is_file() else None
-    if old != plan:
-        for d in ("train", "heldout"):
-            shutil.rmtree(out / d, ignore_errors=True)
-        (out / "stats.json").unlink(missing_ok=True)
-        write_json(plan_path, plan)
+
+def _pass2(files, results: dict, cfg: PrepareConfig, out: Path, work: Path, progress: bool):
+    """Deduplicate across files in input order and write the train/heldout shards; returns (per-file stats, writers)."""
+    from tqdm import tqdm
 
     exact = dedup.ExactDedup()
     near = dedup.NearDedup(cfg.near_threshold) if cfg.dedup == "near" else None
@@ -446,10 +421,8 @@ def prepare(inputs, out_dir, cfg: PrepareConfig | None = None, progress: bool = 
     bar = tqdm(total=sum(results[i]["stats"]["pieces_out"] for i in results), desc="dedup+shard", unit="doc",
                disable=not progress or None)
     for i, f in enumerate(files):
-        st = results[i]["stats"]
-        st = json.loads(json.dumps(st))  # a private copy: pass 2 adds to it
-        fid = _file_id(f)
-        for n, rec in enumerate(_iter_cleaned(work / f"{fid}.jsonl.gz")):
+        st = json.loads(json.dumps(results[i]["stats"]))  # a private copy: pass 2 adds to it
+        for n, rec in enumerate(_iter_cleaned(work / f"{_file_id(f)}.jsonl.gz")):
             text = rec["t"]
             if exact.is_duplicate(text):
                 reason = "exact_duplicate"
@@ -477,7 +450,10 @@ def prepare(inputs, out_dir, cfg: PrepareConfig | None = None, progress: bool = 
     bar.close()
     for w in writers.values():
         w.close()
+    return per_file, writers
 
+
+def _totals(per_file: dict) -> dict:
     total: dict = {}
     for st in per_file.values():
         _add(total, st)
@@ -492,26 +468,14 @@ def prepare(inputs, out_dir, cfg: PrepareConfig | None = None, progress: bool = 
     total["encodings"] = {}
     for st in per_file.values():
         total["encodings"][st["encoding"]] = total["encodings"].get(st["encoding"], 0) + 1
-    stats = {
-        "accounting": ("documents are counted as read; a document longer than max_chars is split into pieces "
-                       "(split.docs -> split.pieces) and counted as pieces from there on (dedup, kept): "
-                       "docs_in - split.docs + split.pieces == docs_kept + sum(dropped.docs); characters: "
-                       "chars_in - normalisation.chars_removed == chars_kept + sum(dropped.chars)"),
-        "config": cfg.public(),
-        "dedup_library": "datasketch (MinHash + MinHashLSH, character 5-grams)" if near else "exact (blake2b-128 set)",
-        "shards": {k: w.names for k, w in writers.items()},
-        "total": total,
-        "files": per_file,
-    }
-    write_json(out / "stats.json", stats)
-    write_json(stamp_path, stamp)
-    # success: the work folder (cleaned copies of every input) goes; after a failure it stays and the rerun reuses it
-    shutil.rmtree(out / ".work", ignore_errors=True)
+    return total
+
+
+def _log_summary(total: dict, per_file: dict, writers: dict, out: Path, log) -> None:
     skipped = sum(w.skipped for w in writers.values())
-    t = total
-    dropped = {r: v["docs"] for r, v in t["dropped"].items() if v["docs"]}
-    log(f"{t['docs_in']:,} documents in, {t['docs_kept']:,} kept ({t['train']['docs']:,} train, "
-        f"{t['heldout']['docs']:,} held out), dropped: {dropped or 'none'}; "
+    dropped = {r: v["docs"] for r, v in total["dropped"].items() if v["docs"]}
+    log(f"{total['docs_in']:,} documents in, {total['docs_kept']:,} kept ({total['train']['docs']:,} train, "
+        f"{total['heldout']['docs']:,} held out), dropped: {dropped or 'none'}; "
         f"{len(writers['train'].names)} + {len(writers['heldout'].names)} shards in {out}"
         + (f" ({skipped} already finished)" if skipped else ""))
     for name, st in per_file.items():
@@ -520,4 +484,58 @@ def prepare(inputs, out_dir, cfg: PrepareConfig | None = None, progress: bool = 
         elif st["encoding"] != "utf-8" or st["normalisation"].get("invalid_bytes"):
             log(f"  {name}: {st['encoding']} ({st['encoding_detected_by']}), "
                 f"{st['normalisation'].get('invalid_bytes', 0)} undecodable bytes removed")
-    return stats
+
+
+def prepare(inputs, out_dir, cfg: PrepareConfig | None = None, progress: bool = True, log=print) -> dict:
+    """Run both passes into out_dir (a zhllama.runfolder run folder: locked while it runs, result.json and
+    manifest.json when finished); returns the stats written to out_dir/stats.json."""
+    from zhllama import runfolder
+
+    cfg = cfg or PrepareConfig()
+    cfg.validate()
+    files = list_inputs(inputs)
+    out = Path(out_dir)
+    work = out / ".work" / "files"
+    with runfolder.lock(out, log=lambda m: log(m)):
+        # a finished run keeps no work folder (1x the corpus): its recorded fingerprint says it is up to date
+        early = {"files": [_fingerprint(f, cfg) for f in files], "config": cfg.public()}
+        if (out / "stats.json").is_file() and runfolder.decide(out, early, "auto", log=lambda m: None,
+                                                               partial=True) == "up-to-date":
+            log(f"{out} is up to date with its inputs and options; nothing to do")
+            return json.loads((out / "stats.json").read_text(encoding="utf-8"))
+        work.mkdir(parents=True, exist_ok=True)
+        for d in (work, out / "train", out / "heldout"):
+            _remove_stale_tmp(d)
+        results = _pass1(files, cfg, work, progress)
+        # pass 2 state: if the inputs or options differ from the run that wrote the shards, start over
+        plan = {"files": [results[i]["fingerprint"] for i in range(len(files))], "config": cfg.public()}
+        # up to date or resumable: pass 2 runs again and skips the shards it finished (same bytes)
+        partial = any((out / d).is_dir() for d in ("train", "heldout")) or (out / "stats.json").is_file()
+        if runfolder.decide(out, plan, "auto", log=log, partial=partial) == "start-over":
+            for d in ("train", "heldout"):
+                shutil.rmtree(out / d, ignore_errors=True)
+            (out / "stats.json").unlink(missing_ok=True)
+        runfolder.begin(out, {"stage": "corpora.prepare", "config": cfg.public()}, plan)
+        per_file, writers = _pass2(files, results, cfg, out, work, progress)
+        total = _totals(per_file)
+        stats = {
+            "accounting": ("documents are counted as read; a document longer than max_chars is split into pieces "
+                           "(split.docs -> split.pieces) and counted as pieces from there on (dedup, kept): "
+                           "docs_in - split.docs + split.pieces == docs_kept + sum(dropped.docs); characters: "
+                           "chars_in - normalisation.chars_removed == chars_kept + sum(dropped.chars)"),
+            "config": cfg.public(),
+            "dedup_library": "datasketch (MinHash + MinHashLSH, character 5-grams)" if cfg.dedup == "near"
+            else "exact (blake2b-128 set)",
+            "shards": {k: w.names for k, w in writers.items()},
+            "total": total,
+            "files": per_file,
+        }
+        write_json(out / "stats.json", stats)
+        inputs_m = {"raw": [runfolder.input_entry(f) for f in files]}
+        runfolder.finish(out, "corpora.prepare", {k: total[k] for k in ("docs_in", "docs_kept", "chars_kept") if k in total}
+                         | {"shards": {k: len(w.names) for k, w in writers.items()}}, inputs_m,
+                         runfolder.parents_of(files), seed=None, fingerprint=plan)
+        # success: the work folder goes; after a failure or kill it stays and the rerun continues from it
+        shutil.rmtree(out / ".work", ignore_errors=True)
+        _log_summary(total, per_file, writers, out, log)
+        return stats

@@ -44,7 +44,7 @@ def load(model_dir, base=None, dtype: str = "float32"):
         # the adapter's recorded chain (parents + base), checked by hash; --base must be the recorded weights
         ch = resolve_chain(base, [d], log=lambda m: print(m, file=sys.stderr))
         base, chain = ch.base, list(ch.adapters)
-        sc = d / "sft_config.json"
+        sc = d / "resolved_config.json"
         if not ch.verified and sc.is_file() and json.loads(sc.read_text()).get("pretrain_adapter"):
             chain.insert(0, json.loads(sc.read_text())["pretrain_adapter"])  # adapters from before lineage records
         model = load_peft_chain(base, chain, dtype=td)

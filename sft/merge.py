@@ -1,9 +1,7 @@
 """Merge LoRA adapters into a base model, shard by shard, then verify the result by its logits.
 
-Order matters and follows the reference (LLaMA-Plus, then Alpaca-Plus): each adapter is applied to the
-result of the previous ones. The chain is checked against the adapters' lineage records
-(zhllama.lineage): one adapter alone brings its parents and its base, an explicit list must be that
-chain in that order, and the base must have the weights the chain was trained on. Per tensor:
+Order matters and follows the reference (LLaMA-Plus, then Alpaca-Plus): adapters are applied in
+the order given, each to the result of the previous ones. Per tensor:
   * a full matrix saved by an adapter (``modules_to_save``: embed_tokens, lm_head) replaces the
     current one; this is also what resizes the vocabulary (32,000 -> 49,953 -> 49,954 rows);
   * a LoRA pair adds ``B @ A * alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), computed in float32.
@@ -192,25 +190,9 @@ def _merge_tensor(name: str, w, adapters: list[Adapter], used: set):
     return out
 
 
-def merge(base, adapters, out, dtype: str = "float16", log=print, verify: bool = True,
-          atol: float | None = None, template: str | None = None) -> dict:
-    import torch
-    from safetensors.torch import save_file
-
-    from zhllama.lineage import resolve_chain
-
-    out = Path(out)
-    if dtype not in TOLERANCE:
-        raise UserError(f"--dtype must be one of {', '.join(TOLERANCE)}, got {dtype!r}")
-    if base is not None and not (Path(base) / "config.json").is_file():
-        raise UserError(f"{base}: not a Hugging Face model folder (no config.json)")
-    chain = resolve_chain(base, list(adapters or []), log=log)
-    base = chain.base
-    ads = [load_adapter(a) for a in chain.adapters]
-    tdtype = getattr(torch, dtype)
-    cfg = json.loads((base / "config.json").read_text(encoding="utf-8"))
-    base_vocab = cfg.get("vocab_size")
-    vocab = base_vocab
+def _target_vocab(base: Path, cfg: dict, ads: list) -> tuple[int, Path | None]:
+    """Rows of the merged model and the folder whose tokenizer it gets; UserError on any disagreement."""
+    vocab = cfg.get("vocab_size")
     for ad in ads:
         if ad.vocab_size is not None:
             vocab = ad.vocab_size
@@ -225,18 +207,19 @@ def merge(base, adapters, out, dtype: str = "float16", log=print, verify: bool =
         if n != vocab:
             raise UserError(f"tokenizer in {tok_src} has {n:,} pieces but the merged model would have {vocab:,} rows "
                             "(the classic 49,953 vs 49,954 mix-up); pass the adapters that belong to this tokenizer")
-    tied = bool(cfg.get("tie_word_embeddings", False))
-    head_from_adapter = any("lm_head" in ad.tensors and "full" in ad.tensors["lm_head"] for ad in ads)
-    embed_from_adapter = any("model.embed_tokens" in ad.tensors for ad in ads)
-    untie = tied and (head_from_adapter or (embed_from_adapter and any("lm_head" in ad.tensors for ad in ads)))
+    return vocab, tok_src
 
-    out.mkdir(parents=True, exist_ok=True)
+
+def _write_shards(base: Path, ads: list, out: Path, tdtype, tied: bool, untie: bool, head_from_adapter: bool) -> int:
+    """Merged weights, one base shard at a time; returns the number of shards."""
+    import torch
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
     shards = _base_shards(base)
     used: set = set()
     weight_map, total = {}, 0
     seen_names = set()
-    from tqdm import tqdm
-
     for i, shard in enumerate(tqdm(shards, desc="merge shards", unit="shard", disable=len(shards) < 2)):
         fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         tensors = {}
@@ -266,9 +249,11 @@ def merge(base, adapters, out, dtype: str = "float16", log=print, verify: bool =
     if len(shards) > 1:
         (out / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n", encoding="utf-8")
+    return len(shards)
 
-    cfg["vocab_size"] = vocab
-    cfg["dtype"] = dtype
+
+def _write_config(base: Path, cfg: dict, out: Path, vocab: int, dtype: str, untie: bool, tok_src) -> None:
+    cfg = dict(cfg, vocab_size=vocab, dtype=dtype)
     cfg.pop("torch_dtype", None)
     if untie:
         cfg["tie_word_embeddings"] = False
@@ -284,22 +269,56 @@ def merge(base, adapters, out, dtype: str = "float16", log=print, verify: bool =
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
     if (base / "generation_config.json").is_file():
         shutil.copy2(base / "generation_config.json", out / "generation_config.json")
-    from sft.template import get, save_name
 
-    tname = template or next((ad.template for ad in reversed(ads) if ad.template), None)
-    if tname:  # no record when no adapter was instruction-tuned: chat then warns instead of assuming a template
-        save_name(out, tname)
-    else:
-        (out / "sft_template.json").unlink(missing_ok=True)
-        tname = get(None).name  # for the verification probes only
-    log(f"merged {len(ads)} adapter(s) into {out}: vocab {base_vocab:,} -> {vocab:,}, dtype {dtype}, "
-        f"{len(shards)} shard(s), template {tname}")
-    result = {"vocab_size": vocab, "base_vocab_size": base_vocab, "dtype": dtype, "template": tname,
-              "adapters": [str(a.path) for a in ads], "shards": len(shards), "chain": chain.to_json()}
-    if verify:
-        result["verify"] = verify_merge(base, [a.path for a in ads], out, dtype, atol=atol, template=tname, log=log,
-                                        chain=chain.to_json())
-    return result
+
+def merge(base, adapters, out, dtype: str = "float16", log=print, verify: bool = True,
+          atol: float | None = None, template: str | None = None) -> dict:
+    """Everything is checked before a weight is read; the merged folder is written to OUT/.partial/ and moved into
+    place (with result.json and manifest.json) only after it is complete and verified."""
+    import torch
+
+    from sft.template import get, save_name
+    from zhllama import runfolder
+    from zhllama.lineage import resolve_chain
+
+    out = Path(out)
+    if dtype not in TOLERANCE:
+        raise UserError(f"--dtype must be one of {', '.join(TOLERANCE)}, got {dtype!r}")
+    if base is not None and not (Path(base) / "config.json").is_file():
+        raise UserError(f"{base}: not a Hugging Face model folder (no config.json)")
+    # the chain the adapters were trained as (lineage.json): one adapter brings its parents and base
+    chain = resolve_chain(base, list(adapters or []), log=log)
+    base = chain.base
+    ads = [load_adapter(a) for a in chain.adapters]
+    # no record when no adapter was instruction-tuned: chat then warns instead of assuming a template
+    recorded = template or next((ad.template for ad in reversed(ads) if ad.template), None)
+    tname = recorded or get(None).name  # the default only renders the verification probes
+    get(tname)  # an unknown template fails here, before anything is written
+    cfg = json.loads((base / "config.json").read_text(encoding="utf-8"))
+    base_vocab = cfg.get("vocab_size")
+    vocab, tok_src = _target_vocab(base, cfg, ads)
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    head_from_adapter = any("lm_head" in ad.tensors and "full" in ad.tensors["lm_head"] for ad in ads)
+    embed_from_adapter = any("model.embed_tokens" in ad.tensors for ad in ads)
+    untie = tied and (head_from_adapter or (embed_from_adapter and any("lm_head" in ad.tensors for ad in ads)))
+    with runfolder.lock(out, log=log):
+        inputs = {"base": runfolder.input_entry(base), "adapters": [runfolder.input_entry(a.path) for a in ads]}
+        config = {"stage": "sft.merge", "dtype": dtype, "template": tname, "verify": verify, "atol": atol}
+        runfolder.begin(out, config, {"inputs": inputs, **config})
+        stage = runfolder.staging(out)
+        n_shards = _write_shards(base, ads, stage, getattr(torch, dtype), tied, untie, head_from_adapter)
+        _write_config(base, cfg, stage, vocab, dtype, untie, tok_src)
+        if recorded:
+            save_name(stage, tname)
+        log(f"merged {len(ads)} adapter(s) into {out}: vocab {base_vocab:,} -> {vocab:,}, dtype {dtype}, "
+            f"{n_shards} shard(s), template {tname}")
+        result = {"vocab_size": vocab, "base_vocab_size": base_vocab, "dtype": dtype, "template": tname,
+                  "adapters": [str(a.path) for a in ads], "shards": n_shards, "chain": chain.to_json()}
+        if verify:
+            result["verify"] = verify_merge(base, [a.path for a in ads], stage, dtype, atol=atol, template=tname, log=log,
+                                            chain=chain.to_json())
+        parents = [runfolder.parent_entry(base)] + [runfolder.parent_entry(a.path) for a in ads]
+        return runfolder.finish(out, "sft.merge", result, inputs, parents, fingerprint={"inputs": inputs, **config})
 
 
 def _probe_batch(tok, template_name: str):

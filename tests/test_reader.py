@@ -67,7 +67,7 @@ def test_prepare_drops_the_binary_file_by_name(corpora, tmp_path):
 
     kept = [json.loads(l)["text"] for s in sorted((out / "train").glob("*.gz")) for l in gzip.open(s, "rt")]
     assert kept == [l for l in corpora["lines"] if len(l) >= 10]
-    assert not (out / ".work").exists() and (out / "prepare_stamp.json").is_file()
+    assert not (out / ".work").exists() and (out / "result.json").is_file()
 
 
 def test_vocab_ignores_binary_and_refuses_english(corpora, tiny_base, tmp_path):

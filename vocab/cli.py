@@ -5,9 +5,10 @@ import argparse
 import json
 from pathlib import Path
 
-from corpora.reader import ENCODINGS
 from vocab.train import MODEL_TYPES, TrainConfig
+from zhllama.cli import add_recipe_args
 from zhllama.errors import UserError, cli_entry
+from zhllama.recipe import Recipe, VocabConfig
 
 _EPILOG = """examples:
   python -m vocab build --base llama/tokenizer.model --corpus data/zh --out runs/x/vocab
@@ -35,7 +36,7 @@ def _add_train_args(p: argparse.ArgumentParser, default_type: str) -> None:
     p.add_argument("--max-piece-bytes", type=int, default=d.max_piece_bytes,
                    help="extend: longest appended piece in UTF-8 bytes; 32 keeps every piece decodable by "
                         "llama-cpp-python, whose detokenizer drops longer ones; 0 = no cap (default: %(default)s)")
-    p.add_argument("--encoding", default="auto", choices=ENCODINGS,
+    p.add_argument("--encoding", default="auto", choices=("auto", "utf-8", "gb18030", "big5"),
                    help="corpus encoding; auto: UTF-8, else GB18030/Big5 detected per file like `corpora prepare` "
                         "(binary files are dropped and reported) (default: %(default)s)")
     p.add_argument("--allow-fewer", action="store_true",
@@ -46,10 +47,6 @@ def _add_train_args(p: argparse.ArgumentParser, default_type: str) -> None:
 def _train_cfg(a) -> TrainConfig:
     if a.vocab_size < 100:
         raise UserError(f"--vocab-size {a.vocab_size} is too small; the Chinese model needs thousands of pieces")
-    if a.max_piece_chars < 0 or a.max_piece_bytes < 0:
-        raise UserError("--max-piece-chars and --max-piece-bytes take a positive number, or 0 for no cap")
-    if 0 < a.max_piece_bytes < 4:
-        raise UserError(f"--max-piece-bytes {a.max_piece_bytes} cannot hold one CJK character (3-4 bytes)")
     if not 0 < a.character_coverage <= 1:
         raise UserError("--character-coverage must be in (0, 1]")
     return TrainConfig(
@@ -88,12 +85,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--check-text", nargs="*", metavar="PATH", help="also check HF/sentencepiece parity on these texts")
 
     p = sub.add_parser("build", help="train + merge + report in one go (what `make vocab` runs)")
-    _add_train_args(p, "extend")
+    p.add_argument("--corpus", nargs="+", required=True, metavar="PATH", help="text files or folders of .txt/.jsonl (field 'text')")
     p.add_argument("--base", required=True, help="base tokenizer.model")
     p.add_argument("--out", required=True, help="output tokenizer folder")
-    p.add_argument("--pad", action="store_true", help="append the Alpaca [PAD] piece")
     p.add_argument("--report-text", nargs="*", metavar="PATH", help="texts for the report (default: the corpus)")
     p.add_argument("--compare", nargs="*", metavar="NAME=PATH", help="other tokenizers to put in the report")
+    p.add_argument("--allow-fewer", action="store_true",
+                   help="extend: accept a vocabulary with far fewer pieces than --num-added (a corpus with little "
+                        "Chinese is an error otherwise)")
+    add_recipe_args(p, [("vocab", VocabConfig)],
+                    recipe_help="recipe whose vocab: section to use (name under recipes/ or a .yaml path; default: "
+                                "the built-in defaults, which are the paper's)")
 
     p = sub.add_parser("report", help="compression and soundness report: table, JSON and bar chart")
     p.add_argument("--tokenizer", required=True, help="tokenizer folder or .model")
@@ -130,8 +132,16 @@ def main(argv=None) -> int:
         print(f"wrote {a.out}")
     elif a.cmd == "build":
         from vocab.build import build
+        from zhllama.cli import resolve_recipe
 
-        build(a.base, a.corpus, a.out, _train_cfg(a), pad=a.pad, report_text=a.report_text, compare=_parse_compare(a.compare),
+        v = resolve_recipe(a, default=Recipe()).vocab
+        cfg = TrainConfig(model_type=v.model_type, vocab_size=v.vocab_size, num_added=v.num_added,
+                          character_coverage=v.character_coverage, max_chars=v.max_chars, word_aware=v.word_aware,
+                          encoding=v.encoding, seed=v.seed, max_piece_chars=v.max_piece_chars,
+                          max_piece_bytes=v.max_piece_bytes)
+        if 0 < cfg.max_piece_bytes < 4:
+            raise UserError(f"--max-piece-bytes {cfg.max_piece_bytes} cannot hold one CJK character (3-4 bytes)")
+        build(a.base, a.corpus, a.out, cfg, pad=v.pad, report_text=a.report_text, compare=_parse_compare(a.compare),
               allow_fewer=a.allow_fewer)
         print(f"wrote {a.out}")
     elif a.cmd == "report":

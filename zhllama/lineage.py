@@ -56,16 +56,21 @@ def adapter_sha256(adapter_dir: str | Path) -> str:
     raise UserError(f"{d}: not an adapter folder (no adapter_model.safetensors or adapter_model.bin)")
 
 
-def record_lineage(adapter_dir: str | Path, base_dir: str | Path, parent_adapter: str | Path | None = None) -> dict:
-    """Write ADAPTER/lineage.json: the base folder's weight hash and the parent adapter's hash (call after training)."""
+def record_lineage(adapter_dir: str | Path, base_dir: str | Path, parent_adapter: str | Path | None = None,
+                   final_dir: str | Path | None = None) -> dict:
+    """Write ADAPTER/lineage.json: the base folder's weight hash and the parent adapter's hash (call after training).
+
+    final_dir: where the adapter folder ends up when it is written in a staging folder first (relative paths
+    are taken from there)."""
     from zhllama.manifest import write_json
 
     d = Path(adapter_dir)
+    where = Path(final_dir) if final_dir is not None else d
     rec = {"base": {"path": str(Path(base_dir).resolve()), "weights_sha256": weights_sha256(base_dir)},
            "parent_adapter": None}
     if parent_adapter:
         p = Path(parent_adapter)
-        rec["parent_adapter"] = {"path": str(p.resolve()), "relpath": os.path.relpath(p.resolve(), d.resolve()),
+        rec["parent_adapter"] = {"path": str(p.resolve()), "relpath": os.path.relpath(p.resolve(), where.resolve()),
                                  "sha256": adapter_sha256(p)}
     write_json(d / LINEAGE_FILE, rec)
     return rec
