@@ -103,7 +103,7 @@ def build(
             log(f"[vocab] {out} is up to date with its inputs; nothing to do")
             return json.loads((out / "vocab_report.json").read_text(encoding="utf-8"))
         runfolder.begin(out, {"stage": "vocab", "train": asdict(cfg), "pad": pad}, fingerprint)
-        train_stats = _train_step(base_path, corpus, out, cfg, stamp, log)
+        train_stats = _train_step(base_path, corpus, out, cfg, stamp, log, allow_fewer)
         log("[vocab] merging into the base tokenizer")
         stage = runfolder.staging(out)
         merge = merge_to_folder(base_path, out / "chinese_sp.model", stage, pad=pad)
@@ -125,7 +125,7 @@ def build(
         return report
 
 
-def _train_step(base_path, corpus, out: Path, cfg: TrainConfig, stamp: dict, log) -> dict:
+def _train_step(base_path, corpus, out: Path, cfg: TrainConfig, stamp: dict, log, allow_fewer: bool = False) -> dict:
     """The Chinese model (chinese_sp.model), retrained only when its inputs changed (train_stamp.json)."""
     stamp_path = out / "train_stamp.json"
     add = out / "chinese_sp.model"
