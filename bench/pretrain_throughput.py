@@ -5,7 +5,7 @@
 Models: the tiny recipe's shape and a ~58M-parameter LLaMA shape (hidden 512, 8 layers at a 32k vocabulary),
 both built from a config on the base tokenizer and resized to the extended one with subword-mean rows.
 Every measurement runs the real CLI (`python -m pretrain phase1/phase2`) in a fresh process; tokens/s is
-what the run's train_result.json reports (tokens seen / training seconds), peak RSS is the process's own.
+what the run's result.json reports (tokens seen / training seconds), peak RSS is the process's own.
 """
 from __future__ import annotations
 
@@ -44,13 +44,14 @@ def main(argv=None) -> int:
             base, resized = tmp / shape / "base", tmp / shape / "resized"
             _pretrain(tmp / "init.log", "init", "--recipe", "tiny", "--tokenizer", a.base_tokenizer, "--out", base, *sets)
             _pretrain(tmp / "resize.log", "resize", "--model", base, "--tokenizer", a.tokenizer, "--out", resized)
-            common = ["--recipe", "tiny", "--corpus", a.corpus, "--max-steps", a.steps, "--save-steps", 10_000,
+            # the same shape overrides as `init`: the recipe must describe the model it trains
+            common = ["--recipe", "tiny", *sets, "--corpus", a.corpus, "--max-steps", a.steps, "--save-steps", 10_000,
                       "--eval-steps", 10_000, "--cache-dir", tmp / "cache", "--no-resume"]
             for label, cmd in (("phase1", ["phase1"]), ("phase1 --new-rows-only", ["phase1", "--new-rows-only"]),
                                ("phase2", ["phase2"])):
                 out = tmp / shape / label.replace(" ", "_")
                 rss = _pretrain(tmp / "run.log", *cmd, "--model", resized, "--out", out, *common)
-                res = json.loads((out / "train_result.json").read_text())
+                res = json.loads((out / "result.json").read_text())
                 params = res.get("trainable", {})
                 rows.append({"model": shape, "run": label, "total_params": params.get("total"),
                              "trainable_params": params.get("trainable"), "steps": res["global_step"],

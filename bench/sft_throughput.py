@@ -129,9 +129,10 @@ def _run_tool(tool: str, a, model: Path, train: Path, out: Path, logs: Path) -> 
                 "eval_ratio": 0, "logging_steps": 5, "save_steps": 100_000, "seed": a.seed}
         if tool == "zhllama-padded":
             sets.update(packing="false", fast_lora_dropout="false")
-        cmd = [sys.executable, "-m", "sft", "train", "--model", model, "--data", train, "--out", out,
-               "--template", "stanford-alpaca", "--max-steps", a.steps, "--no-resume"]
-        rss = run_measured(cmd + [x for k, v in sets.items() for x in ("--set", f"{k}={v}")], log)
+        shape = [x for s in SHAPES[model.name.split("-")[0]] for x in ("--set", s)]  # the recipe must fit the model
+        cmd = [sys.executable, "-m", "sft", "train", "--recipe", "tiny", *shape, "--model", model, "--data", train,
+               "--out", out, "--template", "stanford-alpaca", "--max-steps", a.steps, "--no-resume"]
+        rss = run_measured(cmd + [x for k, v in sets.items() for x in ("--set", f"sft.{k}={v}")], log)
         from bench.peers.args import trainer_state_result
 
         r = json.loads((out / "result.json").read_text())

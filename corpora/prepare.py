@@ -376,20 +376,10 @@ def _add(total: dict, part: dict) -> None:
             total[k] = total.get(k, 0) + v
 
 
-def prepare(inputs, out_dir, cfg: PrepareConfig | None = None, progress: bool = True, log=print) -> dict:
-    """Run both passes into out_dir; returns the stats written to out_dir/stats.json."""
+def _pass1(files, cfg: PrepareConfig, work: Path, progress: bool) -> dict[int, dict]:
+    """Clean every file (in parallel); finished ones return their stored stats at once."""
     from tqdm import tqdm
 
-    cfg = cfg or PrepareConfig()
-    cfg.validate()
-    files = list_inputs(inputs)
-    out = Path(out_dir)
-    work = out / ".work" / "files"
-    work.mkdir(parents=True, exist_ok=True)
-    for d in (work, out / "train", out / "heldout"):
-        _remove_stale_tmp(d)
-
-    # pass 1: files in parallel; finished ones return their stored stats at once
     results: dict[int, dict] = {}
     jobs = [(i, f, cfg, work) for i, f in enumerate(files)]
     n_workers = min(cfg.workers or os.cpu_count() or 1, len(jobs))
@@ -409,16 +399,12 @@ def prepare(inputs, out_dir, cfg: PrepareConfig | None = None, progress: bool = 
             results[i] = res
             bar.update(1)
     bar.close()
+    return results
 
-    # pass 2 state: if the inputs or options differ from the run that wrote the shards, start over
-    plan = {"files": [results[i]["fingerprint"] for i in range(len(files))], "config": cfg.public()}
-    plan_path = out / ".work" / "pass2.json"
-    old = json.loads(plan_path.read_text(encoding="utf-8")) if plan_path.is_file() else None
-    if old != plan:
-        for d in ("train", "heldout"):
-            shutil.rmtree(out / d, ignore_errors=True)
-        (out / "stats.json").unlink(missing_ok=True)
-        write_json(plan_path, plan)
+
+def _pass2(files, results: dict, cfg: PrepareConfig, out: Path, work: Path, progress: bool):
+    """Deduplicate across files in input order and write the train/heldout shards; returns (per-file stats, writers)."""
+    from tqdm import tqdm
 
     exact = dedup.ExactDedup()
     near = dedup.NearDedup(cfg.near_threshold) if cfg.dedup == "near" else None
@@ -427,10 +413,8 @@ def prepare(inputs, out_dir, cfg: PrepareConfig | None = None, progress: bool = 
     bar = tqdm(total=sum(results[i]["stats"]["pieces_out"] for i in results), desc="dedup+shard", unit="doc",
                disable=not progress or None)
     for i, f in enumerate(files):
-        st = results[i]["stats"]
-        st = json.loads(json.dumps(st))  # a private copy: pass 2 adds to it
-        fid = _file_id(f)
-        for n, rec in enumerate(_iter_cleaned(work / f"{fid}.jsonl.gz")):
+        st = json.loads(json.dumps(results[i]["stats"]))  # a private copy: pass 2 adds to it
+        for n, rec in enumerate(_iter_cleaned(work / f"{_file_id(f)}.jsonl.gz")):
             text = rec["t"]
             if exact.is_duplicate(text):
                 reason = "exact_duplicate"
@@ -458,7 +442,10 @@ def prepare(inputs, out_dir, cfg: PrepareConfig | None = None, progress: bool = 
     bar.close()
     for w in writers.values():
         w.close()
+    return per_file, writers
 
+
+def _totals(per_file: dict) -> dict:
     total: dict = {}
     for st in per_file.values():
         _add(total, st)
@@ -469,27 +456,64 @@ def prepare(inputs, out_dir, cfg: PrepareConfig | None = None, progress: bool = 
     total["encodings"] = {}
     for st in per_file.values():
         total["encodings"][st["encoding"]] = total["encodings"].get(st["encoding"], 0) + 1
-    stats = {
-        "accounting": ("documents are counted as read; a document longer than max_chars is split into pieces "
-                       "(split.docs -> split.pieces) and counted as pieces from there on (dedup, kept): "
-                       "docs_in - split.docs + split.pieces == docs_kept + sum(dropped.docs); characters: "
-                       "chars_in - normalisation.chars_removed == chars_kept + sum(dropped.chars)"),
-        "config": cfg.public(),
-        "dedup_library": "datasketch (MinHash + MinHashLSH, character 5-grams)" if near else "exact (blake2b-128 set)",
-        "shards": {k: w.names for k, w in writers.items()},
-        "total": total,
-        "files": per_file,
-    }
-    write_json(out / "stats.json", stats)
+    return total
+
+
+def _log_summary(total: dict, per_file: dict, writers: dict, out: Path, log) -> None:
     skipped = sum(w.skipped for w in writers.values())
-    t = total
-    dropped = {r: v["docs"] for r, v in t["dropped"].items() if v["docs"]}
-    log(f"{t['docs_in']:,} documents in, {t['docs_kept']:,} kept ({t['train']['docs']:,} train, "
-        f"{t['heldout']['docs']:,} held out), dropped: {dropped or 'none'}; "
+    dropped = {r: v["docs"] for r, v in total["dropped"].items() if v["docs"]}
+    log(f"{total['docs_in']:,} documents in, {total['docs_kept']:,} kept ({total['train']['docs']:,} train, "
+        f"{total['heldout']['docs']:,} held out), dropped: {dropped or 'none'}; "
         f"{len(writers['train'].names)} + {len(writers['heldout'].names)} shards in {out}"
         + (f" ({skipped} already finished)" if skipped else ""))
     for name, st in per_file.items():
         if st["encoding"] != "utf-8" or st["normalisation"].get("invalid_bytes"):
             log(f"  {name}: {st['encoding']} ({st['encoding_detected_by']}), "
                 f"{st['normalisation'].get('invalid_bytes', 0)} undecodable bytes removed")
-    return stats
+
+
+def prepare(inputs, out_dir, cfg: PrepareConfig | None = None, progress: bool = True, log=print) -> dict:
+    """Run both passes into out_dir (a zhllama.runfolder run folder: locked while it runs, result.json and
+    manifest.json when finished); returns the stats written to out_dir/stats.json."""
+    from zhllama import runfolder
+
+    cfg = cfg or PrepareConfig()
+    cfg.validate()
+    files = list_inputs(inputs)
+    out = Path(out_dir)
+    work = out / ".work" / "files"
+    with runfolder.lock(out, log=lambda m: log(m)):
+        work.mkdir(parents=True, exist_ok=True)
+        for d in (work, out / "train", out / "heldout"):
+            _remove_stale_tmp(d)
+        results = _pass1(files, cfg, work, progress)
+        # pass 2 state: if the inputs or options differ from the run that wrote the shards, start over
+        plan = {"files": [results[i]["fingerprint"] for i in range(len(files))], "config": cfg.public()}
+        # up to date or resumable: pass 2 runs again and skips the shards it finished (same bytes)
+        partial = any((out / d).is_dir() for d in ("train", "heldout")) or (out / "stats.json").is_file()
+        if runfolder.decide(out, plan, "auto", log=log, partial=partial) == "start-over":
+            for d in ("train", "heldout"):
+                shutil.rmtree(out / d, ignore_errors=True)
+            (out / "stats.json").unlink(missing_ok=True)
+        runfolder.begin(out, {"stage": "corpora.prepare", "config": cfg.public()}, plan)
+        per_file, writers = _pass2(files, results, cfg, out, work, progress)
+        total = _totals(per_file)
+        stats = {
+            "accounting": ("documents are counted as read; a document longer than max_chars is split into pieces "
+                           "(split.docs -> split.pieces) and counted as pieces from there on (dedup, kept): "
+                           "docs_in - split.docs + split.pieces == docs_kept + sum(dropped.docs); characters: "
+                           "chars_in - normalisation.chars_removed == chars_kept + sum(dropped.chars)"),
+            "config": cfg.public(),
+            "dedup_library": "datasketch (MinHash + MinHashLSH, character 5-grams)" if cfg.dedup == "near"
+            else "exact (blake2b-128 set)",
+            "shards": {k: w.names for k, w in writers.items()},
+            "total": total,
+            "files": per_file,
+        }
+        write_json(out / "stats.json", stats)
+        inputs_m = {"raw": [runfolder.input_entry(f) for f in files]}
+        runfolder.finish(out, "corpora.prepare", {k: total[k] for k in ("docs_in", "docs_kept", "chars_kept") if k in total}
+                         | {"shards": {k: len(w.names) for k, w in writers.items()}}, inputs_m,
+                         runfolder.parents_of(files), seed=None, fingerprint=plan)
+        _log_summary(total, per_file, writers, out, log)
+        return stats

@@ -14,7 +14,8 @@ from pathlib import Path
 
 
 from zhllama.errors import UserError
-from zhllama.models import INITS, check_sizes, copy_tokenizer, ensure_writable, load_model_dir, resize_model, tokenizer_len
+from zhllama.models import INITS, check_sizes, copy_tokenizer, load_model_dir, resize_model, tokenizer_len
+from zhllama.runfolder import ensure_writable
 
 def _piece_list(proto) -> list[str]:
     return [p.piece for p in proto.pieces]
@@ -76,8 +77,7 @@ def subword_sources(base_sp, pieces: list[str]) -> list[list[int]]:
 
 def resize_folder(model_dir, tokenizer_dir, out_dir, init: str = "subword-mean", seed: int = 0) -> dict:
     from vocab.spmodel import load_model
-    from zhllama.hashing import sha256_file, sha256_files
-    from zhllama.manifest import write_manifest
+    from zhllama import runfolder
 
     model_dir, tokenizer_dir, out_dir = Path(model_dir), Path(tokenizer_dir), Path(out_dir)
     if init not in INITS:
@@ -89,6 +89,29 @@ def resize_folder(model_dir, tokenizer_dir, out_dir, init: str = "subword-mean",
     if len(ext.pieces) != new_size:
         raise UserError(f"{tokenizer_dir}: tokenizer.model has {len(ext.pieces):,} pieces but tokenizer.json {new_size:,}; rebuild the folder")
     ensure_writable(out_dir)
+    with runfolder.lock(out_dir):
+        inputs = {"model": runfolder.input_entry(model_dir), "tokenizer": runfolder.input_entry(tokenizer_dir / "tokenizer.model")}
+        fingerprint = {"inputs": inputs, "init": init, "seed": seed}
+        if runfolder.decide(out_dir, fingerprint, "auto", artefacts=("config.json",)) == "up-to-date":
+            print(f"{out_dir} is up to date with its inputs; nothing to do")
+            return runfolder.read_result(out_dir)
+        runfolder.begin(out_dir, {"stage": "pretrain.resize", "init": init, "seed": seed}, fingerprint)
+        summary, sources, new_pieces, model = _resize(model_dir, tokenizer_dir, ext, new_size, init, seed)
+        stage = runfolder.staging(out_dir)
+        check_sizes(model, out_dir, new_size, tokenizer_dir)
+        model.save_pretrained(stage)
+        copy_tokenizer(tokenizer_dir, stage)
+        if sources is not None:
+            from zhllama.manifest import write_json
+
+            write_json(stage / "init_sources.json", {p: s for p, s in zip(new_pieces, sources)})
+        parents = [runfolder.parent_entry(model_dir), runfolder.parent_entry(tokenizer_dir)]
+        runfolder.finish(out_dir, "pretrain.resize", summary, inputs, parents, seed=seed, fingerprint=fingerprint,
+                         config={"stage": "pretrain.resize", **summary})
+        return summary
+
+
+def _resize(model_dir: Path, tokenizer_dir: Path, ext, new_size: int, init: str, seed: int):
     # the stored dtype is kept (a bf16/fp16 7B stays 13.5 GB instead of becoming 27 GB of fp32); new rows are
     # averaged in fp32 by resize_model
     model = load_model_dir(model_dir, dtype="auto")
@@ -103,21 +126,7 @@ def resize_folder(model_dir, tokenizer_dir, out_dir, init: str = "subword-mean",
     new_pieces = [p.piece for p in ext.pieces[old:]]
     sources = subword_sources(sp, new_pieces) if init == "subword-mean" else None
     resize_model(model, new_size, init, sources, seed=seed)
-    check_sizes(model, out_dir, new_size, tokenizer_dir)
-    model.save_pretrained(out_dir)
-    copy_tokenizer(tokenizer_dir, out_dir)
-    weights = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
     summary = {"old_vocab": old, "new_vocab": new_size, "added": new_size - old, "init": init, "seed": seed,
                "tied": bool(getattr(model.config, "tie_word_embeddings", False)),
                "empty_sources": sum(1 for s in (sources or []) if not s)}
-    write_manifest(out_dir, "pretrain.resize", summary, {
-        "model": {"path": str(model_dir), "sha256": sha256_files(weights) if weights else None},
-        "tokenizer": {"path": str(tokenizer_dir), "sha256": sha256_file(tokenizer_dir / "tokenizer.model")},
-    })
-    if sources is not None:
-        from zhllama.manifest import write_json
-
-        write_json(out_dir / "init_sources.json", {p: s for p, s in zip(new_pieces, sources)})
-    return summary
-
-
+    return summary, sources, new_pieces, model

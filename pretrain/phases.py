@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 from pretrain.data import collate_blocks
 from zhllama.errors import UserError
-from zhllama.models import check_sizes, copy_tokenizer, ensure_writable, load_model_dir, tokenizer_len
+from zhllama.models import check_sizes, copy_tokenizer, load_model_dir, tokenizer_len
 from zhllama.precision import upcast_trainable
+from zhllama.runfolder import ensure_writable
 
 
 def trainable_summary(model) -> dict:
@@ -61,31 +61,14 @@ def preflight(model_dir, corpus, out_dir, block_size: int, tokenizer_dir=None, d
     return model, tok_dir
 
 
-def _check_resume_compatible(out_dir: Path, resolved: dict, resume) -> bool:
-    """Whether OUT's checkpoints may be continued. resume="auto": start over when the inputs changed."""
-    from zhllama.trainer import last_complete_checkpoint
-
-    prev = out_dir / "resolved_config.json"
-    if not resume or last_complete_checkpoint(out_dir) is None or not prev.is_file():
-        return bool(resume)
-    old = json.loads(prev.read_text())
-    keys = ("settings", "block_size", "new_rows_only", "lora", "inputs")
-    diff = [k for k in keys if old.get(k) != resolved.get(k)]
-    if diff and resume == "auto":
-        print(f"{out_dir}: {', '.join(diff)} changed since its checkpoints were written; starting over")
-        return False
-    if diff:
-        raise UserError(
-            f"{out_dir} holds checkpoints from a run with different {', '.join(diff)}; resuming would mix them. "
-            "Use another --out, --restart-if-changed, or --no-resume to start over"
-        )
-    return True
+FINGERPRINT_KEYS = ("settings", "block_size", "new_rows_only", "lora", "inputs")
 
 
-def _prepare(stage, model_dir, corpus, out_dir, recipe, settings, resume, cache_dir, tokenizer_dir, extra):
+def _prepare(stage, model_dir, corpus, out_dir, recipe, settings, resume, cache_dir, tokenizer_dir, extra, artefacts):
+    """Checks, data, and the run-folder decision; returns None when OUT is already up to date."""
     from pretrain.data import build_datasets, tokenizer_hash
+    from zhllama import runfolder
     from zhllama.hashing import sha256_file
-    from zhllama.manifest import write_json
     from zhllama.precision import base_dtype
 
     out_dir, model_dir = Path(out_dir), Path(model_dir)
@@ -106,19 +89,25 @@ def _prepare(stage, model_dir, corpus, out_dir, recipe, settings, resume, cache_
     )
     inputs["data"] = data_info["key"]
     resolved["data"] = {k: v for k, v in data_info.items() if k != "key"}
-    if not _check_resume_compatible(out_dir, resolved, resume):
-        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
-    write_json(out_dir / "resolved_config.json", resolved)
-    return model, tok_dir, train_ds, eval_ds, resolved, inputs
+    fingerprint = {k: resolved[k] for k in FINGERPRINT_KEYS if k in resolved}
+    decision = runfolder.decide(out_dir, fingerprint, resume, artefacts=artefacts)
+    if decision == "up-to-date":
+        print(f"{out_dir} is up to date with its inputs and settings; nothing to do")
+        return None
+    runfolder.begin(out_dir, resolved, fingerprint, clear_checkpoints=decision == "start-over")
+    return model, tok_dir, train_ds, eval_ds, resolved, inputs, fingerprint
 
 
-def _finish(stage, out_dir: Path, resolved, inputs, result, summary):
-    from zhllama.manifest import write_json, write_manifest
+def _finish(stage, out_dir: Path, model_dir, tok_dir, resolved, inputs, fingerprint, result, summary):
+    from zhllama import runfolder
 
-    out = {**result, "trainable": summary}
-    write_json(out_dir / "train_result.json", out)
-    write_manifest(out_dir, stage, {**resolved, "result": out}, inputs)
-    return out
+    files = inputs["data"]["files"]  # the corpus files of the tokenized-data key, with their sha256
+    manifest_inputs = {**inputs, "corpus": [{"path": str(Path(f["name"]).resolve()), "sha256": f["sha256"]} for f in files]}
+    parents = [runfolder.parent_entry(model_dir)]
+    if Path(tok_dir).resolve() != Path(model_dir).resolve():
+        parents.append(runfolder.parent_entry(tok_dir))
+    return runfolder.finish(out_dir, stage, {**result, "trainable": summary}, manifest_inputs, parents,
+                            seed=resolved["seed"], fingerprint=fingerprint)
 
 
 def base_vocab_size(model_dir, recipe, override: int | None = None) -> int:
@@ -141,13 +130,27 @@ def base_vocab_size(model_dir, recipe, override: int | None = None) -> int:
 
 def run_phase1(model_dir, corpus, out_dir, recipe, settings, new_rows_only=False, resume=True, cache_dir=None,
                tokenizer_dir=None, base_vocab: int | None = None):
-    from zhllama.trainer import is_main_process, run_training
+    extra = {"new_rows_only": bool(new_rows_only), "base_vocab": base_vocab_size(model_dir, recipe, base_vocab)}
+    return _run("pretrain.phase1", model_dir, corpus, out_dir, recipe, settings, resume, cache_dir, tokenizer_dir,
+                extra, ("config.json",), lambda prep: _phase1(prep, model_dir, out_dir, settings, new_rows_only))
+
+
+def _run(stage, model_dir, corpus, out_dir, recipe, settings, resume, cache_dir, tokenizer_dir, extra, artefacts, body):
+    """The locked run folder around a phase: nothing to do when up to date, else body(prepared inputs)."""
+    from zhllama import runfolder
 
     out_dir = Path(out_dir)
-    model, tok_dir, train_ds, eval_ds, resolved, inputs = _prepare(
-        "pretrain.phase1", model_dir, corpus, out_dir, recipe, settings, resume, cache_dir, tokenizer_dir,
-        {"new_rows_only": bool(new_rows_only), "base_vocab": base_vocab_size(model_dir, recipe, base_vocab)},
-    )
+    with runfolder.lock(out_dir):
+        prep = _prepare(stage, model_dir, corpus, out_dir, recipe, settings, resume, cache_dir, tokenizer_dir, extra,
+                        artefacts=artefacts)
+        return runfolder.read_result(out_dir) if prep is None else body(prep)
+
+
+def _phase1(prep, model_dir, out_dir, settings, new_rows_only):
+    from zhllama import runfolder
+    from zhllama.trainer import is_main_process, run_training
+
+    model, tok_dir, train_ds, eval_ds, resolved, inputs, fingerprint = prep
     base_vocab = resolved["base_vocab"]
     n_rows = model.get_input_embeddings().weight.shape[0]
     for p in model.parameters():
@@ -172,13 +175,14 @@ def run_phase1(model_dir, corpus, out_dir, recipe, settings, new_rows_only=False
     upcast_trainable(model)
     summary = trainable_summary(model)
     print(f"phase 1: training {summary['trainable']:,} of {summary['total']:,} parameters ({summary['percent']:.2f}%)")
-    trainer, result = run_training(model, train_ds, eval_ds, settings, out_dir, collate_blocks, resume=resume)
+    trainer, result = run_training(model, train_ds, eval_ds, settings, out_dir, collate_blocks)
     if is_main_process():
+        stage = runfolder.staging(out_dir)
         final = model.merge_and_unload() if new_rows_only else model
-        final.save_pretrained(out_dir)
-        copy_tokenizer(tok_dir, out_dir)
-        check_sizes(final, out_dir, tokenizer_len(out_dir), out_dir)
-        return _finish("pretrain.phase1", out_dir, resolved, inputs, result, summary)
+        final.save_pretrained(stage)
+        copy_tokenizer(tok_dir, stage)
+        check_sizes(final, stage, tokenizer_len(stage), stage)
+        return _finish("pretrain.phase1", out_dir, model_dir, tok_dir, resolved, inputs, fingerprint, result, summary)
     return result
 
 
@@ -208,38 +212,41 @@ def check_adapter(out_dir: Path) -> dict:
 
 
 def run_phase2(model_dir, corpus, out_dir, recipe, settings, resume=True, cache_dir=None, tokenizer_dir=None):
+    phase = recipe.pretrain.phase2
+    extra = {"lora": {"r": phase.lora_r, "alpha": phase.lora_alpha, "dropout": phase.lora_dropout,
+                      "targets": list(phase.lora_targets), "modules_to_save": list(phase.modules_to_save)}}
+    return _run("pretrain.phase2", model_dir, corpus, out_dir, recipe, settings, resume, cache_dir, tokenizer_dir,
+                extra, ("adapter_model.safetensors",), lambda prep: _phase2(prep, model_dir, out_dir, phase, settings))
+
+
+def _phase2(prep, model_dir, out_dir, phase, settings):
     from peft import get_peft_model
     from transformers import set_seed
 
+    from zhllama import runfolder
     from zhllama.trainer import is_main_process, run_training
 
-    out_dir = Path(out_dir)
-    phase = recipe.pretrain.phase2
-    lcfg = lora_config(phase)
-    model, tok_dir, train_ds, eval_ds, resolved, inputs = _prepare(
-        "pretrain.phase2", model_dir, corpus, out_dir, recipe, settings, resume, cache_dir, tokenizer_dir,
-        {"lora": {"r": phase.lora_r, "alpha": phase.lora_alpha, "dropout": phase.lora_dropout,
-                  "targets": list(phase.lora_targets), "modules_to_save": list(phase.modules_to_save)}},
-    )
+    model, tok_dir, train_ds, eval_ds, resolved, inputs, fingerprint = prep
     # LoRA A matrices are drawn from torch's RNG when the adapter is created: seed first, or every run
     # (and a resumed run's first process) starts from different adapters.
     set_seed(settings.seed)
-    model = get_peft_model(model, lcfg)
+    model = get_peft_model(model, lora_config(phase))
     upcast_trainable(model)
     if settings.gradient_checkpointing:
         model.enable_input_require_grads()
     summary = trainable_summary(model)
     print(f"phase 2: training {summary['trainable']:,} of {summary['total']:,} parameters ({summary['percent']:.2f}%)")
-    trainer, result = run_training(model, train_ds, eval_ds, settings, out_dir, collate_blocks, resume=resume)
+    trainer, result = run_training(model, train_ds, eval_ds, settings, out_dir, collate_blocks)
     if is_main_process():
-        model.save_pretrained(out_dir)
+        stage = runfolder.staging(out_dir)
+        model.save_pretrained(stage)
         # vanilla PeftModel.from_pretrained(base, DIR) reads the base path from here
-        acfg = json.loads((out_dir / "adapter_config.json").read_text())
+        acfg = json.loads((stage / "adapter_config.json").read_text())
         acfg["base_model_name_or_path"] = str(Path(model_dir).resolve())
-        (out_dir / "adapter_config.json").write_text(json.dumps(acfg, indent=2) + "\n")
-        copy_tokenizer(tok_dir, out_dir)
-        result["adapter"] = check_adapter(out_dir)
-        return _finish("pretrain.phase2", out_dir, resolved, inputs, result, summary)
+        (stage / "adapter_config.json").write_text(json.dumps(acfg, indent=2) + "\n")
+        copy_tokenizer(tok_dir, stage)
+        result["adapter"] = check_adapter(stage)
+        return _finish("pretrain.phase2", out_dir, model_dir, tok_dir, resolved, inputs, fingerprint, result, summary)
     return result
 
 
@@ -254,8 +261,6 @@ def init_model(recipe, tokenizer, out_dir, seed: int = 0, device: str = "cpu", d
 
     from vocab.hf_export import save_tokenizer_folder
     from vocab.spmodel import load_model
-    from zhllama.hashing import sha256_file
-    from zhllama.manifest import write_manifest
 
     out = Path(out_dir)
     ensure_writable(out)
@@ -278,15 +283,22 @@ def init_model(recipe, tokenizer, out_dir, seed: int = 0, device: str = "cpu", d
         raise UserError("--device cuda: no CUDA device is visible")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"--dtype {dtype!r}: choose float32, bfloat16 or float16")
-    torch.manual_seed(seed)
-    if device == "cpu" and dtype == "float32":
-        model = LlamaForCausalLM(cfg)
-    else:
-        with torch.device(device):
-            model = LlamaForCausalLM._from_config(cfg, dtype=getattr(torch, dtype))
-    model.save_pretrained(out)
-    save_tokenizer_folder(sp, out)
-    write_manifest(out, "pretrain.init", {"recipe": recipe.name, "model": dataclasses.asdict(m), "seed": seed,
-                                          "device": device, "dtype": dtype},
-                   {"tokenizer": {"path": str(tokenizer), "sha256": sha256_file(tokenizer)}})
+    from zhllama import runfolder
+
+    with runfolder.lock(out):
+        inputs = {"tokenizer": runfolder.input_entry(tokenizer)}
+        config = {"stage": "pretrain.init", "recipe": recipe.name, "model": dataclasses.asdict(m), "seed": seed,
+                  "device": device, "dtype": dtype}
+        runfolder.begin(out, config, {"inputs": inputs, **config})
+        stage = runfolder.staging(out)
+        torch.manual_seed(seed)
+        if device == "cpu" and dtype == "float32":
+            model = LlamaForCausalLM(cfg)
+        else:
+            with torch.device(device):
+                model = LlamaForCausalLM._from_config(cfg, dtype=getattr(torch, dtype))
+        model.save_pretrained(stage)
+        save_tokenizer_folder(sp, stage)
+        runfolder.finish(out, "pretrain.init", {"vocab_size": n, "recipe": recipe.name}, inputs,
+                         [], seed=seed, fingerprint={"inputs": inputs, **config})
     return out

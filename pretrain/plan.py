@@ -93,7 +93,7 @@ def _memory(recipe, phase, total: int, trainable: int, num_gpus: int, vocab: int
 
 def plan(recipe, vocab_size: int | None = None, num_gpus: int | None = None) -> dict:
     if vocab_size is None:
-        vocab_size = recipe.model.base_vocab_size + int(recipe.vocab.get("num_added", 0))
+        vocab_size = recipe.model.base_vocab_size + recipe.vocab.num_added
     num_gpus = num_gpus or recipe.pretrain.num_gpus
     model = _meta_model(recipe, vocab_size)
     base_total = _count(model)

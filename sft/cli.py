@@ -5,7 +5,9 @@ import argparse
 import json
 import os
 
-from zhllama.errors import cli_entry
+from zhllama.cli import add_recipe_args
+from zhllama.errors import UserError, cli_entry
+from zhllama.recipe import SFTConfig
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -18,27 +20,21 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sft", description="Instruction tuning: LoRA SFT, merge, chat")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    t = sub.add_parser("train", help="LoRA SFT on Alpaca JSON/JSONL records; writes a PEFT adapter folder")
+    t = sub.add_parser("train", help="LoRA SFT on Alpaca records or conversations (JSON/JSONL); writes a PEFT adapter folder")
     t.add_argument("--model", required=True, help="base model folder (the pretrain stage's model)")
     t.add_argument("--adapter", help="pretrain phase-2 adapter to merge into --model first")
-    t.add_argument("--data", nargs="+", required=True, help="Alpaca JSON arrays or JSONL files, mixed in order")
+    t.add_argument("--data", nargs="+", required=True,
+                   help="Alpaca or conversation ({messages}|{conversations}: loss on every assistant turn) JSON arrays or JSONL files, mixed in order")
     t.add_argument("--eval-data", nargs="+", help="held-out records (default: a content-hash split of --data)")
     t.add_argument("--out", required=True, help="adapter/run folder")
-    t.add_argument("--template", help=f"prompt template ({templates}; default: the recipe's)")
-    t.add_argument("--max-steps", type=int)
-    t.add_argument("--recipe", default="tiny", help="recipe name or .yaml path (default tiny)")
-    t.add_argument("--reference-tokenization", action="store_true",
-                   help="tokenize the target separately with the dummy prefix like Chinese-LLaMA-Alpaca "
-                        "(extra '▁' at the boundary); default matches how serving tokenizes prompts")
-    t.add_argument("--overlong", choices=["truncate", "drop", "error"], help="examples longer than max_length")
     t.add_argument("--drop-invalid", action="store_true", help="skip (and report) invalid records instead of failing")
     t.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
     t.add_argument("--restart-if-changed", action="store_true",
                    help="resume if the checkpoints come from the same data and settings, else start over (what make uses)")
-    t.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override an sft recipe setting, e.g. --set learning_rate=2e-4")
-    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="same as --set")
-
+    add_recipe_args(t, [("sft", SFTConfig)])
+    for a in t._actions:
+        if a.dest == "recipe:sft.template":
+            a.help += f" (one of {templates})"
     v = sub.add_parser("preview", help="show rendered examples, tokens and the label mask")
     v.add_argument("--data", required=True, nargs="+")
     v.add_argument("--tokenizer", required=True, help="tokenizer folder (the adapter or model folder works)")
@@ -77,9 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--context", type=int, default=2048)
 
     pl = sub.add_parser("plan", help="trainable parameters and batch arithmetic of a recipe's SFT")
-    pl.add_argument("--recipe", required=True)
     pl.add_argument("--vocab-size", type=int, help="default: base + added + [PAD] from the recipe")
     pl.add_argument("--json", action="store_true")
+    add_recipe_args(pl, [], recipe_help="recipe name under recipes/ or a .yaml path (required)")
     return p
 
 
@@ -87,17 +83,17 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = _parser().parse_args(argv)
     if args.cmd == "train":
-        from sft.config import parse_overrides
+        from sft.config import template_problems
         from sft.train import train
+        from zhllama.cli import resolve_recipe
 
-        ov = parse_overrides(args.sets + args.overrides)
-        if args.reference_tokenization:
-            ov["reference_tokenization"] = True
-        if args.overlong:
-            ov["overlong"] = args.overlong
-        train(args.model, args.data, args.out, adapter=args.adapter, template=args.template, max_steps=args.max_steps,
-              recipe=args.recipe, overrides=ov, eval_data=args.eval_data, drop_invalid=args.drop_invalid,
-              resume=False if args.no_resume else ("auto" if args.restart_if_changed else True))
+        from zhllama.runfolder import lock
+
+        with lock(args.out):  # first: a second run into a busy folder fails at once
+            recipe = resolve_recipe(args, args.model, lora_sections=("sft",), extra=lambda r: template_problems(r.sft))
+            train(args.model, args.data, args.out, adapter=args.adapter, recipe=recipe, eval_data=args.eval_data,
+                  drop_invalid=args.drop_invalid,
+                  resume=False if args.no_resume else ("auto" if args.restart_if_changed else True))
     elif args.cmd == "preview":
         from sft.preview import preview
 
@@ -114,15 +110,11 @@ def main(argv=None):
         if args.prompts_file:
             from pathlib import Path
 
-            from zhllama.errors import UserError
-
             pf = Path(args.prompts_file)
             if not pf.is_file():
                 raise UserError(f"{pf}: no such prompts file")
             prompts += [ln.strip() for ln in pf.read_text(encoding="utf-8").splitlines() if ln.strip()]
         if not prompts:
-            from zhllama.errors import UserError
-
             raise UserError("give --prompt TEXT (repeatable) or --prompts-file FILE")
         model, tok, tname = load(args.model, args.base)
         rows = []
@@ -145,6 +137,11 @@ def main(argv=None):
     elif args.cmd == "plan":
         from sft.plan import format_plan, plan
 
-        p = plan(args.recipe, args.vocab_size)
+        from sft.config import template_problems
+        from zhllama.cli import resolve_recipe
+
+        if not args.recipe:
+            raise UserError("--recipe NAME|PATH is required")
+        p = plan(resolve_recipe(args, extra=lambda r: template_problems(r.sft)), args.vocab_size)
         print(json.dumps(p, indent=2) if args.json else format_plan(p))
     return 0

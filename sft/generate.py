@@ -42,7 +42,7 @@ def load(model_dir, base=None, dtype: str = "float32"):
         if not base or not Path(base).is_dir():
             raise UserError(f"{d} is an adapter; pass --base MODEL_DIR (its recorded base {base!r} is not a folder)")
         chain = [d]
-        sc = d / "sft_config.json"
+        sc = d / "resolved_config.json"
         if sc.is_file() and json.loads(sc.read_text()).get("pretrain_adapter"):
             chain.insert(0, json.loads(sc.read_text())["pretrain_adapter"])
         model = load_peft_chain(base, chain, dtype=td)

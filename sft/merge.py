@@ -190,23 +190,9 @@ def _merge_tensor(name: str, w, adapters: list[Adapter], used: set):
     return out
 
 
-def merge(base, adapters, out, dtype: str = "float16", log=print, verify: bool = True,
-          atol: float | None = None, template: str | None = None) -> dict:
-    import torch
-    from safetensors.torch import save_file
-
-    base, out = Path(base), Path(out)
-    if dtype not in TOLERANCE:
-        raise UserError(f"--dtype must be one of {', '.join(TOLERANCE)}, got {dtype!r}")
-    if not (base / "config.json").is_file():
-        raise UserError(f"{base}: not a Hugging Face model folder (no config.json)")
-    if not adapters:
-        raise UserError("give at least one --adapter")
-    ads = [load_adapter(a) for a in adapters]
-    tdtype = getattr(torch, dtype)
-    cfg = json.loads((base / "config.json").read_text(encoding="utf-8"))
-    base_vocab = cfg.get("vocab_size")
-    vocab = base_vocab
+def _target_vocab(base: Path, cfg: dict, ads: list) -> tuple[int, Path | None]:
+    """Rows of the merged model and the folder whose tokenizer it gets; UserError on any disagreement."""
+    vocab = cfg.get("vocab_size")
     for ad in ads:
         if ad.vocab_size is not None:
             vocab = ad.vocab_size
@@ -221,18 +207,19 @@ def merge(base, adapters, out, dtype: str = "float16", log=print, verify: bool =
         if n != vocab:
             raise UserError(f"tokenizer in {tok_src} has {n:,} pieces but the merged model would have {vocab:,} rows "
                             "(the classic 49,953 vs 49,954 mix-up); pass the adapters that belong to this tokenizer")
-    tied = bool(cfg.get("tie_word_embeddings", False))
-    head_from_adapter = any("lm_head" in ad.tensors and "full" in ad.tensors["lm_head"] for ad in ads)
-    embed_from_adapter = any("model.embed_tokens" in ad.tensors for ad in ads)
-    untie = tied and (head_from_adapter or (embed_from_adapter and any("lm_head" in ad.tensors for ad in ads)))
+    return vocab, tok_src
 
-    out.mkdir(parents=True, exist_ok=True)
+
+def _write_shards(base: Path, ads: list, out: Path, tdtype, tied: bool, untie: bool, head_from_adapter: bool) -> int:
+    """Merged weights, one base shard at a time; returns the number of shards."""
+    import torch
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
     shards = _base_shards(base)
     used: set = set()
     weight_map, total = {}, 0
     seen_names = set()
-    from tqdm import tqdm
-
     for i, shard in enumerate(tqdm(shards, desc="merge shards", unit="shard", disable=len(shards) < 2)):
         fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         tensors = {}
@@ -262,9 +249,11 @@ def merge(base, adapters, out, dtype: str = "float16", log=print, verify: bool =
     if len(shards) > 1:
         (out / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n", encoding="utf-8")
+    return len(shards)
 
-    cfg["vocab_size"] = vocab
-    cfg["dtype"] = dtype
+
+def _write_config(base: Path, cfg: dict, out: Path, vocab: int, dtype: str, untie: bool, tok_src) -> None:
+    cfg = dict(cfg, vocab_size=vocab, dtype=dtype)
     cfg.pop("torch_dtype", None)
     if untie:
         cfg["tie_word_embeddings"] = False
@@ -280,17 +269,50 @@ def merge(base, adapters, out, dtype: str = "float16", log=print, verify: bool =
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
     if (base / "generation_config.json").is_file():
         shutil.copy2(base / "generation_config.json", out / "generation_config.json")
-    from sft.template import get, save_name
 
+
+def merge(base, adapters, out, dtype: str = "float16", log=print, verify: bool = True,
+          atol: float | None = None, template: str | None = None) -> dict:
+    """Everything is checked before a weight is read; the merged folder is written to OUT/.partial/ and moved into
+    place (with result.json and manifest.json) only after it is complete and verified."""
+    import torch
+
+    from sft.template import get, save_name
+    from zhllama import runfolder
+
+    base, out = Path(base), Path(out)
+    if dtype not in TOLERANCE:
+        raise UserError(f"--dtype must be one of {', '.join(TOLERANCE)}, got {dtype!r}")
+    if not (base / "config.json").is_file():
+        raise UserError(f"{base}: not a Hugging Face model folder (no config.json)")
+    if not adapters:
+        raise UserError("give at least one --adapter")
+    ads = [load_adapter(a) for a in adapters]
     tname = template or next((ad.template for ad in reversed(ads) if ad.template), None) or get(None).name
-    save_name(out, tname)
-    log(f"merged {len(ads)} adapter(s) into {out}: vocab {base_vocab:,} -> {vocab:,}, dtype {dtype}, "
-        f"{len(shards)} shard(s), template {tname}")
-    result = {"vocab_size": vocab, "base_vocab_size": base_vocab, "dtype": dtype, "template": tname,
-              "adapters": [str(a.path) for a in ads], "shards": len(shards)}
-    if verify:
-        result["verify"] = verify_merge(base, [a.path for a in ads], out, dtype, atol=atol, template=tname, log=log)
-    return result
+    get(tname)  # an unknown template fails here, before anything is written
+    cfg = json.loads((base / "config.json").read_text(encoding="utf-8"))
+    base_vocab = cfg.get("vocab_size")
+    vocab, tok_src = _target_vocab(base, cfg, ads)
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    head_from_adapter = any("lm_head" in ad.tensors and "full" in ad.tensors["lm_head"] for ad in ads)
+    embed_from_adapter = any("model.embed_tokens" in ad.tensors for ad in ads)
+    untie = tied and (head_from_adapter or (embed_from_adapter and any("lm_head" in ad.tensors for ad in ads)))
+    with runfolder.lock(out, log=log):
+        inputs = {"base": runfolder.input_entry(base), "adapters": [runfolder.input_entry(a.path) for a in ads]}
+        config = {"stage": "sft.merge", "dtype": dtype, "template": tname, "verify": verify, "atol": atol}
+        runfolder.begin(out, config, {"inputs": inputs, **config})
+        stage = runfolder.staging(out)
+        n_shards = _write_shards(base, ads, stage, getattr(torch, dtype), tied, untie, head_from_adapter)
+        _write_config(base, cfg, stage, vocab, dtype, untie, tok_src)
+        save_name(stage, tname)
+        log(f"merged {len(ads)} adapter(s) into {out}: vocab {base_vocab:,} -> {vocab:,}, dtype {dtype}, "
+            f"{n_shards} shard(s), template {tname}")
+        result = {"vocab_size": vocab, "base_vocab_size": base_vocab, "dtype": dtype, "template": tname,
+                  "adapters": [str(a.path) for a in ads], "shards": n_shards}
+        if verify:
+            result["verify"] = verify_merge(base, [a.path for a in ads], stage, dtype, atol=atol, template=tname, log=log)
+        parents = [runfolder.parent_entry(base)] + [runfolder.parent_entry(a.path) for a in ads]
+        return runfolder.finish(out, "sft.merge", result, inputs, parents, fingerprint={"inputs": inputs, **config})
 
 
 def _probe_batch(tok, template_name: str):

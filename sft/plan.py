@@ -39,15 +39,15 @@ def count(shape, vocab: int, r: int, targets, modules_to_save) -> dict:
             "trainable": trainable, "total": total, "trainable_pct": 100 * trainable / total}
 
 
-def plan(recipe_name: str, vocab_size: int | None = None, overrides: dict | None = None) -> dict:
-    from zhllama.recipe import load_recipe
-
+def plan(recipe, vocab_size: int | None = None, overrides: dict | None = None) -> dict:
+    """recipe: a zhllama.recipe.Recipe, or a recipe name / .yaml path."""
     from sft.config import sft_config
+    from zhllama.recipe import Recipe, load_recipe
 
-    rec = load_recipe(recipe_name)
+    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     cfg = sft_config(rec.sft, overrides, f"{rec.source} sft")
     if vocab_size is None:
-        vocab_size = rec.model.base_vocab_size + int(rec.vocab.get("num_added", 0)) + 1  # + [PAD]
+        vocab_size = rec.model.base_vocab_size + rec.vocab.num_added + 1  # + [PAD]
     res = count(rec.model, vocab_size, cfg.lora_r, cfg.lora_targets, cfg.modules_to_save)
     accum = cfg.global_batch_size // cfg.per_device_batch_size
     res.update(recipe=rec.name, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets,

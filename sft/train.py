@@ -1,10 +1,19 @@
 """LoRA instruction tuning on Alpaca records: everything is checked before the first step.
 
 The output folder is the PEFT adapter (adapter_model.safetensors with full embed_tokens/lm_head,
-the SFT tokenizer with [PAD], sft_template.json) and also the run folder: manifest.json,
-sft_config.json (resolved settings), result.json, checkpoints/, tensorboard/, metrics.jsonl, loss.png.
-Training goes through zhllama.trainer.run_training, so seeding, resume from the newest complete
-checkpoint and logging are the same as in pretraining.
+the SFT tokenizer with [PAD], sft_template.json) and also a run folder (zhllama.runfolder): locked while
+the run lasts, resolved_config.json, result.json and manifest.json, checkpoints/, tensorboard/,
+metrics.jsonl, loss.png. The adapter and tokenizer are written to OUT/.partial/ and moved into place only
+when training is complete. Training goes through zhllama.trainer.run_training, so seeding, resume from
+the newest complete checkpoint and logging are the same as in pretraining.
+
+Public API:
+    train(model_dir, data, out, adapter=None, template=None, max_steps=None, recipe=None, overrides=None,
+          eval_data=None, drop_invalid=False, resume=True, log=print) -> result dict
+        recipe: a zhllama.recipe.Recipe, a recipe name / path, or None (the recipe matching the model's shape);
+        overrides: {sft field: value}; resume: True | "auto" (start over when inputs changed) | False
+    load_base(model_dir, adapter=None) -> (model, tokenizer source folder)
+    split_records(records, ratio, cap) -> (train, held_out)
 
 The base is the pretrain stage's model: either a merged folder (--model), or the resized base plus
 the phase-2 adapter (--model with --adapter), which is merged in memory by peft before SFT, the way
@@ -19,6 +28,7 @@ import json
 import math
 from pathlib import Path
 
+from sft.config import to_dict
 from zhllama.errors import UserError
 
 
@@ -64,58 +74,26 @@ def load_base(model_dir, adapter=None, log=print, dtype=None):
     return load_model_dir(model_dir, **({"dtype": dtype} if dtype is not None else {})), Path(model_dir)
 
 
-def _reconcile_checkpoints(out: Path, fingerprint: dict, resume):
-    """Never continue checkpoints made from other data or settings. resume="auto": start over instead of failing."""
-    import shutil
-
-    from zhllama.trainer import last_complete_checkpoint
-
-    prev = out / "run_fingerprint.json"
-    if not resume:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        return False
-    if last_complete_checkpoint(out) is None or not prev.is_file():
-        return resume
-    if json.loads(prev.read_text(encoding="utf-8")) == json.loads(json.dumps(fingerprint)):
-        return resume
-    if resume == "auto":
-        print(f"{out}: data, model or settings changed since its checkpoints were written; starting over")
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        return False
-    raise UserError(
-        f"{out} holds checkpoints from a run with other data, model or settings; resuming would mix them. "
-        "Use another --out, --restart-if-changed, or --no-resume to start over"
-    )
+ARTEFACTS = ("adapter_model.safetensors", "adapter_config.json")
 
 
-def train(model_dir, data, out, adapter=None, template=None, max_steps=None, recipe="tiny", overrides=None,
-          eval_data=None, drop_invalid=False, resume=True, log=print) -> dict:
-    from peft import LoraConfig, get_peft_model
+def _config(recipe, model_dir, overrides, template, max_steps):
+    from sft.config import sft_config
+    from zhllama.cli import pick_recipe
+    from zhllama.recipe import Recipe, load_recipe
 
-    from zhllama.models import resize_model
-    from zhllama.recipe import load_recipe
-    from zhllama.trainer import run_training, settings_from
-    from sft.config import sft_config, to_dict
-    from sft.data import Collator, ExampleEncoder, encode_records, load_records
-    from sft.template import get, save_name
-    from sft.vocabcheck import check_vocab, prepare_tokenizer
-    from zhllama.hashing import sha256_file, sha256_files
-    from zhllama.manifest import write_json, write_manifest
-
-    rec = load_recipe(recipe)
+    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe) if recipe else pick_recipe(model_dir)
     ov = dict(overrides or {})
     if template:
         ov["template"] = template
     if max_steps is not None:
         ov["max_steps"] = max_steps
-    cfg = sft_config(rec.sft, ov, f"{rec.source} sft")
-    tmpl = get(cfg.template)
-    out = Path(out)
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise UserError(f"{model_dir}: not a model folder (no config.json); pass the pretrain stage's merged model")
+    return rec, sft_config(rec.sft, ov, f"{rec.source or rec.name} sft")
 
-    # data first: a malformed file should fail in a second, not after loading the model
+
+def _records(data, eval_data, cfg, drop_invalid, log):
+    from sft.data import load_records
+
     records = load_records(data, drop_invalid=drop_invalid, log=log)
     if eval_data:
         train_recs, eval_recs = records, load_records(eval_data, drop_invalid=drop_invalid, log=log)
@@ -123,20 +101,28 @@ def train(model_dir, data, out, adapter=None, template=None, max_steps=None, rec
         train_recs, eval_recs = split_records(records, cfg.eval_ratio, cfg.max_eval_examples)
     if not train_recs:
         raise UserError("every record landed in the held-out split; lower eval_ratio")
+    return train_recs, eval_recs
 
-    model_cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    out.mkdir(parents=True, exist_ok=True)
-    tok_src = Path(adapter) if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_dir
-    tok, pad_added = prepare_tokenizer(tok_src, out, log=log)
-    if not adapter:
-        check_vocab(model_cfg.get("vocab_size"), len(tok), pad_added, model_dir, tok_src)
+
+def _encode(tok, tmpl, cfg, train_recs, eval_recs, log):
+    from sft.data import ExampleEncoder, encode_records
+
     enc = ExampleEncoder(tok, tmpl, cfg.max_length, reference=cfg.reference_tokenization)
     train_set = encode_records(train_recs, enc, cfg.overlong, log=log)
     eval_set = encode_records(eval_recs, enc, "truncate", log=lambda *_: None) if eval_recs else None
     log(f"data: {len(train_set.examples)} training examples ({train_set.n_trained:,} of {train_set.n_tokens:,} "
         f"tokens trained), {len(eval_set.examples) if eval_set else 0} held out; template {tmpl.name}; "
         f"{'reference' if cfg.reference_tokenization else 'serving-consistent'} tokenization")
+    return train_set, eval_set
 
+
+def _peft_model(model_dir, adapter, tok, pad_added, tok_src, cfg, log):
+    """Base (+ pretrain adapter merged), grown by the [PAD] row if needed, with the SFT LoRA attached."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
+
+    from sft.vocabcheck import check_vocab
+    from zhllama.models import resize_model
     from zhllama.precision import base_dtype, upcast_trainable
 
     # on a GPU at fp16/bf16 the frozen base is loaded in half precision, what trains is upcast to fp32
@@ -147,13 +133,9 @@ def train(model_dir, data, out, adapter=None, template=None, max_steps=None, rec
         # the [PAD] row: never an input that carries attention or a label, so mean init is harmless
         resize_model(model, len(tok), "mean")
     model.config.pad_token_id = tok.pad_token_id
-    if cfg.num_epochs > 0:
-        cfg.max_steps = max(1, math.ceil(cfg.num_epochs * len(train_set.examples) / cfg.global_batch_size))
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.lora_targets), modules_to_save=list(cfg.modules_to_save) or None,
                       task_type="CAUSAL_LM")
-    from transformers import set_seed
-
     # LoRA A is drawn from torch's RNG when the adapter is created: seed first so runs and resumes agree
     set_seed(cfg.seed)
     model = get_peft_model(model, lora)
@@ -167,22 +149,14 @@ def train(model_dir, data, out, adapter=None, template=None, max_steps=None, rec
         use_fast_dropout(model)
     if cfg.gradient_checkpointing:
         model.enable_input_require_grads()
+    return model, n_train, n_all
+
+
+def _fit(model, tok, cfg, train_set, eval_set, out):
+    from sft.data import Collator
+    from zhllama.trainer import run_training, settings_from
 
     settings = settings_from(cfg, count_tokens="non_padding")
-    inputs = {
-        "model": str(model_dir), "model_config_sha256": sha256_file(model_dir / "config.json"),
-        "pretrain_adapter": str(adapter) if adapter else None,
-        "data": [str(d) for d in data], "data_sha256": sha256_files(data),
-        "eval_data": [str(d) for d in eval_data] if eval_data else None,
-        "tokenizer": str(tok_src), "tokenizer_json_sha256": sha256_file(out / "tokenizer.json"),
-    }
-    resolved = {"recipe": rec.name, "recipe_file": rec.source, "sft": to_dict(cfg), "tokenizer_len": len(tok),
-                "pad_added": pad_added, "pad_token_id": tok.pad_token_id,
-                "pretrain_adapter": str(Path(adapter).resolve()) if adapter else None}
-    resume = _reconcile_checkpoints(out, {"config": resolved, "inputs": inputs}, resume)
-    write_json(out / "sft_config.json", resolved)
-    write_json(out / "run_fingerprint.json", {"config": resolved, "inputs": inputs})
-    write_manifest(out, "sft", resolved, inputs)
     padded = Collator(tok.pad_token_id)
     if cfg.packing:
         from sft.packing import PackedCollator, packed_attention
@@ -195,27 +169,78 @@ def train(model_dir, data, out, adapter=None, template=None, max_steps=None, rec
                     if cfg.packing else dict(data_collator=padded))
         trainer, result = run_training(
             model, ListDataset(train_set.examples), ListDataset(eval_set.examples) if eval_set else None, settings,
-            out, resume=resume, processing_class=tok, **train_kw,
-        )
+            out, resume=True, processing_class=tok, **train_kw)
         if cfg.packing:
             result["packed_attention"] = packed.backend
             result["loss_chunk_tokens"] = cfg.loss_chunk_tokens if packed.chunked else 0
-    if trainer.is_world_process_zero():
-        # modules_to_save already holds the full embed/head; save_embedding_layers would add two more copies
-        trainer.model.save_pretrained(str(out), save_embedding_layers=False)
-        if not (out / "adapter_model.safetensors").is_file() or (out / "adapter_model.safetensors").stat().st_size < 1024:
-            raise UserError(f"{out}: the saved adapter is empty; nothing was trained")
-        # the adapter records the folder it applies to; with --adapter that is base + pretrain adapter
-        acfg = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
-        acfg["base_model_name_or_path"] = str(model_dir.resolve())
-        (out / "adapter_config.json").write_text(json.dumps(acfg, indent=2) + "\n", encoding="utf-8")
-        save_name(out, tmpl.name)
+    return trainer, result
+
+
+def _save_adapter(trainer, stage: Path, model_dir: Path, tmpl_name: str) -> None:
+    from sft.template import save_name
+
+    # modules_to_save already holds the full embed/head; save_embedding_layers would add two more copies
+    trainer.model.save_pretrained(str(stage), save_embedding_layers=False)
+    if not (stage / "adapter_model.safetensors").is_file() or (stage / "adapter_model.safetensors").stat().st_size < 1024:
+        raise UserError(f"{stage}: the saved adapter is empty; nothing was trained")
+    # the adapter records the folder it applies to; with --adapter that is base + pretrain adapter
+    acfg = json.loads((stage / "adapter_config.json").read_text(encoding="utf-8"))
+    acfg["base_model_name_or_path"] = str(model_dir.resolve())
+    (stage / "adapter_config.json").write_text(json.dumps(acfg, indent=2) + "\n", encoding="utf-8")
+    save_name(stage, tmpl_name)
+
+
+def train(model_dir, data, out, adapter=None, template=None, max_steps=None, recipe=None, overrides=None,
+          eval_data=None, drop_invalid=False, resume=True, log=print) -> dict:
+    from sft.template import get
+    from sft.vocabcheck import check_vocab, prepare_tokenizer
+    from zhllama import runfolder
+    from zhllama.hashing import sha256_file
+
+    out, model_dir = Path(out), Path(model_dir)
+    rec, cfg = _config(recipe, model_dir, overrides, template, max_steps)
+    tmpl = get(cfg.template)
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"{model_dir}: not a model folder (no config.json); pass the pretrain stage's merged model")
+    with runfolder.lock(out, log=log):
+        # data first: a malformed file should fail in a second, not after loading the model
+        train_recs, eval_recs = _records(data, eval_data, cfg, drop_invalid, log)
+        stage = runfolder.staging(out)
+        tok_src = Path(adapter) if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_dir
+        tok, pad_added = prepare_tokenizer(tok_src, stage, log=log)
+        if not adapter:
+            model_cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+            check_vocab(model_cfg.get("vocab_size"), len(tok), pad_added, model_dir, tok_src)
+        train_set, eval_set = _encode(tok, tmpl, cfg, train_recs, eval_recs, log)
+        if cfg.num_epochs > 0:
+            cfg.max_steps = max(1, math.ceil(cfg.num_epochs * len(train_set.examples) / cfg.global_batch_size))
+        inputs = {
+            "model_config": runfolder.input_entry(model_dir / "config.json"),
+            "data": [runfolder.input_entry(d) for d in data],
+            "eval_data": [runfolder.input_entry(d) for d in eval_data] if eval_data else None,
+            "tokenizer_json": {"path": str(tok_src), "sha256": sha256_file(stage / "tokenizer.json")},
+        }
+        resolved = {"recipe": rec.name, "recipe_file": rec.source, "sft": to_dict(cfg), "tokenizer_len": len(tok),
+                    "pad_added": pad_added, "pad_token_id": tok.pad_token_id,
+                    "pretrain_adapter": str(Path(adapter).resolve()) if adapter else None}
+        fingerprint = {"config": resolved, "model": str(model_dir.resolve()), **{k: v for k, v in inputs.items()}}
+        decision = runfolder.decide(out, fingerprint, resume, log=log, artefacts=ARTEFACTS)
+        if decision == "up-to-date":
+            log(f"{out} is up to date with its inputs and settings; nothing to do")
+            return runfolder.read_result(out)
+        runfolder.begin(out, resolved, fingerprint, clear_checkpoints=decision == "start-over")
+        model, n_train, n_all = _peft_model(model_dir, adapter, tok, pad_added, tok_src, cfg, log)
+        trainer, result = _fit(model, tok, cfg, train_set, eval_set, out)
+        if not trainer.is_world_process_zero():
+            return result
+        _save_adapter(trainer, stage, model_dir, tmpl.name)
         result.update(trainable_params=n_train, total_params=n_all, train_examples=len(train_set.examples),
                       eval_examples=len(eval_set.examples) if eval_set else 0, overlong=len(train_set.overlong),
                       template=tmpl.name, vocab_size=len(tok))
-        write_json(out / "result.json", result)
+        parents = [runfolder.parent_entry(model_dir)] + ([runfolder.parent_entry(adapter)] if adapter else [])
+        result = runfolder.finish(out, "sft", result, inputs, parents, seed=cfg.seed, fingerprint=fingerprint)
         before, after = result.get("eval_loss_before"), result.get("eval_loss_after")
         if before is not None:
             log(f"held-out SFT loss: {before:.4f} -> {after:.4f} after {result['global_step']} steps")
         log(f"adapter saved to {out} (vocab {len(tok):,}, template {tmpl.name})")
-    return result
+        return result

@@ -34,9 +34,9 @@ def read_split(out: Path, split: str) -> list[str]:
 
 
 def tree_bytes(out: Path) -> dict[str, bytes]:
-    """Every output file except the resumable work folder."""
+    """Every output file except the resumable work folder and manifest.json (it records when and by which command)."""
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and ".work" not in p.parts}
+            if p.is_file() and ".work" not in p.parts and p.name != "manifest.json"}
 
 
 def build_faulty_corpus(root: Path) -> dict:

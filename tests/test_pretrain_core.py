@@ -221,7 +221,7 @@ def test_phase2_adapter_loads_in_vanilla_peft_and_merge_matches(setup, tmp_path)
     out = tmp_path / "p2"
     assert (out / "adapter_model.safetensors").stat().st_size > 10_000
     assert (out / "tokenizer.model").is_file()
-    res = json.loads((out / "train_result.json").read_text())
+    res = json.loads((out / "result.json").read_text())
     assert set(res["adapter"]["full_modules"]) == {"embed_tokens", "lm_head"}
     model = PeftModel.from_pretrained(_load(setup["resized"]), str(out)).eval()
     ids = torch.randint(0, setup["n_new"], (2, 20), generator=torch.Generator().manual_seed(0))
@@ -321,7 +321,7 @@ def test_kill9_then_rerun_gives_identical_adapter(setup, tmp_path):
     again = subprocess.run(_phase2_cmd(setup, run, *args), env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     shutil.move(str(run), str(tmp_path / "cut"))
-    res = json.loads((tmp_path / "cut" / "train_result.json").read_text())
+    res = json.loads((tmp_path / "cut" / "result.json").read_text())
     assert res["resumed_from"] and res["global_step"] == 8
     a = load_file(str(tmp_path / "full" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "adapter_model.safetensors"))
@@ -338,8 +338,8 @@ def test_two_process_torchrun_matches_single_process(setup, tmp_path):
         _phase2_cmd(setup, tmp_path / "two", *args)[3:]
     two = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert two.returncode == 0, two.stderr[-3000:]
-    r1 = json.loads((tmp_path / "one" / "train_result.json").read_text())
-    r2 = json.loads((tmp_path / "two" / "train_result.json").read_text())
+    r1 = json.loads((tmp_path / "one" / "result.json").read_text())
+    r2 = json.loads((tmp_path / "two" / "result.json").read_text())
     assert r2["world_size"] == 2 and r2["gradient_accumulation_steps"] == 1 and r1["gradient_accumulation_steps"] == 2
     l1 = [h["loss"] for h in json.loads((tmp_path / "one" / "log_history.json").read_text()) if "loss" in h]
     l2 = [h["loss"] for h in json.loads((tmp_path / "two" / "log_history.json").read_text()) if "loss" in h]
@@ -363,8 +363,10 @@ def test_changed_corpus_never_continues_old_checkpoints(setup, tmp_path, capsys)
     assert _cli(*common, "--corpus", other) == 2
     assert "holds checkpoints from a run with different inputs" in capsys.readouterr().err
     assert _cli(*common, "--corpus", other, "--restart-if-changed") == 0
-    res = json.loads((out / "train_result.json").read_text())
+    res = json.loads((out / "result.json").read_text())
     assert res["resumed_from"] is None and res["global_step"] == 2
-    # same inputs again: the finished run is continued, not redone
+    # same inputs again: the finished run is up to date, nothing is redone
+    before = (out / "result.json").read_bytes()
+    capsys.readouterr()
     assert _cli(*common, "--corpus", other, "--restart-if-changed") == 0
-    assert json.loads((out / "train_result.json").read_text())["resumed_from"]
+    assert "up to date" in capsys.readouterr().out and (out / "result.json").read_bytes() == before

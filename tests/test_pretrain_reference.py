@@ -82,8 +82,8 @@ def test_phase1_then_phase2_lower_heldout_chinese_loss(extended, data_dir, tmp_p
               "--save-steps", "100", "--set", "pretrain.eval_ratio=0.03"]
     assert _cli("phase1", "--model", extended / "resized", "--out", tmp_path / "p1", *common) == 0
     assert _cli("phase2", "--model", tmp_path / "p1", "--out", tmp_path / "p2", *common) == 0
-    r1 = json.loads((tmp_path / "p1" / "train_result.json").read_text())
-    r2 = json.loads((tmp_path / "p2" / "train_result.json").read_text())
+    r1 = json.loads((tmp_path / "p1" / "result.json").read_text())
+    r2 = json.loads((tmp_path / "p2" / "result.json").read_text())
     assert r1["eval_loss_after"] < r1["eval_loss_before"]
     assert r2["eval_loss_after"] < r2["eval_loss_before"] == pytest.approx(r1["eval_loss_after"], rel=1e-4)
     base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "p1"))

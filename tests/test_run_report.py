@@ -21,7 +21,7 @@ def test_report_reads_every_stage(tmp_path):
                            "ratio_to_base": t / 14000, "byte_fallback_rate": 0.01} for n, t in (("base", 14000), ("extended", 6543))},
         "table1": {"base": 35, "extended": 17}, "dead_pieces": {"extended": 0}, "english_lines_changed": {"extended": 0},
         "hf_vs_sentencepiece": {"lines": 300, "disagreeing": 0}, "jieba_boundary_share": {"extended": 0.7}})
-    _w(run / "pretrain" / "phase1" / "train_result.json",
+    _w(run / "pretrain" / "phase1" / "result.json",
        {"global_step": 150, "eval_loss_before": 10.81, "eval_loss_after": 9.35, "train_loss": 9.7, "train_seconds": 80.0, "tokens_seen": 160000})
     _w(run / "sft" / "adapter" / "result.json",
        {"global_step": 200, "eval_loss_before": 7.3, "eval_loss_after": 2.31, "train_loss": 1.7, "train_seconds": 50.0, "tokens_seen": 80000})

@@ -299,7 +299,7 @@ def test_train_lowers_heldout_loss_and_writes_adapter(trained, tok):
     out, res = trained
     assert res["eval_loss_after"] < res["eval_loss_before"]
     for f in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "sft_template.json", "chat_template.jinja",
-              "manifest.json", "sft_config.json", "loss.png", "result.json"):
+              "manifest.json", "resolved_config.json", "loss.png", "result.json"):
         assert (out / f).is_file(), f
     from transformers import AutoTokenizer
 
@@ -319,7 +319,7 @@ def test_resume_gives_identical_adapter(trained, tiny_model, sft_data, sft_recip
 
     from sft.train import train
 
-    out, _ = trained
+    out, full = trained
     run = tmp_path / "adapter"
     shutil.copytree(out, run, ignore=shutil.ignore_patterns("checkpoint-12"))
     (run / "adapter_model.safetensors").unlink()
@@ -327,6 +327,10 @@ def test_resume_gives_identical_adapter(trained, tiny_model, sft_data, sft_recip
     res = train(tiny_model, [sft_data / "train.json"], run, recipe=str(sft_recipe),
                 eval_data=[sft_data / "eval.jsonl"], log=lambda *_: None)
     assert res["resumed_from"].endswith("checkpoint-6")
+    # train_loss and tokens seen cover all 12 steps, not only the 6 after the resume
+    assert res["train_loss"] == pytest.approx(full["train_loss"], rel=1e-5)
+    assert res["train_loss_this_call"] != pytest.approx(full["train_loss"], rel=1e-3)
+    assert res["tokens_seen"] == full["tokens_seen"]
     a, b = load_file(str(out / "adapter_model.safetensors")), load_file(str(run / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
@@ -354,6 +358,14 @@ def merged(trained, tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("merged") / "m"
     res = merge(tiny_model, [trained[0]], out, dtype="float32", log=lambda *_: None)
     return out, res
+
+
+def test_failed_merge_leaves_no_folder_that_looks_finished(trained, tiny_model, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "sft", "merge", "--base", str(tiny_model), "--adapter", str(trained[0]),
+                        "--out", str(tmp_path / "m"), "--template", "nope", "--no-verify"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "unknown template 'nope'" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "m" / "config.json").exists() and not (tmp_path / "m" / "model.safetensors").exists()
 
 
 def test_merge_reproduces_peft_logits(merged):
@@ -460,7 +472,7 @@ def test_checkpoints_from_other_data_are_never_continued(trained, tiny_model, sf
     recs = json.loads((sft_data / "train.json").read_text(encoding="utf-8"))
     other.write_text(json.dumps(recs[::-1][:-1], ensure_ascii=False), encoding="utf-8")
     kw = dict(recipe=str(sft_recipe), eval_data=[sft_data / "eval.jsonl"], log=lambda *_: None)
-    with pytest.raises(UserError, match="other data, model or settings"):
+    with pytest.raises(UserError, match="holds checkpoints from a run with different data; resuming would mix them"):
         train(tiny_model, [other], run, **kw)
     res = train(tiny_model, [other], run, resume="auto", **kw)
     assert res["resumed_from"] is None and res["global_step"] == 12

@@ -39,9 +39,9 @@ def pipeline(data_dir, tmp_path_factory):
          "--save-steps", "3", "--block-size", "64", "--eval-ratio", "0.1")
     data = data_dir / "instructions" / "alpaca_zh_llamafactory_demo_1k.json"
     _run("sft", "train", "--recipe", "tiny", "--model", d / "stories", "--adapter", d / "phase2", "--data", data,
-         "--out", d / "sft", "--max-steps", "25", "--set", "max_length=192", "--set", "global_batch_size=8",
-         "--set", "per_device_batch_size=8", "--set", "learning_rate=3e-3", "--set", "eval_ratio=0.03",
-         "--set", "eval_steps=25", "--set", "save_steps=25")
+         "--out", d / "sft", "--max-steps", "25", "--set", "sft.max_length=192", "--set", "sft.global_batch_size=8",
+         "--set", "sft.per_device_batch_size=8", "--set", "sft.learning_rate=3e-3", "--set", "sft.eval_ratio=0.03",
+         "--set", "sft.eval_steps=25", "--set", "sft.save_steps=25")
     merge = _run("sft", "merge", "--base", d / "stories", "--adapter", d / "phase2", "--adapter", d / "sft",
                  "--out", d / "merged", "--dtype", "float32")
     return d, merge

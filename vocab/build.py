@@ -1,4 +1,9 @@
-"""vocab build = train + merge + report, resumable: a finished step whose inputs are unchanged is not redone."""
+"""vocab build = train + merge + report, resumable: a finished step whose inputs are unchanged is not redone.
+
+Public API:
+    build(base_path, corpus, out_dir, cfg: TrainConfig, pad=False, report_text=None, compare=None, log=print) -> report
+    merge_to_folder(base_path, add_path, out_dir, reference=False, pad=False, check_lines=None) -> merge report
+"""
 from __future__ import annotations
 
 import hashlib
@@ -15,7 +20,7 @@ from vocab.parity import disagreements, english_changed, hf_tokenizer
 from vocab.spmodel import CJK_RE, check_llama_layout, load_model
 from vocab.train import TrainConfig, train
 from zhllama.hashing import sha256_file
-from zhllama.manifest import write_json, write_manifest
+from zhllama.manifest import write_json
 
 
 def merge_to_folder(
@@ -80,51 +85,59 @@ def build(
     compare: dict | None = None,
     log=print,
 ) -> dict:
+    """OUT is a run folder (zhllama.runfolder): locked, up to date when resolved_config.json's fingerprint matches;
+    the tokenizer files and reports are written to OUT/.partial/ and moved into place when all are complete."""
     from vocab.report import build_report, format_table, save_report
+    from zhllama import runfolder
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with runfolder.lock(out, log=log):
+        stamp = {
+            "config": asdict(cfg),
+            "corpus": _corpus_fingerprint(corpus),
+            "base": sha256_file(base_path) if Path(base_path).is_file() else str(base_path),
+        }
+        fingerprint = {**stamp, "pad": pad, "report_text": [str(p) for p in report_text or []], "compare": compare or {}}
+        if runfolder.decide(out, fingerprint, "auto", log=log, artefacts=("tokenizer.json", "vocab_report.json")) == "up-to-date":
+            log(f"[vocab] {out} is up to date with its inputs; nothing to do")
+            return json.loads((out / "vocab_report.json").read_text(encoding="utf-8"))
+        runfolder.begin(out, {"stage": "vocab", "train": asdict(cfg), "pad": pad}, fingerprint)
+        train_stats = _train_step(base_path, corpus, out, cfg, stamp, log)
+        log("[vocab] merging into the base tokenizer")
+        stage = runfolder.staging(out)
+        merge = merge_to_folder(base_path, out / "chinese_sp.model", stage, pad=pad)
+        report = build_report(stage, base_path, list(report_text or corpus), compare=compare, max_lines=2000)
+        report["tokenizer"] = str(out)  # where it ends up, not the staging folder it was measured in
+        save_report(report, stage / "vocab_report.json")
+        (stage / "vocab_report.txt").write_text(format_table(report) + "\n", encoding="utf-8")
+        from corpora.reader import list_corpus_files
+
+        inputs = {"base_tokenizer": runfolder.input_entry(base_path),
+                  "corpus": [runfolder.input_entry(f) for f in list_corpus_files(corpus)],
+                  "tokenizer_model": {"path": str((out / "tokenizer.model").resolve()),
+                                      "sha256": merge["tokenizer_model_sha256"]}}
+        result = {"vocab_size": merge["merge"]["total_pieces"], "added": merge["merge"]["added_pieces"],
+                  "dead_pieces": merge["dead_pieces"]["count"], "train_seconds": train_stats.get("seconds")}
+        runfolder.finish(out, "vocab", result, inputs, runfolder.parents_of(corpus), seed=cfg.seed,
+                         fingerprint=fingerprint)
+        log(format_table(report))
+        return report
+
+
+def _train_step(base_path, corpus, out: Path, cfg: TrainConfig, stamp: dict, log) -> dict:
+    """The Chinese model (chinese_sp.model), retrained only when its inputs changed (train_stamp.json)."""
     stamp_path = out / "train_stamp.json"
-    stamp = {
-        "config": asdict(cfg),
-        "corpus": _corpus_fingerprint(corpus),
-        "base": sha256_file(base_path) if Path(base_path).is_file() else str(base_path),
-    }
     add = out / "chinese_sp.model"
-    done_stamp = {**stamp, "pad": pad, "report_text": [str(p) for p in report_text or []], "compare": compare or {}}
-    done_path = out / "build_stamp.json"
-    if (
-        done_path.is_file()
-        and (out / "tokenizer.json").is_file()
-        and (out / "vocab_report.json").is_file()
-        and json.loads(done_path.read_text()) == done_stamp
-    ):
-        log(f"[vocab] {out} is up to date with its inputs; nothing to do")
-        return json.loads((out / "vocab_report.json").read_text(encoding="utf-8"))
     if add.is_file() and stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
         log(f"[vocab] {add} is up to date with its inputs; skipping training")
-        train_stats = json.loads((out / "train_stats.json").read_text()) if (out / "train_stats.json").is_file() else {}
-    else:
-        log(f"[vocab] training ({cfg.model_type}) on {', '.join(map(str, corpus))}")
-        t0 = time.time()
-        train_stats = train(corpus, out, cfg, base_path=base_path, progress=_progress(log))
-        train_stats["seconds"] = round(time.time() - t0, 1)
-        write_json(out / "train_stats.json", train_stats)
-        write_json(stamp_path, stamp)
-    log("[vocab] merging into the base tokenizer")
-    merge = merge_to_folder(base_path, add, out, pad=pad)
-    report = build_report(out, base_path, list(report_text or corpus), compare=compare, max_lines=2000)
-    save_report(report, out / "vocab_report.json")
-    (out / "vocab_report.txt").write_text(format_table(report) + "\n", encoding="utf-8")
-    write_manifest(
-        out,
-        "vocab",
-        {"train": asdict(cfg), "pad": pad},
-        {"base": stamp["base"], "corpus": stamp["corpus"], "tokenizer_model": merge["tokenizer_model_sha256"]},
-    )
-    write_json(done_path, done_stamp)
-    log(format_table(report))
-    return report
+        return json.loads((out / "train_stats.json").read_text()) if (out / "train_stats.json").is_file() else {}
+    log(f"[vocab] training ({cfg.model_type}) on {', '.join(map(str, corpus))}")
+    t0 = time.time()
+    train_stats = train(corpus, out, cfg, base_path=base_path, progress=_progress(log))
+    train_stats["seconds"] = round(time.time() - t0, 1)
+    write_json(out / "train_stats.json", train_stats)
+    write_json(stamp_path, stamp)
+    return train_stats
 
 
 def _progress(log):

@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 from vocab.train import MODEL_TYPES, TrainConfig
+from zhllama.cli import add_recipe_args
 from zhllama.errors import UserError, cli_entry
+from zhllama.recipe import Recipe, VocabConfig
 
 _EPILOG = """examples:
   python -m vocab build --base llama/tokenizer.model --corpus data/zh --out runs/x/vocab
@@ -71,12 +73,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--check-text", nargs="*", metavar="PATH", help="also check HF/sentencepiece parity on these texts")
 
     p = sub.add_parser("build", help="train + merge + report in one go (what `make vocab` runs)")
-    _add_train_args(p, "extend")
+    p.add_argument("--corpus", nargs="+", required=True, metavar="PATH", help="text files or folders of .txt/.jsonl (field 'text')")
     p.add_argument("--base", required=True, help="base tokenizer.model")
     p.add_argument("--out", required=True, help="output tokenizer folder")
-    p.add_argument("--pad", action="store_true", help="append the Alpaca [PAD] piece")
     p.add_argument("--report-text", nargs="*", metavar="PATH", help="texts for the report (default: the corpus)")
     p.add_argument("--compare", nargs="*", metavar="NAME=PATH", help="other tokenizers to put in the report")
+    add_recipe_args(p, [("vocab", VocabConfig)],
+                    recipe_help="recipe whose vocab: section to use (name under recipes/ or a .yaml path; default: "
+                                "the built-in defaults, which are the paper's)")
 
     p = sub.add_parser("report", help="compression and soundness report: table, JSON and bar chart")
     p.add_argument("--tokenizer", required=True, help="tokenizer folder or .model")
@@ -113,8 +117,13 @@ def main(argv=None) -> int:
         print(f"wrote {a.out}")
     elif a.cmd == "build":
         from vocab.build import build
+        from zhllama.cli import resolve_recipe
 
-        build(a.base, a.corpus, a.out, _train_cfg(a), pad=a.pad, report_text=a.report_text, compare=_parse_compare(a.compare))
+        v = resolve_recipe(a, default=Recipe()).vocab
+        cfg = TrainConfig(model_type=v.model_type, vocab_size=v.vocab_size, num_added=v.num_added,
+                          character_coverage=v.character_coverage, max_chars=v.max_chars, word_aware=v.word_aware,
+                          encoding=v.encoding, seed=v.seed)
+        build(a.base, a.corpus, a.out, cfg, pad=v.pad, report_text=a.report_text, compare=_parse_compare(a.compare))
         print(f"wrote {a.out}")
     elif a.cmd == "report":
         from vocab.report import build_report, format_table, save_report

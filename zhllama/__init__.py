@@ -1,2 +1,20 @@
-"""Shared plumbing for the zhllama stages: clean user-facing errors, hashing, run manifests."""
+"""The shared layer every zhllama stage (corpora, vocab, pretrain, sft, evaluation, deploy, ...) builds on.
+
+A stage is a typed config section + a function that runs it + a thin CLI; it imports `zhllama` and other
+stages' public names only (tests/test_import_rules.py). Modules, each with its public API in its docstring:
+
+    zhllama.recipe     the typed recipe (sections model, vocab, pretrain.phase1/phase2, sft; a field = default,
+                       one-line doc, range/choices), load_recipe, apply_overrides, problems/validate
+    zhllama.cli        --recipe / --config / --set section.key=value and one flag per recipe field for a stage's
+                       argparse parser; resolve_recipe checks everything (ranges, recipe/model shape, LoRA module
+                       names on the meta device) before weights load and reports every problem at once
+    zhllama.runfolder  the run-folder contract: resolved_config.json / result.json / manifest.json (with parents),
+                       lock, decide (up to date / resume / start over / refuse), staging + publish, finish
+    zhllama.trainer    run_training: the Trainer wrapper (collator required; resumable, seeded, whole-run loss)
+    zhllama.models     load/check/resize Hugging Face model folders, copy tokenizers
+    zhllama.errors     UserError and cli_entry (one "error: ..." line per problem, exit 2, no traceback)
+    zhllama.manifest   write_manifest, write_json (atomic), library_versions
+    zhllama.hashing    sha256 of bytes, files, file sets
+    zhllama.run_report RUN/report.{md,html} from what a run wrote
+"""
 __version__ = "0.1.0"

@@ -11,7 +11,7 @@ class UserError(Exception):
 
 
 def cli_entry(fn):
-    """Run a CLI main so that UserError becomes one readable line and exit code 2.
+    """Run a CLI main so that UserError becomes readable lines (one per problem, each "error: ...") and exit code 2.
 
     Set ZHLLAMA_TRACEBACK=1 to see the full traceback when debugging.
     """
@@ -23,7 +23,8 @@ def cli_entry(fn):
         except UserError as e:
             if os.environ.get("ZHLLAMA_TRACEBACK"):
                 raise
-            print(f"error: {e}", file=sys.stderr)
+            for line in str(e).splitlines() or [type(e).__name__]:
+                print(f"error: {line}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr)

@@ -1,4 +1,12 @@
-"""Self-describing output folders: what produced them, from which inputs, with which library versions."""
+"""Self-describing output folders: what produced them, from which inputs, with which library versions.
+
+Public API:
+    write_manifest(out_dir, stage, config, inputs, parents=(), seed=None) -> dict   OUT/manifest.json
+        {"stage", "created", "command", "config", "inputs", "parents", "seed", "versions"}; `parents` are the run
+        folders (zhllama.runfolder.parent_entry) this one was made from, `inputs` the files with their hashes
+    write_json(path, obj)        atomic (temporary file + rename)
+    library_versions() -> dict
+"""
 from __future__ import annotations
 
 import json
@@ -33,13 +41,15 @@ def write_json(path: str | Path, obj) -> None:
     tmp.replace(path)
 
 
-def write_manifest(out_dir: str | Path, stage: str, config: dict, inputs: dict) -> dict:
+def write_manifest(out_dir: str | Path, stage: str, config: dict, inputs: dict, parents=(), seed=None) -> dict:
     manifest = {
         "stage": stage,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": " ".join(sys.argv),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "config": config,
         "inputs": inputs,
+        "parents": list(parents),
+        "seed": seed,
         "versions": library_versions(),
     }
     write_json(Path(out_dir) / "manifest.json", manifest)

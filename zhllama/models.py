@@ -10,7 +10,6 @@ Public API:
     resize_model(model, new_size, init, sources=None, seed=0)    grow embed/head in place; old rows bit-identical;
                                                                   init in INITS ("subword-mean" needs sources)
     checkpoint_vocab_rows(model_dir) -> {tensor name: rows}       from safetensors headers, no weights read
-    ensure_writable(out_dir)                                      mkdir + write probe, UserError if not writable
 """
 from __future__ import annotations
 
@@ -139,14 +138,3 @@ def load_model_dir(model_dir: str | Path, dtype=torch.float32):
         if "size mismatch" in str(e):
             raise UserError(f"{model_dir}: weights do not match config.json ({msg}); config.vocab_size is probably stale") from None
         raise UserError(f"{model_dir}: cannot load the model ({msg})") from None
-
-
-def ensure_writable(out_dir: Path) -> None:
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"{out_dir}: output folder is not writable ({e.strerror}); choose another --out or fix its permissions") from None

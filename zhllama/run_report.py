@@ -3,7 +3,7 @@
     python -m zhllama.run_report --run runs/default
 
 Reads (whatever exists): RUN/corpus/stats.json, RUN/vocab/{vocab_report,merge_report,train_stats,manifest}.json,
-RUN/pretrain/{phase1,phase2}/{train_result,manifest}.json and loss.png, RUN/sft/adapter/{result,manifest}.json
+RUN/pretrain/{phase1,phase2}/{result,manifest}.json and loss.png, RUN/sft/adapter/{result,manifest}.json
 and loss.png, RUN/sft/merged/merge_verify.json, RUN/eval/bpc.{json,png}, RUN/report/generations_{before,after}.json,
 RUN/report/timings.json.
 """
@@ -186,12 +186,12 @@ def build(run: Path) -> tuple[str, str]:
         if ts.get("seconds") is not None:
             timings.setdefault("vocab training (s)", ts["seconds"])
 
-    stages = [("pretrain phase 1", run / "pretrain" / "phase1", "train_result.json"),
-              ("pretrain phase 2", run / "pretrain" / "phase2", "train_result.json"),
+    stages = [("pretrain phase 1", run / "pretrain" / "phase1", "result.json"),
+              ("pretrain phase 2", run / "pretrain" / "phase2", "result.json"),
               ("sft", run / "sft" / "adapter", "result.json")]
     rows = []
     for name, folder, fname in stages:
-        res = _load(folder / fname) or _load(folder / "train_result.json")
+        res = _load(folder / fname)
         if not res:
             continue
         secs = res.get("train_seconds")
@@ -235,7 +235,7 @@ def build(run: Path) -> tuple[str, str]:
             continue
         man = _load(m) or {}
         cfg = man.get("config") if isinstance(man.get("config"), dict) else {}
-        seed = cfg.get("seed", (cfg.get("sft") or {}).get("seed") if isinstance(cfg.get("sft"), dict) else None)
+        seed = man.get("seed", cfg.get("seed"))
         rows.append([str(m.parent.relative_to(run)), man.get("stage"), man.get("created"), _hashes(man.get("inputs", {})), seed])
     if rows:
         d.table(["folder", "stage", "created", "input hashes", "seed"], rows)

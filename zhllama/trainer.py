@@ -11,6 +11,7 @@ Public API (stable; every training stage uses it):
         sft.data.Collator, sft.packing.PackedCollator, ...).
         compute_loss_func goes to the Trainer (loss from the model's outputs and the batch's "labels");
         eval_collator batches the held-out loss measured before and after training (default: data_collator).
+        result["train_loss"], ["tokens_seen"] and ["train_seconds"] cover the whole run across resumes.
         Checkpoints go to OUT/checkpoints/checkpoint-N (a `zhllama_complete` marker is written when one is
         whole); with resume=True the newest complete one is continued. TensorBoard logs go to OUT/tensorboard,
         every log line to OUT/metrics.jsonl, a loss curve to OUT/loss.png. The final model is NOT saved here:
@@ -36,6 +37,9 @@ from pathlib import Path
 from zhllama.errors import UserError
 
 COMPLETE = "zhllama_complete"
+# per checkpoint: the summed training loss and seconds of every step up to it, so a resumed run reports the
+# whole run's mean loss (the Trainer's own training_loss covers only the steps of the last train() call)
+TOTALS = "zhllama_totals.json"
 
 
 @dataclass
@@ -129,6 +133,45 @@ def _callbacks(out_dir: Path):
                                         **logs}) + "\n")
 
     return [Bookkeeping()]
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class TotalsTrainer(Trainer):
+        """Writes the running loss sum and seconds into every checkpoint (read back on resume)."""
+
+        prior = {"loss_sum": 0.0, "seconds": 0.0}
+        started = 0.0
+
+        def _save_checkpoint(self, model, trial):
+            super()._save_checkpoint(model, trial)
+            if not self.is_world_process_zero():
+                return
+            ck = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            if ck.is_dir():
+                # _total_loss_scalar holds the logged part of this call, _tr_loss what is not logged yet
+                here = self._total_loss_scalar + float(self._tr_loss.item())
+                (ck / TOTALS).write_text(json.dumps({
+                    "step": self.state.global_step, "loss_sum": self.prior["loss_sum"] + here,
+                    "seconds": round(self.prior["seconds"] + time.time() - self.started, 2)}))
+
+    return TotalsTrainer
+
+
+def _read_totals(ckpt) -> dict:
+    if ckpt is not None and (Path(ckpt) / TOTALS).is_file():
+        t = json.loads((Path(ckpt) / TOTALS).read_text())
+        return {"loss_sum": float(t["loss_sum"]), "seconds": float(t["seconds"])}
+    return {"loss_sum": 0.0, "seconds": 0.0}
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop log lines past the checkpoint being resumed (a killed run logged steps that are redone now)."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
 
 
 def plot_loss(log_history: list, path: Path) -> None:
@@ -238,7 +281,7 @@ def plain_eval_loss(model, dataset, collate, batch_size: int, precision: str = "
 
 def run_training(model, train_dataset, eval_dataset, settings: TrainSettings, out_dir, data_collator, resume=True,
                  processing_class=None, callbacks=(), compute_loss_func=None, eval_collator=None):
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
 
     from zhllama.manifest import write_json
 
@@ -249,9 +292,12 @@ def run_training(model, train_dataset, eval_dataset, settings: TrainSettings, ou
     set_seed(settings.seed)
     args, derived = training_arguments(settings, out_dir, eval_dataset is not None)
     ckpt = last_complete_checkpoint(out_dir) if resume else None
-    if ckpt is None and is_main_process():
-        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
-    trainer = Trainer(
+    if is_main_process():
+        if ckpt is None:
+            (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        else:
+            _trim_metrics(out_dir / "metrics.jsonl", int(ckpt.name.split("-")[1]))
+    trainer = _trainer_class()(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         data_collator=data_collator, processing_class=processing_class,
         callbacks=_callbacks(out_dir) + list(callbacks), compute_loss_func=compute_loss_func,
@@ -272,9 +318,15 @@ def run_training(model, train_dataset, eval_dataset, settings: TrainSettings, ou
             if trainer.is_world_process_zero():
                 write_json(before_path, {"eval_loss": result["eval_loss_before"]})
     t0 = time.time()
+    trainer.prior, trainer.started = _read_totals(ckpt), t0
+    first = int(ckpt.name.split("-")[1]) if ckpt else 0
     out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-    result.update(train_loss=out.training_loss, global_step=trainer.state.global_step,
-                  train_seconds=round(time.time() - t0, 2), tokens_seen=trainer.state.num_input_tokens_seen)
+    steps = trainer.state.global_step
+    loss_sum = trainer.prior["loss_sum"] + out.training_loss * max(steps - first, 0)
+    # tokens_seen: the Trainer restores num_input_tokens_seen from the checkpoint, so it already counts every step
+    result.update(train_loss=loss_sum / max(steps, 1), train_loss_this_call=out.training_loss, global_step=steps,
+                  train_seconds=round(trainer.prior["seconds"] + time.time() - t0, 2),
+                  tokens_seen=trainer.state.num_input_tokens_seen)
     if eval_dataset is not None:
         result["eval_loss_after"] = (
             trainer.evaluate()["eval_loss"] if sharded

@@ -7,7 +7,7 @@ only records torch.cuda.max_memory_allocated and the peak RSS at exit):
     python -m pretrain init    --recipe llama-7b --dtype bfloat16      (random weights drawn on the GPU)
     python -m pretrain resize  --init subword-mean                      (32,000 -> 49,953 rows)
     python -m pretrain phase2  --recipe llama-7b --precision bf16       (micro-batch 1, 4, 16, ... until OOM)
-    python -m sft train        --recipe llama-7b --set precision=bf16   (same; and once without the chunked loss)
+    python -m sft train        --recipe llama-7b --set sft.precision=bf16   (same; and once without the chunked loss)
     python bench/peers/hf_peft.py --bf16 --gradient-checkpointing ...   (plain transformers Trainer + PEFT)
 
 Before them, a check of the packed-batch attention kernels on the GPU (loss and gradients against the padded
@@ -367,7 +367,7 @@ def main(argv=None) -> int:
             sets["loss_chunk_tokens"] = chunk
         r = runner.run(name, "sft", ["-m", "sft", "train", "--recipe", recipe, "--model", work / "resized",
                                      "--data", inputs / "alpaca.json", "--out", work / name, "--max-steps", steps,
-                                     "--no-resume", *[x for k, v in sets.items() for x in ("--set", f"{k}={v}")]])
+                                     "--no-resume", *[x for k, v in sets.items() for x in ("--set", f"sft.{k}={v}")]])
         rate, loss = steady_rate(read_metrics(work / name / "metrics.jsonl"), warmup)
         res = json.loads((work / name / "result.json").read_text()) if (work / name / "result.json").is_file() else {}
         keep(work / name, name)

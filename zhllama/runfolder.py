@@ -1,0 +1,259 @@
+"""The run-folder contract every stage that writes a folder follows.
+
+Every stage folder holds the same three files besides its artefacts:
+    resolved_config.json   the settings and input fingerprint of the run (written when the run starts)
+    result.json            what the run measured; written last, so its presence means "finished"
+    manifest.json          command, inputs with hashes, library versions, seed, and the parent run folders
+                           (`parents`), so lineage can be followed from any folder back to the base model,
+                           base tokenizer and corpus files
+
+Public API:
+    CONFIG, RESULT, MANIFEST, LOCK                      the file names
+    lock(out_dir) -> context manager                     exclusive lock on OUT: a second run into a folder in use
+                                                         fails at once (UserError naming the other PID); a lock
+                                                         left by a killed process is taken over; re-entrant
+                                                         within a process (a CLI locks first, its stage again)
+    ensure_writable(out_dir)                             mkdir + write probe, UserError if not writable
+    decide(out_dir, fingerprint, mode, log=print, artefacts=(), partial=None) -> "up-to-date" | "resume" | "start-over"
+        (UserError = refuse). partial: whether OUT holds work to continue (default: a complete training checkpoint). mode True: resume checkpoints made with the same fingerprint, refuse others;
+        "auto": start over when the fingerprint changed; False: always start over. "up-to-date": result.json
+        was written for this fingerprint and the named artefacts exist (timestamps are left alone).
+    begin(out_dir, config, fingerprint)                  write resolved_config.json, forget a previous result
+    staging(out_dir) -> Path                             empty OUT/.partial/ for final artefacts
+    publish(out_dir)                                     move everything in OUT/.partial/ into OUT (replacing)
+    finish(out_dir, stage, result, inputs, parents, seed=None, fingerprint=None) -> dict
+                                                         publish, then result.json and manifest.json
+    input_entry(path) -> {"path", "sha256" | "files"}   a parent file or folder with its hash
+    parent_entry(folder) -> {"path", "stage"}            a parent run folder (its manifest has the rest)
+    parents_of(paths) -> [parent_entry]                  the run folders that made these input files/folders
+    read_result(out_dir) -> dict | None
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from zhllama.errors import UserError
+
+CONFIG = "resolved_config.json"
+RESULT = "result.json"
+MANIFEST = "manifest.json"
+LOCK = ".lock"
+STAGING = ".partial"
+_HELD: dict[str, int] = {}  # folders this process holds the lock of (the CLI locks before checking, the stage again)
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def lock(out_dir, log=None):
+    """Hold OUT/.lock (flock) for the duration; other processes of a distributed run (RANK > 0) do not lock."""
+    import fcntl
+
+    out = Path(out_dir)
+    ensure_writable(out)
+    key = str(out.resolve())
+    if not _is_main() or key in _HELD:
+        _HELD[key] = _HELD.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+            if not _HELD[key]:
+                del _HELD[key]
+        return
+    path = out / LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UserError(f"{out} is in use by process {other} (lock {path}); wait for it to finish, stop it, or "
+                            "use another --out") from None
+        # the previous holder may have removed the file between our open and our lock: lock the file on disk
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    old = os.read(fd, 64).decode(errors="replace").strip()
+    if old.isdigit() and int(old) != os.getpid():
+        state = "no longer running" if not _pid_alive(int(old)) else "its lock released"
+        (log or (lambda m: print(m, file=sys.stderr)))(f"{out}: taking over the lock of process {old} ({state})")
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    os.fsync(fd)
+    _HELD[key] = 1
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        os.close(fd)
+
+
+def ensure_writable(out_dir) -> None:
+    """mkdir OUT and prove it can be written, or UserError naming it."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{out_dir}: output folder is not writable ({e.strerror}); choose another --out or fix its "
+                        "permissions") from None
+
+
+def _read(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def read_result(out_dir) -> dict | None:
+    return _read(Path(out_dir) / RESULT)
+
+
+def _norm(obj):
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def decide(out_dir, fingerprint: dict, mode=True, log=print, artefacts=(), partial: bool | None = None) -> str:
+    from zhllama.trainer import last_complete_checkpoint
+
+    out = Path(out_dir)
+    fp = _norm(fingerprint)
+    prev = (_read(out / CONFIG) or {}).get("fingerprint")
+    done = read_result(out)
+    if mode is False:
+        return "start-over"
+    # an up-to-date folder keeps its timestamps, so make does not redo the stages after it
+    if prev == fp and done is not None and done.get("fingerprint") == fp and all((out / a).exists() for a in artefacts):
+        return "up-to-date"
+    if not (partial if partial is not None else last_complete_checkpoint(out) is not None):
+        return "start-over"
+    if prev is None or prev == fp:
+        return "resume"
+    diff = sorted(k for k in set(prev) | set(fp) if prev.get(k) != fp.get(k))
+    if mode == "auto":
+        log(f"{out}: {', '.join(diff)} changed since its checkpoints were written; starting over")
+        return "start-over"
+    raise UserError(f"{out} holds checkpoints from a run with different {', '.join(diff)}; resuming would mix them. "
+                    "Use another --out, --restart-if-changed, or --no-resume to start over")
+
+
+def begin(out_dir, config: dict, fingerprint: dict, clear_checkpoints: bool = False) -> None:
+    """The run starts: its settings are recorded and the folder no longer claims to hold a finished result."""
+    from zhllama.manifest import write_json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not _is_main():
+        return
+    (out / RESULT).unlink(missing_ok=True)
+    if clear_checkpoints:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    write_json(out / CONFIG, {**config, "fingerprint": _norm(fingerprint)})
+
+
+def staging(out_dir) -> Path:
+    # other processes of a distributed run get their own (never published) folder
+    d = Path(out_dir) / (STAGING if _is_main() else f"{STAGING}-rank{os.environ.get('RANK')}")
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    return d
+
+
+def publish(out_dir) -> list[str]:
+    """Move the staged artefacts into place (each an atomic rename) and drop the staging folder."""
+    out = Path(out_dir)
+    d = out / STAGING
+    moved = []
+    if d.is_dir():
+        for f in sorted(d.iterdir()):
+            dst = out / f.name
+            if dst.is_dir() and not dst.is_symlink():
+                shutil.rmtree(dst)
+            os.replace(f, dst)
+            moved.append(f.name)
+        d.rmdir()
+    return moved
+
+
+def input_entry(path) -> dict:
+    """A file (sha256) or folder (sha256 of every file under it) the run read."""
+    from zhllama.hashing import sha256_file, sha256_files
+
+    p = Path(path)
+    if p.is_file():
+        return {"path": str(p.resolve()), "sha256": sha256_file(p)}
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and not any(
+            part.startswith(".") or part in ("checkpoints", "tensorboard") for part in f.relative_to(p).parts))
+        return {"path": str(p.resolve()), "sha256": sha256_files(files) if files else None, "files": len(files)}
+    return {"path": str(p), "sha256": None}
+
+
+def parent_entry(folder) -> dict:
+    p = Path(folder)
+    man = _read(p / MANIFEST) or {}
+    return {"path": str(p.resolve()), "stage": man.get("stage"), "manifest": (p / MANIFEST).is_file()}
+
+
+def parents_of(paths) -> list[dict]:
+    """The run folders the given input files/folders come from: the path itself or its parent folder, whichever
+    holds a manifest.json (RUN/corpus/train -> RUN/corpus); inputs that no run made give none."""
+    out, seen = [], set()
+    for p in paths if isinstance(paths, (list, tuple)) else [paths]:
+        p = Path(p).resolve()
+        for cand in (p, p.parent) if p.is_dir() else (p.parent,):
+            if (cand / MANIFEST).is_file() and cand not in seen:
+                seen.add(cand)
+                out.append(parent_entry(cand))
+                break
+    return out
+
+
+def finish(out_dir, stage: str, result: dict, inputs: dict, parents: list, seed=None, fingerprint=None,
+           config: dict | None = None) -> dict:
+    """Publish the staged artefacts, then result.json (the run is now finished), then manifest.json."""
+    from zhllama.manifest import write_json, write_manifest
+
+    out = Path(out_dir)
+    if not _is_main():
+        return result
+    publish(out)
+    res = {**result, "fingerprint": _norm(fingerprint) if fingerprint is not None else None}
+    write_json(out / RESULT, res)
+    write_manifest(out, stage, config if config is not None else (_read(out / CONFIG) or {}), inputs,
+                   parents=parents, seed=seed)
+    return res
+
+
+def since(t0: float) -> float:
+    return round(time.time() - t0, 2)
