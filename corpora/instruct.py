@@ -22,7 +22,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from corpora.reader import parse_jsonl
+from corpora.reader import has_lone_surrogate, parse_jsonl
 from zhllama.errors import UserError
 from zhllama.manifest import write_json
 
@@ -82,6 +82,8 @@ def _str(rec: dict, key: str, required: bool = True) -> str:
     v = rec[key]
     if not isinstance(v, str):
         raise ValueError(f"field {key!r} must be a string, got {type(v).__name__}")
+    if has_lone_surrogate(v):
+        raise ValueError(f"field {key!r} holds a lone surrogate escape (not Unicode text)")
     if required and not v.strip():
         raise ValueError(f"empty {key!r}")
     return v
@@ -127,6 +129,8 @@ def sharegpt_messages(rec: dict) -> list[dict]:
         value = t.get("value", t.get("content"))
         if not isinstance(role, str) or not isinstance(value, str):
             raise ValueError(f"turn {j}: needs string 'from' and 'value' (or 'role' and 'content')")
+        if has_lone_surrogate(value) or has_lone_surrogate(role):
+            raise ValueError(f"turn {j}: holds a lone surrogate escape (not Unicode text)")
         role = role.lower()
         if role in _SYSTEM:
             if j != 0:

@@ -12,6 +12,9 @@ Two passes, both streaming:
    byte-identical however often the run was interrupted; a rerun re-reads pass 1's output (to rebuild
    the dedup state) but does not rewrite finished shards.
 
+OUT/.work is removed when the run succeeds (the run folder's recorded fingerprint then says what it was made
+from, so an unchanged rerun does nothing); after a failure or kill it stays and the rerun continues from it.
+
 Load the result with `datasets.load_dataset("json", data_files={"train": "OUT/train/*.jsonl.gz",
 "heldout": "OUT/heldout/*.jsonl.gz"}, streaming=True)`; every record is {"text": ...}.
 """
@@ -32,13 +35,13 @@ from zhllama.errors import UserError
 from zhllama.manifest import write_json
 
 from . import clean, dedup
-from .reader import list_corpus_files
+from .reader import list_corpus_files, sniff
 
 SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".txt.gz", ".jsonl.gz", ".json.gz")
 REASONS = ("empty", "malformed_json", "missing_field", "too_short", "low_cjk_ratio", "exact_duplicate",
            "near_duplicate")
 SAMPLE_BYTES = 1 << 20
-FORMAT_VERSION = 1  # bump when pass 1's output changes meaning, so old work folders are redone
+FORMAT_VERSION = 2  # bump when pass 1's output changes meaning, so old work folders are redone
 
 
 @dataclass
@@ -183,6 +186,7 @@ class FileStats:
     encoding_detected_by: str = ""
     encoding_scores: dict = field(default_factory=dict)
     empty_file: bool = False
+    dropped_file: dict | None = None  # {"reason": "binary", "why": ...}: the whole file was not read
     docs_in: int = 0
     chars_in: int = 0
     dropped: dict = field(default_factory=lambda: {r: _counts() for r in REASONS})
@@ -255,19 +259,23 @@ def clean_file(path: Path, cfg: PrepareConfig, work: Path) -> dict:
     st = FileStats()
     if kind == "parquet":
         st.encoding, st.encoding_detected_by = "utf-8", "parquet"
-    elif cfg.encoding != "auto":
-        st.encoding, st.encoding_detected_by = cfg.encoding, "given"
     else:
-        sample, whole = _sample(path)
-        g = clean.detect_encoding(sample, final=whole)
-        st.encoding, st.encoding_detected_by, st.encoding_scores = g.encoding, g.how, g.scores
+        # the same detection and binary check as every other stage's reader
+        check = sniff(path, cfg.encoding)
+        st.encoding, st.encoding_detected_by = check.encoding, check.detected_by
+        if check.detected_by == "scored":
+            sample, whole = _sample(path)
+            st.encoding_scores = clean.detect_encoding(sample, final=whole).scores
+        if check.binary:
+            st.dropped_file = {"reason": "binary", "why": check.binary}
     fixes = clean.Fixes()
     near = cfg.dedup == "near"
     tmp = _tmp(out)
     raw, gz = _gzip_writer(tmp, 1)
     try:
         w = io.TextIOWrapper(gz, encoding="utf-8", newline="\n")
-        for text, bad, where in _raw_docs(path, kind, st.encoding, cfg.field):
+        docs = _raw_docs(path, kind, st.encoding, cfg.field) if not st.dropped_file else ()
+        for text, bad, where in docs:
             st.docs_in += 1
             st.chars_in += len(text)
             if bad:
@@ -452,7 +460,11 @@ def _totals(per_file: dict) -> dict:
     total.pop("encoding_scores", None)
     total.pop("examples", None)
     total["files"] = len(per_file)
-    total["empty_files"] = sum(1 for st in per_file.values() if st["empty_file"])
+    total["empty_files"] = sum(1 for st in per_file.values() if st["empty_file"] and not st.get("dropped_file"))
+    total["dropped_files"] = {}
+    for name, st in per_file.items():
+        if st.get("dropped_file"):
+            total["dropped_files"].setdefault(st["dropped_file"]["reason"], []).append(name)
     total["encodings"] = {}
     for st in per_file.values():
         total["encodings"][st["encoding"]] = total["encodings"].get(st["encoding"], 0) + 1
@@ -467,7 +479,9 @@ def _log_summary(total: dict, per_file: dict, writers: dict, out: Path, log) -> 
         f"{len(writers['train'].names)} + {len(writers['heldout'].names)} shards in {out}"
         + (f" ({skipped} already finished)" if skipped else ""))
     for name, st in per_file.items():
-        if st["encoding"] != "utf-8" or st["normalisation"].get("invalid_bytes"):
+        if st.get("dropped_file"):
+            log(f"  {name}: dropped as {st['dropped_file']['reason']} ({st['dropped_file']['why']}); none of its text is used")
+        elif st["encoding"] != "utf-8" or st["normalisation"].get("invalid_bytes"):
             log(f"  {name}: {st['encoding']} ({st['encoding_detected_by']}), "
                 f"{st['normalisation'].get('invalid_bytes', 0)} undecodable bytes removed")
 
@@ -483,6 +497,12 @@ def prepare(inputs, out_dir, cfg: PrepareConfig | None = None, progress: bool = 
     out = Path(out_dir)
     work = out / ".work" / "files"
     with runfolder.lock(out, log=lambda m: log(m)):
+        # a finished run keeps no work folder (1x the corpus): its recorded fingerprint says it is up to date
+        early = {"files": [_fingerprint(f, cfg) for f in files], "config": cfg.public()}
+        if (out / "stats.json").is_file() and runfolder.decide(out, early, "auto", log=lambda m: None,
+                                                               partial=True) == "up-to-date":
+            log(f"{out} is up to date with its inputs and options; nothing to do")
+            return json.loads((out / "stats.json").read_text(encoding="utf-8"))
         work.mkdir(parents=True, exist_ok=True)
         for d in (work, out / "train", out / "heldout"):
             _remove_stale_tmp(d)
@@ -515,5 +535,7 @@ def prepare(inputs, out_dir, cfg: PrepareConfig | None = None, progress: bool = 
         runfolder.finish(out, "corpora.prepare", {k: total[k] for k in ("docs_in", "docs_kept", "chars_kept") if k in total}
                          | {"shards": {k: len(w.names) for k, w in writers.items()}}, inputs_m,
                          runfolder.parents_of(files), seed=None, fingerprint=plan)
+        # success: the work folder goes; after a failure or kill it stays and the rerun continues from it
+        shutil.rmtree(out / ".work", ignore_errors=True)
         _log_summary(total, per_file, writers, out, log)
         return stats

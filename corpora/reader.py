@@ -1,17 +1,59 @@
-"""Stream documents out of text corpora (.txt lines, .jsonl/.json records) with errors that name file and byte."""
+"""The one corpus reader of every stage (prepare, vocab, pretrain, evaluation).
+
+Stream documents out of text corpora (.txt lines, .jsonl/.json records, plain or .gz) with the same
+encoding detection everywhere (`encoding="auto"`: UTF-8 if the file's first MiB decodes strictly, else the
+candidate among GB18030/Big5 whose decoding looks most like Chinese, see corpora.clean.detect_encoding) and
+the same binary/garbage detector (`sniff`): a file that starts with a known binary magic number, or whose
+sample is more than a few percent NUL/control characters or undecodable bytes, is dropped whole with reason
+"binary" (recorded in `CorpusStats.dropped_files`, warned about), and none of its text is ever yielded.
+Decoding is strict here: a bad byte later in a file is a one-line error naming file, line and byte offset
+(`corpora prepare` is the tool that repairs such files).
+
+Public names (stable): TEXT_SUFFIXES, list_corpus_files, parse_jsonl, sniff, FileCheck, CorpusStats,
+iter_documents, iter_corpus, corpus_profile.
+"""
 from __future__ import annotations
 
 import gzip
 import json
 import re
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from zhllama.errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".txt.gz", ".jsonl.gz")
+ENCODINGS = ("auto", "utf-8", "gb18030", "big5")
 _ENCODINGS = ("utf-8", "gb18030", "big5")
 _CJK = re.compile(r"[\u4e00-\u9fff]")
+_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")
+SNIFF_BYTES = 1 << 20
+# Known binary formats by their first bytes (a .txt that is really one of these is dropped as "binary").
+BINARY_MAGIC = {
+    b"\x7fELF": "ELF executable", b"PK\x03\x04": "zip archive", b"PK\x05\x06": "zip archive",
+    b"%PDF-": "PDF", b"\x89PNG\r\n\x1a\n": "PNG image", b"GIF87a": "GIF image", b"GIF89a": "GIF image",
+    b"\xff\xd8\xff": "JPEG image", b"\x1f\x8b": "gzip data", b"BZh": "bzip2 data", b"\xfd7zXZ\x00": "xz data",
+    b"(\xb5/\xfd": "zstd data", b"7z\xbc\xaf\x27\x1c": "7z archive", b"Rar!\x1a\x07": "RAR archive",
+    b"PAR1": "parquet file", b"SQLite format 3\x00": "SQLite database", b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1": "MS Office file",
+    b"\x00asm": "WebAssembly", b"\xca\xfe\xba\xbe": "Mach-O/Java class", b"\xcf\xfa\xed\xfe": "Mach-O executable",
+    b"MZ\x90\x00": "Windows executable", b"OggS": "Ogg media", b"fLaC": "FLAC audio", b"ID3": "MP3 audio",
+    b"\x93NUMPY": "numpy array", b"\x80\x02\x8a\n": "torch pickle",
+}
+# Shares of the sniffed sample above which a file is not text. Measured: binaries (executables, images, model
+# files, float weights, random bytes) read as GB18030 show 12-87% control characters and 6-15% undecodable
+# bytes; a damaged text file that `prepare` should repair (the core tests' bad.txt) 2.0% and 1.8%.
+MAX_NUL_SHARE = 0.01
+MAX_CONTROL_SHARE = 0.05
+MAX_UNDECODABLE_SHARE = 0.05
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# JSON may escape lone UTF-16 surrogates ("\ud800"); such a string is not text and cannot even be written as UTF-8
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def has_lone_surrogate(text: str) -> bool:
+    return _SURROGATE.search(text) is not None
 
 
 def list_corpus_files(paths: Iterable[str | Path], suffixes: tuple[str, ...] = TEXT_SUFFIXES, what: str = "corpus") -> list[Path]:
@@ -67,6 +109,103 @@ def _guess_encoding(raw: bytes) -> str | None:
     return None
 
 
+@dataclass
+class FileCheck:
+    """What `sniff` found out about one file."""
+    path: Path
+    encoding: str            # the codec documents are decoded with
+    detected_by: str         # "given", "bom", "utf-8 (strict)", "scored"
+    binary: str | None = None  # why the file is not text (None: it is)
+
+
+def _sample(path: Path) -> tuple[bytes, bool]:
+    try:
+        with _open_binary(path) as f:
+            data = f.read(SNIFF_BYTES + 1)
+    except (OSError, EOFError) as e:  # a .gz that is not gzip, truncated archives
+        raise UserError(f"{path}: cannot be read ({e})") from None
+    return data[:SNIFF_BYTES], len(data) <= SNIFF_BYTES
+
+
+def binary_reason(sample: bytes, encoding: str) -> str | None:
+    """Why these bytes are not text in `encoding` (None: they are)."""
+    for magic, what in BINARY_MAGIC.items():
+        if sample.startswith(magic):
+            return f"starts like a {what}"
+    if sample.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "UTF-16 (convert it to UTF-8 with iconv -f UTF-16 -t UTF-8)"
+    if not sample:
+        return None
+    nul = sample.count(0) / len(sample)
+    if nul > MAX_NUL_SHARE:
+        return f"{100 * nul:.1f}% NUL bytes"
+    text = sample.decode(encoding, errors="replace")
+    if not text:
+        return None
+    bad = text.count("\ufffd") / len(text)
+    if bad > MAX_UNDECODABLE_SHARE:
+        return f"{100 * bad:.1f}% undecodable as {encoding}"
+    ctrl = len(_CONTROL.findall(text)) / len(text)
+    if ctrl > MAX_CONTROL_SHARE:
+        return f"{100 * ctrl:.1f}% control characters"
+    return None
+
+
+def sniff(path: str | Path, encoding: str = "auto") -> FileCheck:
+    """Encoding (detected from the first MiB unless given) and whether the file is binary/garbage."""
+    from corpora.clean import detect_encoding
+
+    path = Path(path)
+    if encoding not in ENCODINGS:
+        raise UserError(f"--encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r}")
+    sample, whole = _sample(path)
+    if encoding == "auto":
+        g = detect_encoding(sample, final=whole)
+        enc, how = g.encoding, g.how
+    else:
+        enc, how = encoding, "given"
+    if not whole:  # a character cut at the sample's end is not garbage
+        sample = sample[: max(0, len(sample) - 4)]
+    why = binary_reason(sample, enc)
+    if why and how == "given" and "undecodable" in why:
+        # text in another encoding than the one given: strict decoding names the line, byte and the likely codec
+        g = detect_encoding(sample, final=whole)
+        if g.encoding != enc and binary_reason(sample, g.encoding) is None:
+            why = None
+    return FileCheck(path, enc, how, why)
+
+
+@dataclass
+class CorpusStats:
+    """Filled while reading: files dropped and why, encodings used, documents and Chinese characters seen."""
+    files: int = 0
+    docs: int = 0
+    chars: int = 0
+    han_chars: int = 0
+    encodings: dict = field(default_factory=dict)       # file -> encoding
+    dropped_files: dict = field(default_factory=dict)   # reason -> [{"file", "why"}]
+    warn: bool = True
+
+    def drop(self, check: FileCheck) -> None:
+        self.dropped_files.setdefault("binary", []).append({"file": str(check.path), "why": check.binary})
+        if self.warn:
+            print(f"warning: {check.path}: dropped as binary ({check.binary}); none of its text is used",
+                  file=sys.stderr)
+
+    def count(self, doc: str) -> None:
+        self.docs += 1
+        self.chars += len(doc)
+        self.han_chars += len(_HAN.findall(doc))
+
+    @property
+    def han_share(self) -> float:
+        return self.han_chars / self.chars if self.chars else 0.0
+
+    def as_dict(self) -> dict:
+        return {"files": self.files, "docs": self.docs, "chars": self.chars, "han_chars": self.han_chars,
+                "han_share": round(self.han_share, 4), "encodings": self.encodings, "dropped_files": self.dropped_files}
+
+
 def _decode_lines(path: Path, encoding: str) -> Iterator[str]:
     """Yield decoded lines; on bad bytes raise a UserError naming the byte offset and a fix."""
     offset = 0
@@ -88,9 +227,29 @@ def _decode_lines(path: Path, encoding: str) -> Iterator[str]:
             yield line.rstrip("\r\n")
 
 
-def iter_documents(path: str | Path, encoding: str = "utf-8", field: str = "text") -> Iterator[str]:
-    """Documents of one file: a non-empty line of .txt, or `field` of each .jsonl/.json record."""
+def iter_documents(path: str | Path, encoding: str = "auto", field: str = "text",
+                   stats: CorpusStats | None = None) -> Iterator[str]:
+    """Documents of one file: a non-empty line of .txt, or `field` of each .jsonl/.json record.
+
+    The file is sniffed first (encoding, binary); a binary file yields nothing and is recorded in `stats`.
+    """
     path = Path(path)
+    check = sniff(path, encoding)
+    if stats is not None:
+        stats.files += 1
+        stats.encodings[str(path)] = check.encoding
+    if check.binary:
+        if stats is None:
+            stats = CorpusStats()
+        stats.drop(check)
+        return
+    for doc in _documents(path, check.encoding, field):
+        if stats is not None:
+            stats.count(doc)
+        yield doc
+
+
+def _documents(path: Path, encoding: str, field: str) -> Iterator[str]:
     name = path.name[:-3] if path.name.endswith(".gz") else path.name
     if name.endswith(".jsonl"):
         for lineno, line in enumerate(_decode_lines(path, encoding), 1):
@@ -102,6 +261,9 @@ def iter_documents(path: str | Path, encoding: str = "utf-8", field: str = "text
                 raise UserError(f"{path}: line {lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
                 raise UserError(f"{path}: line {lineno}: expected an object with a string field {field!r}")
+            if has_lone_surrogate(rec[field]):
+                raise UserError(f"{path}: line {lineno}: field {field!r} holds a lone surrogate escape (\\ud800-\\udfff), "
+                                "which is not Unicode text")
             if rec[field].strip():
                 yield rec[field]
     elif name.endswith(".json"):
@@ -110,11 +272,16 @@ def iter_documents(path: str | Path, encoding: str = "utf-8", field: str = "text
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise UserError(f"{path}: JSON nested too deeply") from None
         if not isinstance(data, list):
             raise UserError(f"{path}: expected a JSON array of records with a {field!r} field")
         for i, rec in enumerate(data):
             if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
                 raise UserError(f"{path}: record {i}: expected an object with a string field {field!r}")
+            if has_lone_surrogate(rec[field]):
+                raise UserError(f"{path}: record {i}: field {field!r} holds a lone surrogate escape (\\ud800-\\udfff), "
+                                "which is not Unicode text")
             if rec[field].strip():
                 yield rec[field]
     else:
@@ -123,6 +290,17 @@ def iter_documents(path: str | Path, encoding: str = "utf-8", field: str = "text
                 yield line
 
 
-def iter_corpus(paths: Iterable[str | Path], encoding: str = "utf-8", field: str = "text") -> Iterator[str]:
+def iter_corpus(paths: Iterable[str | Path], encoding: str = "auto", field: str = "text",
+                stats: CorpusStats | None = None) -> Iterator[str]:
     for f in list_corpus_files(paths):
-        yield from iter_documents(f, encoding=encoding, field=field)
+        yield from iter_documents(f, encoding=encoding, field=field, stats=stats)
+
+
+def corpus_profile(paths: Iterable[str | Path], encoding: str = "auto", sample_docs: int = 2000) -> CorpusStats:
+    """A quick look at a corpus before a long job: the first `sample_docs` documents of every file."""
+    stats = CorpusStats(warn=False)
+    for f in list_corpus_files(paths):
+        for n, _ in enumerate(iter_documents(f, encoding=encoding, stats=stats), 1):
+            if n >= sample_docs:
+                break
+    return stats

@@ -5,7 +5,8 @@ POST /v1/completions (raw prompt, no template), GET / (the chat page), GET /heal
 Decoding defaults to the paper's preset (sft.generate.PRESETS["paper"]); request fields override it
 (temperature 0 = greedy; zhllama extensions: "preset", "top_k", "repetition_penalty").
 
-Safe by default: binds 127.0.0.1; an optional API key (Bearer); request bodies over --max-body bytes
+Safe by default: binds 127.0.0.1; an optional API key (Bearer); JSON bodies only (415 otherwise, so a
+web page on another site cannot make the browser post to it); request bodies over --max-body bytes
 get 413; prompts over --max-prompt-tokens and max_tokens over --max-tokens get a 400 that says so
 (never a silent truncation); more than --max-queue requests waiting or running get 429; a request
 stops generating after --timeout seconds. One generation runs at a time (the model is not shared
@@ -104,6 +105,9 @@ def create_app(backend, limits: Limits | None = None, api_key: str | None = None
             raise ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)", kind="authentication_error")
 
     async def read_json(request: Request) -> dict:
+        # JSON only: a cross-site page cannot send it without a CORS preflight, which this server never allows
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            raise ApiError(415, "Content-Type must be application/json")
         n = request.headers.get("content-length")
         if n is not None and n.isdigit() and int(n) > limits.max_body:
             raise ApiError(413, f"request body of {n} bytes is over the {limits.max_body}-byte limit")

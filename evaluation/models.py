@@ -9,6 +9,7 @@ is the last adapter's when it has one, else the model folder's: every model is s
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,7 +100,11 @@ def load(spec: ModelSpec, dtype: str = "float32", device: str = "cpu"):
         if not any((tdir / f).is_file() for f in TOKENIZER_FILES):
             raise UserError(f"{tdir}: no tokenizer (tokenizer.json) in the model folder or its adapters")
         tok = AutoTokenizer.from_pretrained(str(tdir))
-        model = load_peft_chain(spec.path, spec.adapters, dtype=getattr(torch, dtype))
+        from zhllama.lineage import resolve_chain
+
+        # the adapters' lineage records: order, gaps, duplicates and the base's weights are checked
+        chain = resolve_chain(spec.path, spec.adapters, log=lambda m: print(m, file=sys.stderr))
+        model = load_peft_chain(spec.path, chain.adapters, dtype=getattr(torch, dtype))
         model = model.merge_and_unload()  # plain forward passes; evaluation never trains
         from zhllama.models import check_sizes
 

@@ -23,6 +23,12 @@ def _train_args(p: argparse.ArgumentParser, phase: str) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--tokenizer", help="tokenizer folder (default: the one inside --model)")
     p.add_argument("--cache-dir", help="tokenized-data cache (default: OUT/../data_cache)")
+    p.add_argument("--encoding", default="auto", choices=("auto", "utf-8", "gb18030", "big5"),
+                   help="corpus encoding; auto: UTF-8, else GB18030/Big5 detected per file like `corpora prepare`; "
+                        "binary files are dropped and reported (default: %(default)s)")
+    p.add_argument("--min-chinese-share", type=float, default=0.01,
+                   help="refuse a corpus whose sampled text is less than this share Chinese characters "
+                        "(warning below 0.3; 0 disables) (default: %(default)s)")
     p.add_argument("--deepspeed", metavar="JSON", help="DeepSpeed config, when not launched with an accelerate config")
     p.add_argument("--full-determinism", action="store_true", help="torch deterministic algorithms (slower on GPU)")
     p.add_argument("--resume", dest="resume", action="store_true", default=True,
@@ -110,10 +116,11 @@ def main(argv=None) -> int:
             if a.cmd == "phase1":
                 res = run_phase1(a.model, a.corpus, a.out, recipe, settings, resume=a.resume, cache_dir=a.cache_dir,
                                  new_rows_only=recipe.pretrain.phase1.new_rows_only, tokenizer_dir=a.tokenizer,
-                                 base_vocab=a.base_vocab_size)
+                                 base_vocab=a.base_vocab_size, encoding=a.encoding,
+                                 min_han_share=a.min_chinese_share)
             else:
                 res = run_phase2(a.model, a.corpus, a.out, recipe, settings, resume=a.resume, cache_dir=a.cache_dir,
-                                 tokenizer_dir=a.tokenizer)
+                                 tokenizer_dir=a.tokenizer, encoding=a.encoding, min_han_share=a.min_chinese_share)
         if res and "eval_loss_after" in res:
             print(f"{a.cmd}: held-out loss {res.get('eval_loss_before', float('nan')):.4f} -> {res['eval_loss_after']:.4f} "
                   f"after {res['global_step']} steps -> {a.out}")

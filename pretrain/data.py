@@ -66,11 +66,11 @@ def _packed(tokenizer, docs, block_size: int, limit: int | None = None):
                 return
 
 
-def _docs(files, want_eval: bool, eval_ratio: float):
+def _docs(files, want_eval: bool, eval_ratio: float, encodings: dict | None = None):
     from corpora.reader import iter_documents
 
     for f in files:
-        for doc in iter_documents(f):
+        for doc in iter_documents(f, encoding=(encodings or {}).get(f, "auto")):
             if _is_eval(doc, eval_ratio) == want_eval:
                 yield doc
 
@@ -91,27 +91,65 @@ def cache_key(files, tok_hash: str, block_size: int, eval_ratio: float, max_eval
     return sha256_bytes(json.dumps(hashed, sort_keys=True).encode())[:24], key
 
 
+def _user_error_inside(e: BaseException):
+    """The UserError that `datasets` wrapped (DatasetGenerationError) while running our generator, if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, UserError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def readable_files(corpus, encoding: str = "auto") -> tuple[list, dict, dict]:
+    """(text files, file -> encoding, dropped files) through the shared corpus reader's checks."""
+    from corpora.reader import CorpusStats, list_corpus_files, sniff
+
+    files, encodings, stats = [], {}, CorpusStats()
+    for f in list_corpus_files(corpus):
+        check = sniff(f, encoding)
+        if check.binary:
+            stats.drop(check)
+            continue
+        files.append(f)
+        encodings[f] = check.encoding
+    if not files:
+        raise UserError(f"corpus {', '.join(map(str, corpus))}: no text files left (all dropped as binary)")
+    return files, encodings, stats.dropped_files
+
+
 def build_datasets(corpus, tokenizer_dir, block_size: int, cache_dir, eval_ratio: float = 0.01,
-                   max_eval_blocks: int = 1000, streaming: bool = False):
+                   max_eval_blocks: int = 1000, streaming: bool = False, encoding: str = "auto"):
+    try:
+        return _build_datasets(corpus, tokenizer_dir, block_size, cache_dir, eval_ratio, max_eval_blocks, streaming,
+                               encoding)
+    except Exception as e:  # a decode error inside datasets' generator: one line, not its 60-line traceback
+        inner = _user_error_inside(e)
+        if inner is None or inner is e:
+            raise
+        raise UserError(str(inner)) from None
+
+
+def _build_datasets(corpus, tokenizer_dir, block_size, cache_dir, eval_ratio, max_eval_blocks, streaming, encoding):
     from datasets import Dataset, Features, IterableDataset, Sequence, Value, load_from_disk
     from transformers import AutoTokenizer
 
-    from corpora.reader import list_corpus_files
-
-    files = list_corpus_files(corpus)
+    files, encodings, dropped = readable_files(corpus, encoding)
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     if tok.eos_token_id is None:
         raise UserError(f"{tokenizer_dir}: tokenizer has no EOS token; documents need one between them")
     key, key_info = cache_key(files, tokenizer_hash(tokenizer_dir), block_size, eval_ratio, max_eval_blocks)
     features = Features({"input_ids": Sequence(Value("int32"))})
     cache = Path(cache_dir) / key
-    info = {"cache_key": key, "cache_dir": str(cache), "key": key_info, "files": [str(f) for f in files]}
+    info = {"cache_key": key, "cache_dir": str(cache), "key": key_info, "files": [str(f) for f in files],
+            "encodings": {str(f): e for f, e in encodings.items()}, "dropped_files": dropped}
 
     def eval_gen():
-        yield from _packed(tok, _docs(files, True, eval_ratio), block_size, limit=max_eval_blocks)
+        yield from _packed(tok, _docs(files, True, eval_ratio, encodings), block_size, limit=max_eval_blocks)
 
     def train_gen():
-        yield from _packed(tok, _docs(files, False, eval_ratio), block_size)
+        yield from _packed(tok, _docs(files, False, eval_ratio, encodings), block_size)
 
     if streaming:
         eval_rows = list(eval_gen())
@@ -127,18 +165,21 @@ def build_datasets(corpus, tokenizer_dir, block_size: int, cache_dir, eval_ratio
         tmp = Path(cache_dir) / f"{key}.building"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        tr = Dataset.from_generator(train_gen, features=features, cache_dir=str(tmp / "hf"))
-        if len(tr) == 0:
+        try:
+            tr = Dataset.from_generator(train_gen, features=features, cache_dir=str(tmp / "hf"))
+            if len(tr) == 0:
+                raise _empty(files, block_size)
+            tr.save_to_disk(str(tmp / "train"))
+            ev_rows = list(eval_gen())
+            if ev_rows:  # an empty dataset does not load back from disk (eval_ratio 0): no folder means no eval set
+                Dataset.from_list(ev_rows, features=features).save_to_disk(str(tmp / "eval"))
+            shutil.rmtree(tmp / "hf", ignore_errors=True)
+            (tmp / "complete.json").write_text(json.dumps(dict(key_info, train_blocks=len(tr), eval_blocks=len(ev_rows)), indent=1))
+            shutil.rmtree(cache, ignore_errors=True)
+            tmp.rename(cache)
+        finally:
+            # a half-built cache is never reusable (the next build starts it over): leave no *.building behind
             shutil.rmtree(tmp, ignore_errors=True)
-            raise _empty(files, block_size)
-        tr.save_to_disk(str(tmp / "train"))
-        ev_rows = list(eval_gen())
-        if ev_rows:  # an empty dataset does not load back from disk (eval_ratio 0): no folder means no eval set
-            Dataset.from_list(ev_rows, features=features).save_to_disk(str(tmp / "eval"))
-        shutil.rmtree(tmp / "hf", ignore_errors=True)
-        (tmp / "complete.json").write_text(json.dumps(dict(key_info, train_blocks=len(tr), eval_blocks=len(ev_rows)), indent=1))
-        shutil.rmtree(cache, ignore_errors=True)
-        tmp.rename(cache)
         info["reused_cache"] = False
     else:
         info["reused_cache"] = True

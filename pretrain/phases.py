@@ -62,6 +62,26 @@ def preflight(model_dir, corpus, out_dir, block_size: int, tokenizer_dir=None, d
 
 
 FINGERPRINT_KEYS = ("settings", "block_size", "new_rows_only", "lora", "inputs")
+# Below this share of Han characters a pretraining corpus is refused (an English-only corpus would train the
+# new Chinese rows on nothing); below WARN_HAN_SHARE it is trained on with a warning.
+MIN_HAN_SHARE = 0.01
+WARN_HAN_SHARE = 0.3
+
+
+def check_chinese(corpus, encoding: str = "auto", min_share: float = MIN_HAN_SHARE, stage: str = "pretraining") -> dict:
+    """How much Chinese the corpus holds (first documents of every file); an error below min_share."""
+    from corpora.reader import corpus_profile
+
+    prof = corpus_profile(corpus, encoding)
+    share = prof.han_share
+    found = (f"{prof.han_chars:,} Chinese characters in {prof.chars:,} sampled ({100 * share:.1f}%, "
+             f"first documents of {prof.files} file(s))")
+    if share < min_share:
+        raise UserError(f"corpus {', '.join(map(str, corpus))}: {found}; {stage} needs Chinese text "
+                        f"(at least {100 * min_share:g}%). Point --corpus at Chinese text, or pass --min-chinese-share 0")
+    if share < WARN_HAN_SHARE:
+        print(f"warning: corpus has little Chinese: {found}")
+    return {"han_share": round(share, 4), "sampled_chars": prof.chars}
 
 
 def _prepare(stage, model_dir, corpus, out_dir, recipe, settings, resume, cache_dir, tokenizer_dir, extra, artefacts):
@@ -73,9 +93,12 @@ def _prepare(stage, model_dir, corpus, out_dir, recipe, settings, resume, cache_
 
     out_dir, model_dir = Path(out_dir), Path(model_dir)
     pre = recipe.pretrain
+    extra = dict(extra)
+    encoding, min_han_share = extra.pop("encoding", "auto"), extra.pop("min_han_share", MIN_HAN_SHARE)
     # on a GPU at fp16/bf16 the frozen base is loaded in half precision (zhllama.precision)
     model, tok_dir = preflight(model_dir, corpus, out_dir, pre.block_size, tokenizer_dir,
                                dtype=base_dtype(settings.precision))
+    chinese = check_chinese(corpus, encoding, min_han_share, stage.replace("pretrain.", "pretrain "))
     inputs = {
         "model": {"path": str(model_dir), "sha256": _weights_hash(model_dir)},
         "tokenizer": {"path": str(tok_dir), "sha256": tokenizer_hash(tok_dir)},
@@ -85,10 +108,11 @@ def _prepare(stage, model_dir, corpus, out_dir, recipe, settings, resume, cache_
                 "block_size": pre.block_size, "seed": settings.seed, "inputs": inputs, **extra}
     train_ds, eval_ds, data_info = build_datasets(
         corpus, tok_dir, pre.block_size, cache_dir or (out_dir.parent / "data_cache"),
-        eval_ratio=pre.eval_ratio, max_eval_blocks=pre.max_eval_blocks, streaming=pre.streaming,
+        eval_ratio=pre.eval_ratio, max_eval_blocks=pre.max_eval_blocks, streaming=pre.streaming, encoding=encoding,
     )
     inputs["data"] = data_info["key"]
     resolved["data"] = {k: v for k, v in data_info.items() if k != "key"}
+    resolved["data"]["chinese"] = chinese
     fingerprint = {k: resolved[k] for k in FINGERPRINT_KEYS if k in resolved}
     decision = runfolder.decide(out_dir, fingerprint, resume, artefacts=artefacts)
     if decision == "up-to-date":
@@ -129,8 +153,10 @@ def base_vocab_size(model_dir, recipe, override: int | None = None) -> int:
 
 
 def run_phase1(model_dir, corpus, out_dir, recipe, settings, new_rows_only=False, resume=True, cache_dir=None,
-               tokenizer_dir=None, base_vocab: int | None = None):
-    extra = {"new_rows_only": bool(new_rows_only), "base_vocab": base_vocab_size(model_dir, recipe, base_vocab)}
+               tokenizer_dir=None, base_vocab: int | None = None, encoding: str = "auto",
+               min_han_share: float = MIN_HAN_SHARE):
+    extra = {"new_rows_only": bool(new_rows_only), "base_vocab": base_vocab_size(model_dir, recipe, base_vocab),
+             "encoding": encoding, "min_han_share": min_han_share}
     return _run("pretrain.phase1", model_dir, corpus, out_dir, recipe, settings, resume, cache_dir, tokenizer_dir,
                 extra, ("config.json",), lambda prep: _phase1(prep, model_dir, out_dir, settings, new_rows_only))
 
@@ -211,10 +237,12 @@ def check_adapter(out_dir: Path) -> dict:
             "full_modules": sorted({k.split(".")[-2] for k in keys if "lora_" not in k})}
 
 
-def run_phase2(model_dir, corpus, out_dir, recipe, settings, resume=True, cache_dir=None, tokenizer_dir=None):
+def run_phase2(model_dir, corpus, out_dir, recipe, settings, resume=True, cache_dir=None, tokenizer_dir=None,
+               encoding: str = "auto", min_han_share: float = MIN_HAN_SHARE):
     phase = recipe.pretrain.phase2
     extra = {"lora": {"r": phase.lora_r, "alpha": phase.lora_alpha, "dropout": phase.lora_dropout,
-                      "targets": list(phase.lora_targets), "modules_to_save": list(phase.modules_to_save)}}
+                      "targets": list(phase.lora_targets), "modules_to_save": list(phase.modules_to_save)},
+             "encoding": encoding, "min_han_share": min_han_share}
     return _run("pretrain.phase2", model_dir, corpus, out_dir, recipe, settings, resume, cache_dir, tokenizer_dir,
                 extra, ("adapter_model.safetensors",), lambda prep: _phase2(prep, model_dir, out_dir, phase, settings))
 
@@ -246,6 +274,9 @@ def _phase2(prep, model_dir, out_dir, phase, settings):
         (stage / "adapter_config.json").write_text(json.dumps(acfg, indent=2) + "\n")
         copy_tokenizer(tok_dir, stage)
         result["adapter"] = check_adapter(stage)
+        from zhllama.lineage import record_lineage
+
+        record_lineage(stage, model_dir, final_dir=out_dir)
         return _finish("pretrain.phase2", out_dir, model_dir, tok_dir, resolved, inputs, fingerprint, result, summary)
     return result
 

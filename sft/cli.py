@@ -44,9 +44,15 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--reference-tokenization", action="store_true")
     v.add_argument("--json", action="store_true", help='print [{"prompt","target","input_ids","labels"}]')
 
-    m = sub.add_parser("merge", help="merge adapters into the base, shard by shard, and verify by logits")
-    m.add_argument("--base", required=True)
-    m.add_argument("--adapter", action="append", required=True, help="repeat: applied in the order given")
+    m = sub.add_parser("merge", help="merge adapters into the base, shard by shard, and verify by logits",
+                       description="Merge LoRA adapters into their base model and verify the result by logits. "
+                       "Every zhllama adapter records the weights it was trained on (lineage.json), so "
+                       "`--adapter RUN/sft/adapter` alone derives the whole chain (base -> phase 2 -> SFT). "
+                       "Explicit --adapter lists and --base are checked against those records: wrong order, "
+                       "gaps, duplicates and a base with other weights are refused, naming the expected chain.")
+    m.add_argument("--base", help="base model folder (default: the one recorded in the adapters' lineage)")
+    m.add_argument("--adapter", action="append", required=True,
+                   help="the last adapter of the chain (its parents are derived), or the whole chain in order (repeat)")
     m.add_argument("--out", required=True)
     m.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     m.add_argument("--template", help="record this template instead of the adapter's")
@@ -55,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="answer one instruction with the model's template")
     g.add_argument("--model", required=True)
-    g.add_argument("--base", help="base model when --model is an adapter folder")
+    g.add_argument("--base", help="base model when --model is an adapter folder (default: from its lineage record; "
+                                  "checked against it)")
     g.add_argument("--prompt", action="append", default=[], help="instruction (repeatable)")
     g.add_argument("--prompts-file", help="more instructions, one per line")
     g.add_argument("--input", default="", help="optional input joined as the template does")
@@ -65,12 +72,20 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--raw", action="store_true", help="use --prompt as the full prompt text, no template")
     g.add_argument("--json", action="store_true")
 
-    c = sub.add_parser("chat", help="interactive multi-turn chat, streaming tokens")
-    c.add_argument("--model", required=True)
-    c.add_argument("--base")
+    from sft.generate import CHAT_HELP
+
+    c = sub.add_parser("chat", help="interactive multi-turn chat, streaming tokens",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Talk to a merged model (or an adapter on its base) with the template it was "
+                                   "trained with; warns when the folder has no SFT template record (a model that "
+                                   "was never instruction-tuned).\n\n" + CHAT_HELP)
+    c.add_argument("--model", required=True, help="merged model folder, or an SFT adapter folder")
+    c.add_argument("--base", help="base model for an adapter folder (default: from its lineage record)")
     c.add_argument("--preset", default="paper", choices=list(PRESETS))
-    c.add_argument("--max-new-tokens", type=int, default=512)
-    c.add_argument("--context", type=int, default=2048)
+    c.add_argument("--max-new-tokens", type=int, default=512, help="longest answer (default: %(default)s)")
+    c.add_argument("--context", type=int,
+                   help="tokens of conversation + answer: older turns are dropped to fit, a single message that "
+                        "cannot fit is refused (default: the model's max_position_embeddings)")
 
     pl = sub.add_parser("plan", help="trainable parameters and batch arithmetic of a recipe's SFT")
     pl.add_argument("--vocab-size", type=int, help="default: base + added + [PAD] from the recipe")
@@ -130,10 +145,37 @@ def main(argv=None):
         if args.json:
             print(json.dumps(rows, ensure_ascii=False, indent=1))
     elif args.cmd == "chat":
-        from sft.generate import chat, load
+        import sys
+        from pathlib import Path
 
-        model, tok, tname = load(args.model, args.base)
-        chat(model, tok, tname, preset=args.preset, max_new_tokens=args.max_new_tokens, context=args.context)
+        from sft.generate import chat, load
+        from sft.template import TEMPLATE_FILE
+        from zhllama.errors import UserError
+
+        import signal
+
+        # Ctrl-C at the prompt must reach the main thread, which waits in readline: a SIGINT delivered to another
+        # thread does not wake it. Threads inherit the creating thread's signal mask, so every thread made while
+        # loading and in a first forward pass (weight loaders, the intra-op pool) is made with SIGINT blocked.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            model, tok, tname = load(args.model, args.base)
+            import torch
+
+            with torch.no_grad():
+                model(input_ids=torch.tensor([[tok.bos_token_id if tok.bos_token_id is not None else 0] * 2]))
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        if not (Path(args.model) / TEMPLATE_FILE).is_file():
+            print(f"warning: {args.model} has no {TEMPLATE_FILE}: it was not instruction-tuned (or merged without "
+                  f"its SFT adapter); answers in the {tname} template will not follow instructions", file=sys.stderr)
+        limit = getattr(model.config, "max_position_embeddings", None)
+        context = args.context or limit or 2048
+        if limit and context > limit:
+            raise UserError(f"--context {context} is longer than the model's max_position_embeddings {limit}")
+        if args.max_new_tokens < 1 or context < 2:
+            raise UserError("--max-new-tokens and --context must be positive")
+        chat(model, tok, tname, preset=args.preset, max_new_tokens=args.max_new_tokens, context=context)
     elif args.cmd == "plan":
         from sft.plan import format_plan, plan
 

@@ -34,7 +34,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from corpora.reader import parse_jsonl
+from corpora.reader import has_lone_surrogate, parse_jsonl
 from zhllama.errors import UserError
 
 from sft.template import Template
@@ -98,6 +98,8 @@ def validate(rec, path: Path, index: int) -> tuple[Record | None, str | None]:
     for f in FIELDS:
         if f in rec and rec[f] is not None and not isinstance(rec[f], str):
             return None, f"{where}: field {f!r} must be a string, got {type(rec[f]).__name__}"
+        if isinstance(rec.get(f), str) and has_lone_surrogate(rec[f]):
+            return None, f"{where}: field {f!r} holds a lone surrogate escape (not Unicode text)"
     instruction = rec.get("instruction") or ""
     inp = rec.get("input") or ""
     out = rec.get("output") or ""

@@ -9,6 +9,7 @@ sampling; greedy = deterministic argmax (tests, reproducible demos).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from zhllama.errors import UserError
@@ -38,13 +39,14 @@ def load(model_dir, base=None, dtype: str = "float32"):
     if (d / "adapter_config.json").is_file():
         from sft.merge import load_peft_chain
 
-        base = base or json.loads((d / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not base or not Path(base).is_dir():
-            raise UserError(f"{d} is an adapter; pass --base MODEL_DIR (its recorded base {base!r} is not a folder)")
-        chain = [d]
+        from zhllama.lineage import resolve_chain
+
+        # the adapter's recorded chain (parents + base), checked by hash; --base must be the recorded weights
+        ch = resolve_chain(base, [d], log=lambda m: print(m, file=sys.stderr))
+        base, chain = ch.base, list(ch.adapters)
         sc = d / "resolved_config.json"
-        if sc.is_file() and json.loads(sc.read_text()).get("pretrain_adapter"):
-            chain.insert(0, json.loads(sc.read_text())["pretrain_adapter"])
+        if not ch.verified and sc.is_file() and json.loads(sc.read_text()).get("pretrain_adapter"):
+            chain.insert(0, json.loads(sc.read_text())["pretrain_adapter"])  # adapters from before lineage records
         model = load_peft_chain(base, chain, dtype=td)
     else:
         if not (d / "config.json").is_file():
@@ -68,11 +70,26 @@ def generation_kwargs(tok, preset: str, max_new_tokens: int, seed: int | None = 
     return kw
 
 
+class _StopFlag:
+    """A StoppingCriteria that ends generation after the current token once `flag` is set (by Ctrl-C in chat)."""
+
+    def __init__(self, flag):
+        self.flag = flag
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.flag.is_set(), dtype=torch.bool)
+
+
 def generate(model, tok, prompt_text: str, preset: str = "paper", max_new_tokens: int = 400,
-             seed: int | None = 0, stream: bool = False) -> str:
-    """Continue an already rendered prompt; returns the decoded new text only."""
+             seed: int | None = 0, stream: bool = False, stop=None) -> str:
+    """Continue an already rendered prompt; returns the decoded new text only.
+
+    `stop`: a threading.Event; once set, generation ends after the current token (the text so far is returned).
+    """
     import torch
-    from transformers import TextStreamer
+    from transformers import StoppingCriteriaList, TextStreamer
 
     if seed is not None:
         torch.manual_seed(seed)
@@ -80,6 +97,8 @@ def generate(model, tok, prompt_text: str, preset: str = "paper", max_new_tokens
     kw = generation_kwargs(tok, preset, max_new_tokens)
     if stream:
         kw["streamer"] = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    if stop is not None:
+        kw["stopping_criteria"] = StoppingCriteriaList([_StopFlag(stop)])
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
@@ -91,18 +110,57 @@ def answer(model, tok, template: str, instruction: str, input: str = "", **kw) -
     return generate(model, tok, get(template).render(instruction, input), **kw)
 
 
+CHAT_HELP = """commands:
+  /help            this list
+  /reset           forget the conversation so far
+  /quit, /exit     leave (so do Ctrl-D and Ctrl-C at the prompt)
+Ctrl-C while an answer is being written stops that answer and returns to the prompt.
+Older turns are dropped when the conversation no longer fits --context tokens."""
+MIN_ANSWER_TOKENS = 16
+
+
+class TooLong(UserError):
+    """A single message that cannot fit the context even without history."""
+
+
+def fit_prompt(tok, template, history: list, message: str, max_new_tokens: int, context: int):
+    """(prompt, answer budget, turns dropped): the oldest turns go first; then the answer budget shrinks to what is
+    left, down to MIN_ANSWER_TOKENS; a message that leaves less than that is refused (TooLong)."""
+    dropped = 0
+    prompt = template.render_conversation(history, message)
+    n = len(tok(prompt)["input_ids"])
+    while history and n + max_new_tokens > context:
+        history.pop(0)
+        dropped += 1
+        prompt = template.render_conversation(history, message)
+        n = len(tok(prompt)["input_ids"])
+    budget = min(max_new_tokens, context - n)
+    if budget < min(MIN_ANSWER_TOKENS, max_new_tokens):
+        raise TooLong(f"this message is {n:,} tokens with the template; with --context {context:,} that leaves "
+                      f"{max(0, context - n)} for the answer (need {min(MIN_ANSWER_TOKENS, max_new_tokens)}): "
+                      "shorten it or raise --context")
+    return prompt, budget, dropped
+
+
 def chat(model, tok, template: str, preset: str = "paper", max_new_tokens: int = 400, context: int = 2048,
          read=input, write=print) -> list[tuple[str, str]]:
-    """Multi-turn loop: turns are concatenated in the template; oldest turns are dropped past `context` tokens."""
+    """Multi-turn loop: turns are concatenated in the template; oldest turns are dropped past `context` tokens.
+
+    Ctrl-C during an answer stops it (the partial answer is not kept in the history) and returns to the prompt;
+    Ctrl-C or Ctrl-D at the prompt ends the chat normally.
+    """
+    import signal
+    import threading
+
     from sft.template import get
 
     t = get(template)
     history: list[tuple[str, str]] = []
-    write(f"chat ({template} template, preset {preset}); /reset clears history, /quit or Ctrl-D exits")
+    write(f"chat ({template} template, preset {preset}, context {context:,} tokens); /help lists the commands")
     while True:
         try:
             q = read("user> ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
             write("")
             break
         q = q.strip()
@@ -110,15 +168,36 @@ def chat(model, tok, template: str, preset: str = "paper", max_new_tokens: int =
             continue
         if q in ("/quit", "/exit"):
             break
+        if q == "/help":
+            write(CHAT_HELP)
+            continue
         if q == "/reset":
             history.clear()
             write("(history cleared)")
             continue
-        prompt = t.render_conversation(history, q)
-        while history and len(tok(prompt)["input_ids"]) + max_new_tokens > context:
-            history.pop(0)
-            prompt = t.render_conversation(history, q)
+        if q.startswith("/") and " " not in q:
+            write(f"unknown command {q}; /help lists the commands")
+            continue
+        try:
+            prompt, budget, dropped = fit_prompt(tok, t, history, q, max_new_tokens, context)
+        except TooLong as e:
+            write(f"(not sent: {e})")
+            continue
+        if dropped:
+            write(f"(the {dropped} oldest turn(s) no longer fit --context {context:,} and were dropped)")
+        if budget < max_new_tokens:
+            write(f"(answer limited to {budget} tokens by --context {context:,})")
         write("assistant> ", end="", flush=True) if write is print else write("assistant> ")
-        a = generate(model, tok, prompt, preset=preset, max_new_tokens=max_new_tokens, seed=None, stream=True)
+        stop = threading.Event()
+        on_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, lambda *_: stop.set()) if on_main else None
+        try:
+            a = generate(model, tok, prompt, preset=preset, max_new_tokens=budget, seed=None, stream=True, stop=stop)
+        finally:
+            if on_main:
+                signal.signal(signal.SIGINT, previous)
+        if stop.is_set():
+            write("\n(stopped; this answer is not kept in the conversation)")
+            continue
         history.append((q, a.strip()))
     return history

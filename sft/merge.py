@@ -279,16 +279,20 @@ def merge(base, adapters, out, dtype: str = "float16", log=print, verify: bool =
 
     from sft.template import get, save_name
     from zhllama import runfolder
+    from zhllama.lineage import resolve_chain
 
-    base, out = Path(base), Path(out)
+    out = Path(out)
     if dtype not in TOLERANCE:
         raise UserError(f"--dtype must be one of {', '.join(TOLERANCE)}, got {dtype!r}")
-    if not (base / "config.json").is_file():
+    if base is not None and not (Path(base) / "config.json").is_file():
         raise UserError(f"{base}: not a Hugging Face model folder (no config.json)")
-    if not adapters:
-        raise UserError("give at least one --adapter")
-    ads = [load_adapter(a) for a in adapters]
-    tname = template or next((ad.template for ad in reversed(ads) if ad.template), None) or get(None).name
+    # the chain the adapters were trained as (lineage.json): one adapter brings its parents and base
+    chain = resolve_chain(base, list(adapters or []), log=log)
+    base = chain.base
+    ads = [load_adapter(a) for a in chain.adapters]
+    # no record when no adapter was instruction-tuned: chat then warns instead of assuming a template
+    recorded = template or next((ad.template for ad in reversed(ads) if ad.template), None)
+    tname = recorded or get(None).name  # the default only renders the verification probes
     get(tname)  # an unknown template fails here, before anything is written
     cfg = json.loads((base / "config.json").read_text(encoding="utf-8"))
     base_vocab = cfg.get("vocab_size")
@@ -304,13 +308,15 @@ def merge(base, adapters, out, dtype: str = "float16", log=print, verify: bool =
         stage = runfolder.staging(out)
         n_shards = _write_shards(base, ads, stage, getattr(torch, dtype), tied, untie, head_from_adapter)
         _write_config(base, cfg, stage, vocab, dtype, untie, tok_src)
-        save_name(stage, tname)
+        if recorded:
+            save_name(stage, tname)
         log(f"merged {len(ads)} adapter(s) into {out}: vocab {base_vocab:,} -> {vocab:,}, dtype {dtype}, "
             f"{n_shards} shard(s), template {tname}")
         result = {"vocab_size": vocab, "base_vocab_size": base_vocab, "dtype": dtype, "template": tname,
-                  "adapters": [str(a.path) for a in ads], "shards": n_shards}
+                  "adapters": [str(a.path) for a in ads], "shards": n_shards, "chain": chain.to_json()}
         if verify:
-            result["verify"] = verify_merge(base, [a.path for a in ads], stage, dtype, atol=atol, template=tname, log=log)
+            result["verify"] = verify_merge(base, [a.path for a in ads], stage, dtype, atol=atol, template=tname, log=log,
+                                            chain=chain.to_json())
         parents = [runfolder.parent_entry(base)] + [runfolder.parent_entry(a.path) for a in ads]
         return runfolder.finish(out, "sft.merge", result, inputs, parents, fingerprint={"inputs": inputs, **config})
 
@@ -365,7 +371,8 @@ def _adapter_vocab(ap) -> int | None:
 
 
 def verify_merge(base, adapters, merged, dtype: str, atol: float | None = None, template: str | None = None,
-                 log=print) -> dict:
+                 log=print, chain: dict | None = None) -> dict:
+    """Merged vs unmerged logits; merge_verify.json also states which chain (base + adapters, hashes) this was."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -393,7 +400,9 @@ def verify_merge(base, adapters, merged, dtype: str, atol: float | None = None, 
     log(f"verify: {len(batches)} probe prompts, {n} positions: max |logit diff| = {max_diff:.3g} "
         f"(tolerance {tol:g} for {dtype}), top-1 agreement {agree}/{n} = {100 * agree / n:.2f}% "
         f"(need >= {100 * min_agree:.0f}%) -> {'OK' if ok else 'FAILED'}")
-    res = {"max_abs_diff": max_diff, "top1_agreement": agree / n, "positions": n, "tolerance": tol, "ok": ok}
+    res = {"max_abs_diff": max_diff, "top1_agreement": agree / n, "positions": n, "tolerance": tol, "ok": ok,
+           "chain": chain or {"verified": False, "base": {"path": str(base)},
+                              "adapters": [{"path": str(a)} for a in adapters], "notes": ["lineage not checked"]}}
     (merged / "merge_verify.json").write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
     if not ok:
         raise UserError(f"merge verification failed: merged logits differ from the PEFT model's "

@@ -65,9 +65,13 @@ def load_base(model_dir, adapter=None, log=print, dtype=None):
     if adapter:
         from sft.merge import load_adapter, load_peft_chain
 
+        from zhllama.lineage import resolve_chain
+
         ad = load_adapter(adapter)  # validates the adapter and its tokenizer before loading 7B weights
+        # the pretrain adapter must have been trained on exactly --model's weights (and its own parents come along)
+        chain = resolve_chain(model_dir, [adapter], log=log)
         log(f"loading {model_dir} + pretrain adapter {adapter} (merged in memory)")
-        model = load_peft_chain(model_dir, [adapter], dtype=dtype)
+        model = load_peft_chain(model_dir, chain.adapters, dtype=dtype)
         model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
         tok_src = adapter if ad.tokenizer_len is not None else model_dir
         return model, Path(tok_src)
@@ -234,6 +238,9 @@ def train(model_dir, data, out, adapter=None, template=None, max_steps=None, rec
         if not trainer.is_world_process_zero():
             return result
         _save_adapter(trainer, stage, model_dir, tmpl.name)
+        from zhllama.lineage import record_lineage
+
+        record_lineage(stage, model_dir, adapter, final_dir=out)
         result.update(trainable_params=n_train, total_params=n_all, train_examples=len(train_set.examples),
                       eval_examples=len(eval_set.examples) if eval_set else 0, overlong=len(train_set.overlong),
                       template=tmpl.name, vocab_size=len(tok))

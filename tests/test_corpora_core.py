@@ -150,9 +150,10 @@ def test_prepare_rerun_after_kill_9_is_byte_identical(faulty):
                            timeout=120)
         assert r.returncode == 0, r.stderr
         assert tree_bytes(out) == ref, stage
-        # a third run redoes nothing and still writes the same bytes
+        # success removes the work folder; a third run redoes nothing and leaves the same bytes
+        assert not (out / ".work").exists()
         r = subprocess.run(_cli(root / "in", out), cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert "already finished" in r.stderr and tree_bytes(out) == ref
+        assert "up to date" in r.stderr and tree_bytes(out) == ref
 
 
 def test_prepare_output_streams_with_datasets(faulty):

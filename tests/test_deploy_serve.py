@@ -138,8 +138,13 @@ def test_oversize_and_bad_requests_get_400_or_413(client, server, backend):
     big = {"messages": [{"role": "user", "content": "字" * 40_000}]}
     r = httpx.post(server.url + "/v1/chat/completions", json=big, timeout=30)
     assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
-    r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", timeout=30)
+    r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", timeout=30,
+                   headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and "not JSON" in r.json()["error"]["message"]
+    # what a page on another site can send without a CORS preflight: refused
+    r = httpx.post(server.url + "/v1/chat/completions", content=json.dumps({"messages": [{"role": "user", "content": Q}]}),
+                   headers={"Content-Type": "text/plain"}, timeout=30)
+    assert r.status_code == 415
     assert httpx.get(server.url + "/health", timeout=10).json()["pending"] == 0
 
 

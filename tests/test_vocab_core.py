@@ -142,7 +142,8 @@ def test_cli_bad_inputs_give_one_clear_error(tmp_path, tiny_base, zh_corpus):
     gb = tmp_path / "gb"
     gb.mkdir()
     (gb / "g.txt").write_bytes("第一行是正常的中文文本\n人工智能是计算机科学的一个分支\n".encode("gb18030"))
-    r = _cli("train", "--corpus", gb, "--out", tmp_path / "t")
+    # auto (the default) detects GB18030 like `corpora prepare`; a wrong --encoding is named by line and byte
+    r = _cli("train", "--corpus", gb, "--out", tmp_path / "t", "--encoding", "utf-8")
     assert r.returncode == 2 and "g.txt: line 1, byte offset 0" in r.stderr and "GB18030" in r.stderr
     r = _cli("train", "--corpus", zh_corpus, "--out", tmp_path / "t", "--vocab-size", "200")
     assert r.returncode == 2 and "--vocab-size 200" in r.stderr and "Traceback" not in r.stderr

@@ -84,6 +84,7 @@ def build(
     report_text: list[str | Path] | None = None,
     compare: dict | None = None,
     log=print,
+    allow_fewer: bool = False,
 ) -> dict:
     """OUT is a run folder (zhllama.runfolder): locked, up to date when resolved_config.json's fingerprint matches;
     the tokenizer files and reports are written to OUT/.partial/ and moved into place when all are complete."""
@@ -102,7 +103,7 @@ def build(
             log(f"[vocab] {out} is up to date with its inputs; nothing to do")
             return json.loads((out / "vocab_report.json").read_text(encoding="utf-8"))
         runfolder.begin(out, {"stage": "vocab", "train": asdict(cfg), "pad": pad}, fingerprint)
-        train_stats = _train_step(base_path, corpus, out, cfg, stamp, log)
+        train_stats = _train_step(base_path, corpus, out, cfg, stamp, log, allow_fewer)
         log("[vocab] merging into the base tokenizer")
         stage = runfolder.staging(out)
         merge = merge_to_folder(base_path, out / "chinese_sp.model", stage, pad=pad)
@@ -124,7 +125,7 @@ def build(
         return report
 
 
-def _train_step(base_path, corpus, out: Path, cfg: TrainConfig, stamp: dict, log) -> dict:
+def _train_step(base_path, corpus, out: Path, cfg: TrainConfig, stamp: dict, log, allow_fewer: bool = False) -> dict:
     """The Chinese model (chinese_sp.model), retrained only when its inputs changed (train_stamp.json)."""
     stamp_path = out / "train_stamp.json"
     add = out / "chinese_sp.model"
@@ -133,7 +134,7 @@ def _train_step(base_path, corpus, out: Path, cfg: TrainConfig, stamp: dict, log
         return json.loads((out / "train_stats.json").read_text()) if (out / "train_stats.json").is_file() else {}
     log(f"[vocab] training ({cfg.model_type}) on {', '.join(map(str, corpus))}")
     t0 = time.time()
-    train_stats = train(corpus, out, cfg, base_path=base_path, progress=_progress(log))
+    train_stats = train(corpus, out, cfg, base_path=base_path, progress=_progress(log), allow_fewer=allow_fewer)
     train_stats["seconds"] = round(time.time() - t0, 1)
     write_json(out / "train_stats.json", train_stats)
     write_json(stamp_path, stamp)

@@ -30,7 +30,18 @@ def _add_train_args(p: argparse.ArgumentParser, default_type: str) -> None:
     p.add_argument("--character-coverage", type=float, default=d.character_coverage, help="default: %(default)s")
     p.add_argument("--max-chars", type=int, default=d.max_chars, help="sample larger corpora down to about this many characters")
     p.add_argument("--word-aware", action="store_true", help="use jieba word boundaries: no piece spans two words")
-    p.add_argument("--encoding", default="utf-8", help="corpus encoding, e.g. gb18030 (default: %(default)s)")
+    p.add_argument("--max-piece-chars", type=int, default=d.max_piece_chars,
+                   help="extend: longest appended piece in characters, a leading '▁' not counted; 0 = no cap "
+                        "(default: %(default)s, chosen on held-out text, see README)")
+    p.add_argument("--max-piece-bytes", type=int, default=d.max_piece_bytes,
+                   help="extend: longest appended piece in UTF-8 bytes; 32 keeps every piece decodable by "
+                        "llama-cpp-python, whose detokenizer drops longer ones; 0 = no cap (default: %(default)s)")
+    p.add_argument("--encoding", default="auto", choices=("auto", "utf-8", "gb18030", "big5"),
+                   help="corpus encoding; auto: UTF-8, else GB18030/Big5 detected per file like `corpora prepare` "
+                        "(binary files are dropped and reported) (default: %(default)s)")
+    p.add_argument("--allow-fewer", action="store_true",
+                   help="extend: accept a vocabulary with far fewer pieces than --num-added (a corpus with little "
+                        "Chinese is an error otherwise)")
 
 
 def _train_cfg(a) -> TrainConfig:
@@ -41,6 +52,7 @@ def _train_cfg(a) -> TrainConfig:
     return TrainConfig(
         model_type=a.model_type, vocab_size=a.vocab_size, num_added=a.num_added, character_coverage=a.character_coverage,
         max_chars=a.max_chars, word_aware=a.word_aware, encoding=a.encoding,
+        max_piece_chars=a.max_piece_chars, max_piece_bytes=a.max_piece_bytes,
     )
 
 
@@ -78,6 +90,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output tokenizer folder")
     p.add_argument("--report-text", nargs="*", metavar="PATH", help="texts for the report (default: the corpus)")
     p.add_argument("--compare", nargs="*", metavar="NAME=PATH", help="other tokenizers to put in the report")
+    p.add_argument("--allow-fewer", action="store_true",
+                   help="extend: accept a vocabulary with far fewer pieces than --num-added (a corpus with little "
+                        "Chinese is an error otherwise)")
     add_recipe_args(p, [("vocab", VocabConfig)],
                     recipe_help="recipe whose vocab: section to use (name under recipes/ or a .yaml path; default: "
                                 "the built-in defaults, which are the paper's)")
@@ -98,7 +113,7 @@ def main(argv=None) -> int:
     if a.cmd == "train":
         from vocab.train import train
 
-        stats = train(a.corpus, a.out, _train_cfg(a), base_path=a.base)
+        stats = train(a.corpus, a.out, _train_cfg(a), base_path=a.base, allow_fewer=a.allow_fewer)
         print(json.dumps(stats, ensure_ascii=False, indent=2))
         print(f"wrote {Path(a.out) / 'chinese_sp.model'}")
     elif a.cmd == "merge":
@@ -122,8 +137,12 @@ def main(argv=None) -> int:
         v = resolve_recipe(a, default=Recipe()).vocab
         cfg = TrainConfig(model_type=v.model_type, vocab_size=v.vocab_size, num_added=v.num_added,
                           character_coverage=v.character_coverage, max_chars=v.max_chars, word_aware=v.word_aware,
-                          encoding=v.encoding, seed=v.seed)
-        build(a.base, a.corpus, a.out, cfg, pad=v.pad, report_text=a.report_text, compare=_parse_compare(a.compare))
+                          encoding=v.encoding, seed=v.seed, max_piece_chars=v.max_piece_chars,
+                          max_piece_bytes=v.max_piece_bytes)
+        if 0 < cfg.max_piece_bytes < 4:
+            raise UserError(f"--max-piece-bytes {cfg.max_piece_bytes} cannot hold one CJK character (3-4 bytes)")
+        build(a.base, a.corpus, a.out, cfg, pad=v.pad, report_text=a.report_text, compare=_parse_compare(a.compare),
+              allow_fewer=a.allow_fewer)
         print(f"wrote {a.out}")
     elif a.cmd == "report":
         from vocab.report import build_report, format_table, save_report

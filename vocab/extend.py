@@ -32,13 +32,28 @@ SPAN_RE = re.compile(f"[{CJK_CHARS}]+")
 SPAN_DIGITS_RE = re.compile(f"[{CJK_CHARS}0-9]*[{CJK_CHARS}][{CJK_CHARS}0-9]*")
 
 
+DEFAULT_MAX_PIECE_CHARS = 4  # measured on held-out sources: README "Appended-piece length"
+DEFAULT_MAX_PIECE_BYTES = 32
+
+
+def piece_fits(s: str, max_chars: int, max_bytes: int) -> bool:
+    """Whether a candidate piece respects the length caps (0 = no cap)."""
+    if max_chars and len(s.lstrip("▁")) > max_chars:
+        return False
+    return not max_bytes or len(s.encode("utf-8")) <= max_bytes
+
+
 @dataclass
 class ExtendConfig:
     num_added: int = 17953  # 32,000 + 17,953 = 49,953, the reference vocabulary size
     character_coverage: float = 0.9995
     min_char_count: int = 2
     min_pair_count: int = 2
-    max_piece_chars: int = 16
+    # Appended pieces longer than this many characters ("▁" not counted) are never formed; 0 = no limit.
+    max_piece_chars: int = DEFAULT_MAX_PIECE_CHARS
+    # ... nor pieces over this many UTF-8 bytes: llama-cpp-python's detokenizer holds 32 bytes per piece
+    # and silently drops longer ones; 0 = no limit.
+    max_piece_bytes: int = DEFAULT_MAX_PIECE_BYTES
     batch_fraction: float = 0.15  # merges per round, as a fraction of pieces added so far
     min_batch: int = 200
     word_aware: bool = False  # jieba: never merge across word boundaries
@@ -178,7 +193,7 @@ def extend_vocabulary(base: "ModelProto", texts: Iterable[str], cfg: ExtendConfi
             if a in used_right or b in used_left or (a == b and a in used_left):
                 continue  # overlapping merges in one round would double count
             s = model.pieces[a].piece + model.pieces[b].piece
-            if s in vocab_set or len(s) > cfg.max_piece_chars or not CJK_RE.search(s):
+            if s in vocab_set or not piece_fits(s, cfg.max_piece_chars, cfg.max_piece_bytes) or not CJK_RE.search(s):
                 continue
             chosen_keys.append(uniq[j])
             used_left.add(a)

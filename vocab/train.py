@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Iterable
 
 from corpora.clean import split_long
-from corpora.reader import iter_corpus, list_corpus_files
-from vocab.extend import SPAN_RE, ExtendConfig, extend_vocabulary
+from corpora.reader import CorpusStats, iter_corpus, list_corpus_files
+from vocab.extend import DEFAULT_MAX_PIECE_BYTES, DEFAULT_MAX_PIECE_CHARS, SPAN_RE, ExtendConfig, extend_vocabulary
 from vocab.spmodel import BPE, BYTE, CONTROL, NORMAL, UNKNOWN, ModelProto, load_model, save_model
 from zhllama.errors import UserError
 
 MODEL_TYPES = ("extend", "bpe", "unigram")
+# `extend` learning fewer than this share of --num-added pieces means the corpus is not (enough) Chinese text
+MIN_ADDED_SHARE = 0.9
 MAX_SENTENCE_BYTES = 4192  # sentencepiece's max_sentence_length default: longer lines would be skipped
 
 
@@ -26,18 +28,23 @@ class TrainConfig:
     character_coverage: float = 0.9995
     max_chars: int = 200_000_000  # sample larger corpora down to about this many characters
     word_aware: bool = False  # jieba word boundaries: pieces never span two words
-    encoding: str = "utf-8"
+    max_piece_chars: int = DEFAULT_MAX_PIECE_CHARS  # extend: longest appended piece in characters (0 = no cap)
+    max_piece_bytes: int = DEFAULT_MAX_PIECE_BYTES  # extend: longest appended piece in UTF-8 bytes (0 = no cap)
+    encoding: str = "auto"  # corpora.reader: UTF-8, else GB18030/Big5 detected per file
     seed: int = 0
 
 
-def sampled_texts(paths, cfg: TrainConfig) -> Iterable[str]:
-    """Deterministic sample of about cfg.max_chars characters, streamed (no corpus-sized memory)."""
+def sampled_texts(paths, cfg: TrainConfig, stats: CorpusStats | None = None) -> Iterable[str]:
+    """Deterministic sample of about cfg.max_chars characters, streamed (no corpus-sized memory).
+
+    `stats` receives what the reader saw: files dropped as binary, encodings, Chinese characters read.
+    """
     files = list_corpus_files(paths)
     total_bytes = sum(f.stat().st_size for f in files)
     keep = min(1.0, cfg.max_chars * 3 / max(1, total_bytes))  # ~3 UTF-8 bytes per Chinese character
     threshold = int(keep * 2**32)
     n = 0
-    for doc in iter_corpus(files, encoding=cfg.encoding):
+    for doc in iter_corpus(files, encoding=cfg.encoding, stats=stats):
         if keep < 1.0:
             h = int.from_bytes(hashlib.blake2b(f"{cfg.seed}:{doc}".encode(), digest_size=4).digest(), "little")
             if h >= threshold:
@@ -70,8 +77,18 @@ def _merge_ready_model(base: "ModelProto", pieces: list[str]) -> "ModelProto":
     return m
 
 
-def train(corpus, out_dir: str | Path, cfg: TrainConfig, base_path: str | Path | None = None, progress=None) -> dict:
-    """Write out_dir/chinese_sp.model and return training statistics."""
+def _found(stats: CorpusStats) -> str:
+    dropped = sum(len(v) for v in stats.dropped_files.values())
+    return (f"the corpus has {stats.han_chars:,} Chinese characters in {stats.chars:,} ({100 * stats.han_share:.1f}%)"
+            + (f"; {dropped} file(s) dropped as binary" if dropped else ""))
+
+
+def train(corpus, out_dir: str | Path, cfg: TrainConfig, base_path: str | Path | None = None, progress=None,
+          allow_fewer: bool = False) -> dict:
+    """Write out_dir/chinese_sp.model and return training statistics.
+
+    `extend` refuses a corpus that yields far fewer pieces than --num-added (not enough Chinese) unless allow_fewer.
+    """
     if cfg.model_type not in MODEL_TYPES:
         raise UserError(f"--model-type must be one of {', '.join(MODEL_TYPES)}, not {cfg.model_type!r}")
     out = Path(out_dir)
@@ -88,10 +105,21 @@ def train(corpus, out_dir: str | Path, cfg: TrainConfig, base_path: str | Path |
             num_added=cfg.num_added,
             character_coverage=cfg.character_coverage,
             word_aware=cfg.word_aware,
+            max_piece_chars=cfg.max_piece_chars,
+            max_piece_bytes=cfg.max_piece_bytes,
         )
-        res = extend_vocabulary(base, sampled_texts(corpus, cfg), ecfg, progress=progress)
+        stats = CorpusStats()
+        try:
+            res = extend_vocabulary(base, sampled_texts(corpus, cfg, stats), ecfg, progress=progress)
+        except UserError as e:
+            raise UserError(f"{e} ({_found(stats)})") from None
+        if len(res.pieces) < MIN_ADDED_SHARE * cfg.num_added and not allow_fewer:
+            raise UserError(
+                f"only {len(res.pieces):,} of the {cfg.num_added:,} requested pieces could be learned: {_found(stats)}. "
+                "Add Chinese text, lower --num-added, or pass --allow-fewer to accept the smaller vocabulary")
         save_model(_merge_ready_model(base, res.pieces), target)
-        return {"model_type": "extend", "pieces": len(res.pieces), **res.stats}
+        return {"model_type": "extend", "pieces": len(res.pieces), "requested": cfg.num_added, **res.stats,
+                "corpus": stats.as_dict()}
     return _train_sentencepiece(corpus, target, cfg)
 
 

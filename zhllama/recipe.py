@@ -78,7 +78,14 @@ class VocabConfig:
     character_coverage: float = setting(0.9995, "share of characters the model must cover", gt=0, le=1)
     max_chars: int = setting(200_000_000, "sample larger corpora down to about this many characters", ge=1)
     word_aware: bool = setting(False, "jieba word boundaries: no piece spans two words")
-    encoding: str = setting("utf-8", "corpus encoding, e.g. gb18030")
+    encoding: str = setting("auto", "corpus encoding; auto: UTF-8, else GB18030/Big5 detected per file like "
+                                    "`corpora prepare` (binary files are dropped and reported)",
+                            choices=("auto", "utf-8", "gb18030", "big5"))
+    max_piece_chars: int = setting(4, "extend: longest appended piece in characters, a leading '▁' not counted; "
+                                      "0 = no cap (4 was chosen on held-out text, see README)", ge=0)
+    max_piece_bytes: int = setting(32, "extend: longest appended piece in UTF-8 bytes; 32 keeps every piece "
+                                       "decodable by llama-cpp-python, whose detokenizer drops longer ones; 0 = no cap",
+                                   ge=0)
     pad: bool = setting(False, "append the Alpaca [PAD] piece (49,954 in the reference)")
     seed: int = setting(0, "seed of the corpus sample", ge=0)
 
@@ -353,6 +360,8 @@ def load_recipe(name_or_path: str | Path, check: bool = True) -> Recipe:
     path = recipe_path(name_or_path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
