@@ -187,3 +187,34 @@ def chat_model(tiny_base, tmp_path_factory) -> Path:
     LlamaForCausalLM(cfg).save_pretrained(str(d))
     save_name(d, "chinese-alpaca")
     return d
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tiny_base, tmp_path_factory) -> Path:
+    """The tiny base tokenizer as a Hugging Face folder (tokenizer.model + tokenizer.json); tests only read it."""
+    from vocab.hf_export import save_tokenizer_folder
+    from vocab.spmodel import load_model
+
+    d = tmp_path_factory.mktemp("tok")
+    save_tokenizer_folder(load_model(tiny_base), d)
+    return d
+
+
+def save_tiny_llama(d: Path, tok_dir: Path, seed: int = 0, hidden: int = 32, layers: int = 2,
+                    max_positions: int = 512) -> Path:
+    """A random LLaMA over `tok_dir`'s vocabulary saved with its tokenizer files: a model folder every stage loads."""
+    import json
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    n = len(json.loads((tok_dir / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"])
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=n, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(cfg).save_pretrained(str(d))
+    for f in tok_dir.iterdir():
+        shutil.copy2(f, d / f.name)
+    return d

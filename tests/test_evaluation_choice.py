@@ -5,10 +5,10 @@ from __future__ import annotations
 import csv
 import json
 import random
-import shutil
 from types import SimpleNamespace
 
 import pytest
+from conftest import save_tiny_llama
 
 from evaluation.choice import ChoiceConfig, Question, build_prompt, evaluate, extract_answer, fit_prompt
 from evaluation.cli import main
@@ -68,16 +68,6 @@ def cmmlu_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tok_dir(tiny_base, tmp_path_factory):
-    from vocab.hf_export import save_tokenizer_folder
-    from vocab.spmodel import load_model
-
-    d = tmp_path_factory.mktemp("choice_tok")
-    save_tokenizer_folder(load_model(tiny_base), d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def tok(tok_dir):
     from transformers import AutoTokenizer
 
@@ -86,19 +76,7 @@ def tok(tok_dir):
 
 @pytest.fixture(scope="module")
 def model_dir(tok_dir, tmp_path_factory):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    d = tmp_path_factory.mktemp("choice_model")
-    torch.manual_seed(0)
-    n = len(list(json.loads((tok_dir / "tokenizer.json").read_text())["model"]["vocab"]))
-    cfg = LlamaConfig(vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
-                      bos_token_id=1, eos_token_id=2)
-    LlamaForCausalLM(cfg).save_pretrained(str(d))
-    for f in tok_dir.iterdir():
-        shutil.copy2(f, d / f.name)
-    return d
+    return save_tiny_llama(tmp_path_factory.mktemp("choice_model"), tok_dir, max_positions=1024)
 
 
 def _q(row):

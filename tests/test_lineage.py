@@ -5,23 +5,9 @@ import json
 import shutil
 
 import pytest
+from conftest import save_tiny_llama
 
 from zhllama.errors import UserError
-
-
-def _tiny_model(d, tok_dir, seed):
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    n = len(AutoTokenizer.from_pretrained(str(tok_dir)))
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
-                      bos_token_id=1, eos_token_id=2)
-    LlamaForCausalLM(cfg).save_pretrained(str(d))
-    for f in tok_dir.iterdir():
-        shutil.copy2(f, d / f.name)
-    return d
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +25,8 @@ def run(tiny_base, tmp_path_factory, english_lines):
     root = tmp_path_factory.mktemp("run")
     tok_dir = root / "tok"
     save_tokenizer_folder(load_model(tiny_base), tok_dir)
-    base = _tiny_model(root / "phase1", tok_dir, seed=0)
-    foreign = _tiny_model(root / "other", tok_dir, seed=1)  # same shapes, other weights
+    base = save_tiny_llama(root / "phase1", tok_dir, seed=0, layers=1)
+    foreign = save_tiny_llama(root / "other", tok_dir, seed=1, layers=1)  # same shapes, other weights
     torch.manual_seed(2)
     p = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
                        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],

@@ -92,16 +92,6 @@ def test_vocab_ignores_binary_and_refuses_english(corpora, tiny_base, tmp_path):
     assert 0 < s["pieces"] < 2700
 
 
-@pytest.fixture(scope="module")
-def tok_dir(tiny_base, tmp_path_factory):
-    from vocab.hf_export import save_tokenizer_folder
-    from vocab.spmodel import load_model
-
-    d = tmp_path_factory.mktemp("tok")
-    save_tokenizer_folder(load_model(tiny_base), d)
-    return d
-
-
 def _blocks(corpus, tok_dir, cache):
     from pretrain.data import build_datasets
 

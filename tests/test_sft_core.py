@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import save_tiny_llama
 
 from sft.data import IGNORE_INDEX, Collator, ExampleEncoder, encode_records, load_records
 from sft.template import REGISTRY, get
@@ -54,16 +55,6 @@ def test_conversation_one_turn_equals_render_and_concatenates():
 
 
 # ---------------------------------------------------------------- tokenizer / model fixtures
-@pytest.fixture(scope="module")
-def tok_dir(tiny_base, tmp_path_factory):
-    from vocab.hf_export import save_tokenizer_folder
-    from vocab.spmodel import load_model
-
-    d = tmp_path_factory.mktemp("sft_tok")
-    save_tokenizer_folder(load_model(tiny_base), d)
-    return d
-
-
 @pytest.fixture(scope="module")
 def tok(tok_dir):
     from transformers import AutoTokenizer
@@ -241,21 +232,7 @@ def test_plan_counts_match_peft():
 # ---------------------------------------------------------------- train -> merge -> generate
 @pytest.fixture(scope="module")
 def tiny_model(tok_dir, tmp_path_factory):
-    import shutil
-
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    d = tmp_path_factory.mktemp("sft_base")
-    n = len(AutoTokenizer.from_pretrained(str(tok_dir)))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=n, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
-                      bos_token_id=1, eos_token_id=2)
-    LlamaForCausalLM(cfg).save_pretrained(str(d))
-    for f in tok_dir.iterdir():
-        shutil.copy2(f, d / f.name)
-    return d
+    return save_tiny_llama(tmp_path_factory.mktemp("sft_base"), tok_dir, hidden=48)
 
 
 @pytest.fixture(scope="module")
