@@ -148,7 +148,7 @@ def main(argv=None):
         import sys
         from pathlib import Path
 
-        from sft.generate import chat, load
+        from sft.generate import chat, load, terminal_input
         from sft.template import TEMPLATE_FILE
         from zhllama.errors import UserError
 
@@ -175,7 +175,8 @@ def main(argv=None):
             raise UserError(f"--context {context} is longer than the model's max_position_embeddings {limit}")
         if args.max_new_tokens < 1 or context < 2:
             raise UserError("--max-new-tokens and --context must be positive")
-        chat(model, tok, tname, preset=args.preset, max_new_tokens=args.max_new_tokens, context=context)
+        chat(model, tok, tname, preset=args.preset, max_new_tokens=args.max_new_tokens, context=context,
+             read=terminal_input if sys.stdin.isatty() else input)
     elif args.cmd == "plan":
         from sft.plan import format_plan, plan
 

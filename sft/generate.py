@@ -142,6 +142,27 @@ def fit_prompt(tok, template, history: list, message: str, max_new_tokens: int, 
     return prompt, budget, dropped
 
 
+def terminal_input(prompt: str) -> str:
+    """input() for a terminal that a Ctrl-C always interrupts.
+
+    A terminal's SIGINT goes to any thread of the process that does not block it; when a library thread takes
+    it, a main thread asleep in input() never wakes to raise KeyboardInterrupt. Waking every 0.2 s lets Python
+    run the pending handler in the main thread whichever thread the kernel chose. A terminal in canonical mode
+    makes stdin readable only once a whole line (or Ctrl-D) is typed, so the line is then read at once.
+    """
+    import select
+    import sys
+
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    while not select.select([sys.stdin], [], [], 0.2)[0]:
+        pass
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line.rstrip("\n")
+
+
 def chat(model, tok, template: str, preset: str = "paper", max_new_tokens: int = 400, context: int = 2048,
          read=input, write=print) -> list[tuple[str, str]]:
     """Multi-turn loop: turns are concatenated in the template; oldest turns are dropped past `context` tokens.
