@@ -12,8 +12,11 @@ smaller corpus is a prefix of a larger one (250M = the first 2 files). They are 
 Stages (each a fresh output folder, the real command line):
     prepare   python -m corpora prepare FILES --out OUT --num-proc N
     vocab     python -m vocab build --base llama_tokenizer.model --corpus FILES --out OUT --num-proc N
-    tokenize  python -m pretrain cache --tokenizer TOK --corpus FILES --cache-dir OUT --num-proc N
-              (TOK: the vocabulary the first `vocab` run built, or --tokenizer)
+    tokenize  python -m pretrain cache --recipe llama-7b --tokenizer TOK --corpus FILES --cache-dir OUT --num-proc N
+              (the paper's 512-token blocks; TOK: the vocabulary the first `vocab` run built, or --tokenizer)
+
+Every stage runs with TOKENIZERS_PARALLELISM=false (bench.common.bench_env), so --num-proc 1 is one core's
+worth of work and the N=2 / N=1 ratio measures zhllama's own parallelism.
 
 Memory is sampled every 0.2 s over the whole process tree (the stage and its worker processes): "peak tree
 PSS" is the largest sum of proportional set sizes (shared pages counted once), "peak process RSS" the largest
@@ -189,8 +192,8 @@ def stage_cmd(stage: str, files: list[Path], out: Path, n: int, tokenizer: Path 
         base = data_dir() / "tokenizers" / "llama_tokenizer.model"
         return [py, "-m", "vocab", "build", "--base", base, "--corpus", *files, "--out", out, "--num-proc", n]
     if stage == "tokenize":
-        return [py, "-m", "pretrain", "cache", "--tokenizer", tokenizer, "--corpus", *files, "--cache-dir", out,
-                "--num-proc", n]
+        return [py, "-m", "pretrain", "cache", "--recipe", "llama-7b", "--tokenizer", tokenizer, "--corpus", *files,
+                "--cache-dir", out, "--num-proc", n]
     raise ValueError(stage)
 
 
