@@ -32,7 +32,7 @@ from pathlib import Path
 from corpora.reader import CorpusStats, iter_documents, list_corpus_files, sniff
 from zhllama.errors import UserError
 
-UNIT_BYTES = 64 << 20  # a fixed unit size (never derived from N) keeps the merge order, and so the result, fixed
+UNIT_BYTES = 16 << 20  # a fixed unit size (never derived from N) keeps the merge order, and so the result, fixed
 _READ = 1 << 20
 
 
