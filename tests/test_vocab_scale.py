@@ -121,6 +121,7 @@ def test_build_reuses_training_through_the_run_folder_and_num_proc_is_not_an_inp
     assert r.returncode == 0, r.stderr
     cfg = json.loads((out / "resolved_config.json").read_text(encoding="utf-8"))
     assert cfg["steps"]["train"]["config"]["num_added"] == 300 and not (out / "train_stamp.json").exists()
+    assert not (out / ".spans").exists()  # the counted units go once the model is written
     model = (out / "chinese_sp.model").read_bytes()
     r = _cli(*common, "--num-proc", "2")  # another N: nothing to redo
     assert r.returncode == 0 and "up to date" in r.stdout
@@ -145,3 +146,21 @@ def test_train_and_merge_take_recipes(tmp_path, tiny_base, zh_corpus):
     assert load_model(tmp_path / "m" / "tokenizer.model").pieces[-1].piece == "[PAD]"
     r = _cli("train", "--corpus", zh_corpus, "--out", tmp_path / "t", "--set", "vocab.max_spans=-1")
     assert r.returncode == 2 and "max_spans" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_counted_units_are_reused_after_a_kill(tmp_path, mixed_corpus, monkeypatch):
+    """Each finished unit is saved as it completes: a rerun recounts only the units that were not finished."""
+    monkeypatch.setattr(spans_mod, "UNIT_BYTES", 20_000)
+    cfg = TrainConfig(model_type="extend", max_spans=0)
+    cache = tmp_path / "cache"
+    full = count_spans([mixed_corpus], cfg, num_proc=2, progress=False, cache_dir=cache)
+    saved = sorted(cache.glob("*.pkl"))
+    assert len(saved) == len(work_units(sorted(mixed_corpus.iterdir()))) > 5
+    for f in saved[::2]:  # as if killed with half the units counted
+        f.unlink()
+    counted = []
+    real = spans_mod._count
+    monkeypatch.setattr(spans_mod, "_count", lambda *job: counted.append(job[0]) or real(*job))
+    again = count_spans([mixed_corpus], cfg, num_proc=1, progress=False, cache_dir=cache)
+    assert list(again.items()) == list(full.items())
+    assert len(counted) == len(saved[::2])

@@ -17,13 +17,15 @@ Public API:
     keep_doc(doc, seed, threshold) -> bool
     work_units(files) -> [Unit]
     prune(counter, max_spans) -> Counter
-    count_spans(paths, cfg, stats=None, num_proc=0, progress=True) -> Counter   (cfg: vocab.train.TrainConfig)
+    count_spans(paths, cfg, stats=None, num_proc=0, progress=True, cache_dir=None) -> Counter
+                                                   (cfg: vocab.train.TrainConfig; cache_dir: finished units, reused)
 """
 from __future__ import annotations
 
 import gzip
 import hashlib
 import os
+import pickle
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -148,11 +150,34 @@ def _unit_documents(unit: Unit, encoding: str, stats: CorpusStats):
         yield doc
 
 
+def _unit_key(job) -> str:
+    """What a unit's counts depend on: the settings and the file's identity (size, mtime) and byte range."""
+    unit = job[0]
+    st = Path(unit.path).stat()
+    ident = [str(Path(unit.path).resolve()), st.st_size, st.st_mtime_ns, unit.start, unit.end, *job[1:]]
+    return hashlib.sha256(repr(ident).encode()).hexdigest()[:32]
+
+
 def _count_unit(job):
-    """One unit's spans (pruned at the budget), the reader's statistics, and the number of documents sampled."""
+    """One unit's spans (pruned at the budget), the reader's statistics, and the number of documents sampled;
+    with a cache folder, reused from there or saved there (atomically) for a rerun after a kill."""
+    cache = job[-1]
+    path = Path(cache) / f"{_unit_key(job[:-1])}.pkl" if cache else None
+    if path is not None and path.is_file():
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    result = _count(*job[:-1])
+    if path is not None:
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            pickle.dump(result, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)
+    return result
+
+
+def _count(unit, encoding, seed, threshold, word_aware, digits, space_prefix, max_spans):
     from vocab.extend import collect_spans
 
-    unit, encoding, seed, threshold, word_aware, digits, space_prefix, max_spans = job
     stats = CorpusStats()
     docs = [0]
 
@@ -188,15 +213,21 @@ def resolve_num_proc(num_proc: int) -> int:
 
 
 def count_spans(paths, cfg, stats: CorpusStats | None = None, num_proc: int = 0, progress: bool = True,
-                digits: bool = True, space_prefix: bool = True) -> Counter:
-    """The corpus's span counts under cfg's sampling (max_chars, seed, encoding) and budget (max_spans)."""
+                digits: bool = True, space_prefix: bool = True, cache_dir: str | Path | None = None) -> Counter:
+    """The corpus's span counts under cfg's sampling (max_chars, seed, encoding) and budget (max_spans).
+
+    cache_dir: each finished unit's counts are kept there, so a run killed while counting reuses them (the caller
+    removes the folder when it no longer needs them)."""
     files = list_corpus_files(paths)
     stats = stats if stats is not None else CorpusStats()
     sizes = {str(f): uncompressed_size(f) for f in files}
     threshold = sample_threshold(sum(sizes.values()), cfg.max_chars)
     units = work_units(files)
     unit_size = [sizes[u.path] if u.end is None else u.end - u.start for u in units]
-    jobs = [(u, cfg.encoding, cfg.seed, threshold, cfg.word_aware, digits, space_prefix, cfg.max_spans) for u in units]
+    if cache_dir is not None:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    jobs = [(u, cfg.encoding, cfg.seed, threshold, cfg.word_aware, digits, space_prefix, cfg.max_spans,
+             str(cache_dir) if cache_dir is not None else None) for u in units]
     n = min(resolve_num_proc(num_proc), len(jobs))
     bar = None
     if progress:

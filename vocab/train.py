@@ -1,6 +1,7 @@
 """Train the Chinese SentencePiece model (chinese_sp.model): continued BPE over a base, or plain BPE/unigram."""
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ MIN_ADDED_SHARE = 0.9
 # extend: 3x the distinct spans of the 18M-character shared corpus (598,027: counted exactly, nothing pruned);
 # at this budget counting holds at most 2x as many, a few hundred MB (bench/RESULTS.md "vocab build memory")
 DEFAULT_MAX_SPANS = 2_000_000
+SPAN_CACHE = ".spans"  # extend: counted work units of an unfinished training (vocab.spans.count_spans)
 MAX_SENTENCE_BYTES = 4192  # sentencepiece's max_sentence_length default: longer lines would be skipped
 
 
@@ -114,8 +116,10 @@ def train(corpus, out_dir: str | Path, cfg: TrainConfig, base_path: str | Path |
         stats = CorpusStats()
         try:
             # the same sample as sampled_texts, counted in fixed work units by num_proc processes
+            # finished units are kept in OUT/.spans until the model is written: a killed run reuses them
             res = extend_vocabulary(base, None, ecfg, progress=progress,
-                                    spans=count_spans(corpus, cfg, stats, num_proc=cfg.num_proc))
+                                    spans=count_spans(corpus, cfg, stats, num_proc=cfg.num_proc,
+                                                      cache_dir=out / SPAN_CACHE))
         except UserError as e:
             raise UserError(f"{e} ({_found(stats)})") from None
         if len(res.pieces) < MIN_ADDED_SHARE * cfg.num_added and not allow_fewer:
@@ -123,6 +127,7 @@ def train(corpus, out_dir: str | Path, cfg: TrainConfig, base_path: str | Path |
                 f"only {len(res.pieces):,} of the {cfg.num_added:,} requested pieces could be learned: {_found(stats)}. "
                 "Add Chinese text, lower --num-added, or pass --allow-fewer to accept the smaller vocabulary")
         save_model(_merge_ready_model(base, res.pieces), target)
+        shutil.rmtree(out / SPAN_CACHE, ignore_errors=True)
         return {"model_type": "extend", "pieces": len(res.pieces), "requested": cfg.num_added, **res.stats,
                 "corpus": stats.as_dict()}
     return _train_sentencepiece(corpus, target, cfg)
