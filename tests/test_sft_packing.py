@@ -255,35 +255,33 @@ def test_varlen_path_under_bf16_autocast_with_fp32_trained_embeddings(monkeypatc
         assert rel < 5e-2, (k, float(rel))
 
 
+def _forward_padded_and_packed(model):
+    """No-grad forward of EXAMPLES padded and packed (loss chunks of 4 tokens): (padded loss, packed loss, the packed
+    forward's output, the packed attention backend)."""
+    with torch.no_grad():
+        ref = model(**Collator(pad_id=0)(EXAMPLES)).loss
+        with packed_attention(model, loss_chunk_tokens=4) as packed:
+            batch = PackedCollator()(EXAMPLES)
+            labels = batch.pop("labels")
+            out = model(**batch)
+            return ref, packed.loss(out, labels), out, packed.backend
+
+
 def test_flex_attention_forward_equals_padded(monkeypatch):
     """FlexAttention with the per-batch document BlockMask. CPU has its forward only (no backward in torch 2.13):
     forward loss here; the GPU script checks its gradients."""
     monkeypatch.setenv(BACKEND_ENV, "flex")
-    model = _lora_model(gqa=True).eval()
-    padded = Collator(pad_id=0)(EXAMPLES)
-    with torch.no_grad():
-        ref_loss = model(**padded).loss
-        with packed_attention(model, loss_chunk_tokens=4) as packed:
-            batch = PackedCollator()(EXAMPLES)
-            labels = batch.pop("labels")
-            loss = packed.loss(model(**batch), labels)
-            assert packed.backend == "flex"
+    ref_loss, loss, _, backend = _forward_padded_and_packed(_lora_model(gqa=True).eval())
+    assert backend == "flex"
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
 
 
 def test_sharded_head_keeps_the_models_own_logits(monkeypatch):
     """Under FSDP / ZeRO-3 the head's full weight exists only inside its forward: no deferred chunked loss then."""
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    model = _lora_model(gqa=False)
-    padded = Collator(pad_id=0)(EXAMPLES)
-    with torch.no_grad():
-        ref = model(**padded).loss
-        with packed_attention(model, loss_chunk_tokens=4) as packed:
-            batch = PackedCollator()(EXAMPLES)
-            labels = batch.pop("labels")
-            out = model(**batch)
-            assert out.logits.shape == (1, 9, 40)  # the 9 kept positions' full-vocabulary logits
-            torch.testing.assert_close(packed.loss(out, labels), ref, atol=1e-5, rtol=1e-5)
+    ref, loss, out, _ = _forward_padded_and_packed(_lora_model(gqa=False))
+    assert out.logits.shape == (1, 9, 40)  # the 9 kept positions' full-vocabulary logits
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_choose_backend(monkeypatch):
