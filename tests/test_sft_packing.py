@@ -7,8 +7,8 @@ import torch
 from sft.config import ALL_PROJ
 from sft.data import IGNORE_INDEX, Collator
 from sft.lora_dropout import FastDropout, use_fast_dropout
-from sft.packing import (BACKEND_ENV, PackedCollator, chunked_linear_cross_entropy, choose_backend, packed_attention,
-                         selected_token_loss)
+from sft.packing import BACKEND_ENV, PackedCollator, choose_backend, packed_attention, selected_token_loss
+from zhllama.losses import chunked_linear_cross_entropy
 
 # three examples of different lengths; -100 over each prompt, like ExampleEncoder's output
 EXAMPLES = [
@@ -133,6 +133,14 @@ def test_chunked_linear_cross_entropy_equals_full_and_never_keeps_full_logits():
     ref16 = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h.bfloat16(), w.bfloat16(), b.bfloat16()).float(),
                                               t, reduction="sum", ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(got16, ref16, atol=1e-3, rtol=1e-4)
+    # reduction none (evaluation's per-token NLL): one fp32 value per row, 0 on ignored rows, chunks in order
+    with torch.no_grad():
+        rows_nll = chunked_linear_cross_entropy(h, w, t, b, chunk_tokens=chunk, reduction="none")
+        ref_rows = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w, b), t, reduction="none",
+                                                     ignore_index=IGNORE_INDEX)
+    assert rows_nll.shape == (rows,) and rows_nll.dtype == torch.float32
+    torch.testing.assert_close(rows_nll, ref_rows)
+    torch.testing.assert_close(rows_nll.sum(), got.detach())
 
 
 def _dense_varlen(q, k, v, cu_q, max_q, scale=None):
