@@ -21,10 +21,12 @@ def _prepare_parser(sub) -> None:
             "split a held-out set by content hash; write gzip JSONL shards with field \"text\" and OUT/stats.json\n"
             "(documents and characters in/kept/dropped by reason, per file and in total, encoding per file).\n"
             "Rerunning the same command resumes: finished inputs and shards are not redone, and the output is\n"
-            "byte-identical to an uninterrupted run."),
+            "byte-identical to an uninterrupted run. Memory does not grow with the corpus (dedup keys go to disk\n"
+            "and are compared one key range at a time); --num-proc processes share the work, same output for any N."),
         epilog=("load with: datasets.load_dataset('json', data_files={'train': 'OUT/train/*.jsonl.gz', "
                 "'heldout': 'OUT/heldout/*.jsonl.gz'}, streaming=True)"))
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files or folders (searched recursively)")
+    p.add_argument("inputs", nargs="*", metavar="PATH", help="files or folders (searched recursively); or --input")
+    p.add_argument("--input", nargs="+", default=[], metavar="PATH", help="files or folders (searched recursively)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--heldout-fraction", type=float, default=d.heldout_fraction, metavar="F",
                    help="share of documents held out, chosen by content hash (default %(default)s)")
@@ -46,7 +48,10 @@ def _prepare_parser(sub) -> None:
     p.add_argument("--max-chars", type=int, default=d.max_chars, metavar="N",
                    help="split longer documents at sentence ends into pieces of at most N characters (default %(default)s)")
     p.add_argument("--shard-docs", type=int, default=d.shard_docs, metavar="N", help="documents per shard (default %(default)s)")
-    p.add_argument("--workers", type=int, default=0, metavar="N", help="processes for reading and cleaning files (default: all cores)")
+    p.add_argument("--num-proc", type=int, default=d.num_proc, metavar="N",
+                   help="worker processes for cleaning, dedup and writing shards; 0: all CPU cores (default %(default)s). "
+                        "The output is the same for every N")
+    p.add_argument("--workers", dest="num_proc", type=int, help=argparse.SUPPRESS)  # the old name
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -83,8 +88,11 @@ def main(argv=None) -> int:
         cfg = PrepareConfig(heldout_fraction=a.heldout_fraction, min_chars=a.min_chars, min_cjk_ratio=a.min_cjk_ratio,
                             dedup=a.dedup, near_threshold=a.near_threshold, encoding=a.encoding, field=a.field,
                             fullwidth_ascii=a.fullwidth_ascii, max_chars=a.max_chars, shard_docs=a.shard_docs,
-                            workers=a.workers)
-        prepare(a.input, a.out, cfg, progress=not a.no_progress, log=lambda m: print(m, file=sys.stderr))
+                            num_proc=a.num_proc)
+        inputs = a.inputs + a.input
+        if not inputs:
+            ap.error("prepare: give the input files or folders (PATH... or --input PATH...)")
+        prepare(inputs, a.out, cfg, progress=not a.no_progress, log=lambda m: print(m, file=sys.stderr))
         return 0
     from corpora.instruct import convert_files
 
