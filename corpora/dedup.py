@@ -33,8 +33,8 @@ NGRAM = 5
 SEED = 1
 # pinned so stored signatures stay comparable across datasketch releases (its default may change)
 SCHEME = "affine32"
-KEY_RUN = 1 << 20      # rows per sorted run file written by a pass-1 worker (24 MiB in memory)
-GROUP_ROWS = 1 << 20   # rows per key range in the dedup pass (about 60 MiB with the sort's temporaries)
+KEY_RUN = 1 << 18      # rows per sorted run file written by a pass-1 worker (6 MiB, about 4x that while sorting)
+GROUP_ROWS = 1 << 19   # rows per key range in the dedup pass (12 MiB, about 3x that while sorting)
 
 
 def text_key(text: str) -> bytes:

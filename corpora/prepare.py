@@ -33,6 +33,7 @@ import io
 import json
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -41,6 +42,7 @@ import numpy as np
 
 from zhllama.errors import UserError
 from zhllama.manifest import write_json
+from zhllama.recipe import CorporaConfig, problems
 
 from . import clean, dedup
 from .reader import list_corpus_files, sniff
@@ -54,34 +56,13 @@ FORMAT_VERSION = 3  # bump when pass 1's output changes meaning, so old work fol
 
 
 @dataclass
-class PrepareConfig:
-    heldout_fraction: float = 0.01
-    min_chars: int = 10
-    min_cjk_ratio: float = 0.3
-    dedup: str = "exact"
-    near_threshold: float = 0.8
-    encoding: str = "auto"
-    field: str = "text"
-    fullwidth_ascii: bool = False
-    max_chars: int = 100_000
-    shard_docs: int = 100_000
-    num_proc: int = 0  # 0: all CPU cores
+class PrepareConfig(CorporaConfig):
+    """The `corpora:` recipe section (zhllama.recipe.CorporaConfig, where every field is documented)."""
 
     def validate(self) -> None:
-        if not 0.0 <= self.heldout_fraction < 1.0:
-            raise UserError(f"--heldout-fraction must be in [0, 1), got {self.heldout_fraction}")
-        if not 0.0 <= self.min_cjk_ratio <= 1.0:
-            raise UserError(f"--min-cjk-ratio must be in [0, 1], got {self.min_cjk_ratio}")
-        if self.dedup not in ("exact", "near"):
-            raise UserError(f"--dedup must be exact or near, got {self.dedup!r}")
-        if self.encoding not in ("auto", "utf-8", "gb18030", "big5"):
-            raise UserError(f"--encoding must be auto, utf-8, gb18030 or big5, got {self.encoding!r}")
-        if self.min_chars < 0 or self.max_chars < 1 or self.shard_docs < 1:
-            raise UserError("--min-chars must be >= 0, --max-chars and --shard-docs >= 1")
-        if self.num_proc < 0:
-            raise UserError(f"--num-proc must be >= 0 (0: all CPU cores), got {self.num_proc}")
-        if not 0.0 < self.near_threshold <= 1.0:
-            raise UserError(f"--near-threshold must be in (0, 1], got {self.near_threshold}")
+        found = problems(self)
+        if found:
+            raise UserError("\n".join(f"corpora.{p}" for p in found))
 
     def pass1_options(self) -> dict:
         """The options that change pass 1's output (the rest only affect pass 2)."""
@@ -375,14 +356,15 @@ def clean_unit(unit: Unit, cfg: PrepareConfig, work: Path) -> dict:
                 st.drop(reason, len(text), where)
                 continue
             # the held-out split follows the whole document, so pieces of one document never straddle it
-            key = dedup.text_key(text).hex()
+            doc_key = dedup.text_key(text)
+            key = doc_key.hex()
             pieces = clean.split_long(text, cfg.max_chars)
             if len(pieces) > 1:
                 st.split["docs"] += 1
                 st.split["pieces"] += len(pieces)
             for piece in pieces:
                 w.write(json.dumps({"t": piece, "k": key}, ensure_ascii=False) + "\n")
-                exact_keys.add(dedup.text_key(piece), st.pieces_out)
+                exact_keys.add(doc_key if len(pieces) == 1 else dedup.text_key(piece), st.pieces_out)
                 if near_keys is not None:
                     for bk in dedup.band_keys(dedup.signature(piece), cfg.near_threshold):
                         near_keys.add(bk, st.pieces_out)
@@ -722,7 +704,9 @@ def prepare(inputs, out_dir, cfg: PrepareConfig | None = None, progress: bool = 
         for d in (work, out / "train", out / "heldout"):
             _remove_stale_tmp(d)
         units = plan_units(files)
+        t0 = time.time()
         results = _pass1(units, cfg, work, progress)
+        took = {"clean": time.time() - t0}
         # shards state: if the inputs or options differ from the run that wrote the shards, start over
         partial = any((out / d).is_dir() for d in ("train", "heldout")) or (out / "stats.json").is_file()
         if runfolder.decide(out, plan, "auto", log=log, partial=partial) == "start-over":
@@ -731,8 +715,12 @@ def prepare(inputs, out_dir, cfg: PrepareConfig | None = None, progress: bool = 
             shutil.rmtree(out / ".work" / "shards", ignore_errors=True)
             (out / "stats.json").unlink(missing_ok=True)
         runfolder.begin(out, {"stage": "corpora.prepare", "config": cfg.public()}, plan)
+        t0 = time.time()
         _dedup(units, results, cfg, work, progress)
+        took["dedup"] = time.time() - t0
+        t0 = time.time()
         per_file, names, skipped = _pass3(files, units, results, cfg, out, work, progress)
+        took["shards"] = time.time() - t0
         for d in ("train", "heldout"):
             _remove_stale_tmp(out / d)  # again: a worker of a killed run may have been dying when this run began
         total = _totals(per_file)
@@ -756,4 +744,6 @@ def prepare(inputs, out_dir, cfg: PrepareConfig | None = None, progress: bool = 
         # success: the work folder goes; after a failure or kill it stays and the rerun continues from it
         shutil.rmtree(out / ".work", ignore_errors=True)
         _log_summary(total, per_file, names, skipped, out, log)
+        log(f"{len(units)} work units, {_num_proc(cfg)} processes; seconds: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in took.items()))
         return stats
