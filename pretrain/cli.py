@@ -107,12 +107,12 @@ def main(argv=None) -> int:
         print(f"resized {a.model}: {s['old_vocab']:,} -> {s['new_vocab']:,} rows ({s['added']:,} new, init {s['init']}"
               f"{', tied' if s['tied'] else ''}) -> {a.out}")
     elif a.cmd in ("phase1", "phase2"):
-        from pretrain.phases import run_phase1, run_phase2
-
         from zhllama.runfolder import lock
 
         with lock(a.out):  # first: a second run into a busy folder fails at once
-            recipe, settings = resolve_training(a, a.cmd)
+            recipe, settings = resolve_training(a, a.cmd)  # before torch is imported: bad input is refused in < 1 s
+            from pretrain.phases import run_phase1, run_phase2
+
             if a.cmd == "phase1":
                 res = run_phase1(a.model, a.corpus, a.out, recipe, settings, resume=a.resume, cache_dir=a.cache_dir,
                                  new_rows_only=recipe.pretrain.phase1.new_rows_only, tokenizer_dir=a.tokenizer,
