@@ -648,7 +648,7 @@ def _pass3(files, units: list[Unit], results: list[dict], cfg: PrepareConfig, ou
     for i, (u, r) in enumerate(zip(units, results)):
         pb = piece_base.get(u.file_index, 0)
         piece_base[u.file_index] = pb + r["stats"]["pieces_out"]
-        fp = {"unit": r["fingerprint"], "config": cfg.public(), "base": bases[i]}
+        fp = {"unit": r["fingerprint"], "config": cfg.public(), "base": bases[i], "ordinal": i}
         jobs.append((i, u.uid, bases[i], pb, fp, cfg, out, work))
     ordered, order = _by_size(units, jobs)
     bar = tqdm(total=len(jobs), desc="shards", unit="part", disable=not progress or None)
