@@ -164,11 +164,17 @@ class _Segmentation:
     def tokens(self) -> int:
         return int(self.weights[self.owner].sum())
 
-    def pairs(self):
-        same = self.owner[1:] == self.owner[:-1]
-        left = self.ids[:-1][same].astype(np.int64)
-        right = self.ids[1:][same].astype(np.int64)
-        return left, right, self.owner[1:][same], len(self.ids)
+    def pair_keys(self, V: np.int64, skip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every adjacent pair inside a span as left * V + right (pairs touching a `skip` id left out), and its span.
+        Built with few temporaries: these per-token arrays are the largest memory of training."""
+        a, b = self.ids[:-1], self.ids[1:]
+        ok = self.owner[1:] == self.owner[:-1]
+        ok &= ~skip[a]
+        ok &= ~skip[b]
+        keys = a[ok].astype(np.int64)
+        keys *= V
+        keys += b[ok]
+        return keys, self.owner[1:][ok]
 
 
 def extend_vocabulary(base: "ModelProto", texts: Iterable[str] | None, cfg: ExtendConfig, progress=None,
@@ -212,17 +218,15 @@ def extend_vocabulary(base: "ModelProto", texts: Iterable[str] | None, cfg: Exte
         progress(len(pieces), cfg.num_added, rounds)
     while len(pieces) < cfg.num_added:
         rounds += 1
-        left, right, owner, ntok = seg.pairs()
         if tokens_start is None:
             tokens_start = seg.tokens()
-        ok = ~(is_byte[left] | is_byte[right])
-        left, right, owner = left[ok], right[ok], owner[ok]
-        if left.size == 0:
-            break
         V = np.int64(len(model.pieces) + 1)
-        keys = left * V + right
+        keys, owner = seg.pair_keys(V, is_byte)
+        if keys.size == 0:
+            break
         uniq, inv = np.unique(keys, return_inverse=True)
         counts = np.bincount(inv, weights=weights[owner]).astype(np.int64)
+        del inv
         order = np.argsort(-counts, kind="stable")
         budget = min(cfg.num_added - len(pieces), max(cfg.min_batch, int(cfg.batch_fraction * len(pieces))))
         chosen_keys, used_left, used_right = [], set(), set()
