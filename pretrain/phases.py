@@ -109,6 +109,7 @@ def _prepare(stage, model_dir, corpus, out_dir, recipe, settings, resume, cache_
     train_ds, eval_ds, data_info = build_datasets(
         corpus, tok_dir, pre.block_size, cache_dir or (out_dir.parent / "data_cache"),
         eval_ratio=pre.eval_ratio, max_eval_blocks=pre.max_eval_blocks, streaming=pre.streaming, encoding=encoding,
+        num_proc=pre.num_proc, seed=settings.seed, shuffle_buffer=pre.shuffle_buffer,
     )
     inputs["data"] = data_info["key"]
     resolved["data"] = {k: v for k, v in data_info.items() if k != "key"}
