@@ -50,8 +50,11 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--model", required=True)
     r.add_argument("--tokenizer", required=True, help="extended tokenizer folder (from `python -m vocab build`)")
     r.add_argument("--out", required=True)
-    r.add_argument("--init", default="subword-mean", choices=["subword-mean", "mean", "normal"])
-    r.add_argument("--seed", type=int, default=0, help="for --init normal")
+    r.add_argument("--init", choices=["subword-mean", "mean", "normal"],
+                   help="how new rows start (default: the recipe's pretrain.init with --recipe/--set, else subword-mean)")
+    r.add_argument("--seed", type=int, help="for --init normal (default: the recipe's pretrain.seed with --recipe/--set, else 0)")
+    add_recipe_args(r, [], recipe_help="optional: recipe whose pretrain.init and pretrain.seed apply and whose model: "
+                                       "shape --model must have (without it: --init/--seed or their defaults)")
     for ph in ("phase1", "phase2"):
         _train_args(sub.add_parser(ph, help="phase 1: input embeddings only" if ph == "phase1"
                                    else "phase 2: LoRA + full embed_tokens and lm_head"), ph)
@@ -107,22 +110,34 @@ def resolve_training(a, phase: str):
     return recipe, settings
 
 
+def resize_settings(a) -> tuple[str, int]:
+    """(init, seed) of `resize`: flags, over the recipe's pretrain section when --recipe/--config/--set is given (checked
+    against --model's shape before any weight loads), else the defaults resize always had."""
+    if not (a.recipe or a.config or a.sets):
+        return a.init or "subword-mean", 0 if a.seed is None else a.seed
+    from zhllama.cli import resolve_recipe
+
+    p = resolve_recipe(a, a.model).pretrain
+    return a.init or p.init, p.seed if a.seed is None else a.seed
+
+
 @cli_entry
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
     if a.cmd == "resize":
+        init, seed = resize_settings(a)
         from pretrain.embeddings import resize_folder
 
-        s = resize_folder(a.model, a.tokenizer, a.out, init=a.init, seed=a.seed)
+        s = resize_folder(a.model, a.tokenizer, a.out, init=init, seed=seed)
         print(f"resized {a.model}: {s['old_vocab']:,} -> {s['new_vocab']:,} rows ({s['added']:,} new, init {s['init']}"
               f"{', tied' if s['tied'] else ''}) -> {a.out}")
     elif a.cmd in ("phase1", "phase2"):
-        from pretrain.phases import run_phase1, run_phase2
-
         from zhllama.runfolder import lock
 
         with lock(a.out):  # first: a second run into a busy folder fails at once
-            recipe, settings = resolve_training(a, a.cmd)
+            recipe, settings = resolve_training(a, a.cmd)  # before torch is imported: bad input is refused in < 1 s
+            from pretrain.phases import run_phase1, run_phase2
+
             if a.cmd == "phase1":
                 res = run_phase1(a.model, a.corpus, a.out, recipe, settings, resume=a.resume, cache_dir=a.cache_dir,
                                  new_rows_only=recipe.pretrain.phase1.new_rows_only, tokenizer_dir=a.tokenizer,

@@ -130,7 +130,7 @@ def test_tiny_recipe_through_every_stage(tmp_path, tiny_base, zh_corpus):
 
     run = tmp_path / "run"
     a = lambda *x: [str(v) for v in x]  # noqa: E731
-    assert corpora_main(a("prepare", "--input", zh_corpus, "--out", run / "corpus", "--workers", "1")) == 0
+    assert corpora_main(a("prepare", "--input", zh_corpus, "--out", run / "corpus", "--num-proc", "1")) == 0
     assert vocab(a("build", "--recipe", "tiny", "--base", tiny_base, "--corpus", run / "corpus" / "train",
                    "--out", run / "vocab", "--num-added", "500", "--character-coverage", "0.7")) == 0
     assert pretrain(a("init", "--recipe", "tiny", *SHAPE, "--tokenizer", tiny_base, "--out", run / "pretrain/base")) == 0
