@@ -73,10 +73,27 @@ def band_keys(sig: bytes, threshold: float) -> list[bytes]:
     return [hashlib.blake2b(bytes([j]) + sig[j * w:(j + 1) * w], digest_size=16).digest() for j in range(b)]
 
 
+def heldout_value(key: bytes) -> int:
+    """A document's 64-bit hash for the held-out split: from its content, so the split does not depend on
+    file order, worker count or interruptions."""
+    return int.from_bytes(hashlib.blake2b(b"heldout:" + key, digest_size=8).digest(), "big")
+
+
 def heldout_bucket(key: bytes) -> float:
-    """A document's position in [0, 1) for the held-out split: from its content hash, so the split does
-    not depend on file order, worker count or interruptions."""
-    return int.from_bytes(hashlib.blake2b(b"heldout:" + key, digest_size=8).digest(), "big") / 2**64
+    """heldout_value as a position in [0, 1): held out when below the held-out fraction."""
+    return heldout_value(key) / 2**64
+
+
+def heldout_cut(fraction: float) -> int:
+    """The integer form of `heldout_bucket(key) < fraction`: held out when heldout_value(key) < this."""
+    lo, hi = 0, 2**64  # the smallest value v with v / 2**64 >= fraction (float rounding included)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if mid / 2**64 < fraction:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 # ------------------------------------------------------------------------------------ keys on disk

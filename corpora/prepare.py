@@ -33,6 +33,7 @@ import io
 import json
 import os
 import shutil
+import struct
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,8 +52,9 @@ SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".txt.gz", ".jsonl.gz", ".jso
 REASONS = ("empty", "malformed_json", "missing_field", "too_short", "low_cjk_ratio", "exact_duplicate",
            "near_duplicate")
 SAMPLE_BYTES = 1 << 20
+META = struct.Struct("<QI")  # per piece in <uid>.meta: held-out hash value (dedup.heldout_value), characters
 UNIT_BYTES = 32 << 20  # uncompressed .txt/.jsonl inputs are cut into line-aligned work units of this size
-FORMAT_VERSION = 3  # bump when pass 1's output changes meaning, so old work folders are redone
+FORMAT_VERSION = 4  # bump when pass 1's output changes meaning, so old work folders are redone
 
 
 @dataclass
@@ -319,7 +321,7 @@ def clean_unit(unit: Unit, cfg: PrepareConfig, work: Path) -> dict:
     out, stats_path = work / f"{unit.uid}.jsonl.gz", work / f"{unit.uid}.stats.json"
     fp = _fingerprint(path, cfg) | {"start": unit.start, "end": unit.end}
     done = _read_marker(stats_path, fp)
-    if done and out.is_file() and all((work / r).is_file() for r in done["runs"]["exact"] + done["runs"]["near"]):
+    if done and out.is_file() and (work / f"{unit.uid}.meta").is_file() and all((work / r).is_file() for r in done["runs"]["exact"] + done["runs"]["near"]):
         return done
     kind = _kind(path)
     st = FileStats()
@@ -339,8 +341,10 @@ def clean_unit(unit: Unit, cfg: PrepareConfig, work: Path) -> dict:
     exact_keys = dedup.KeyWriter(work / f"{unit.uid}.exact")
     near_keys = dedup.KeyWriter(work / f"{unit.uid}.near") if near else None
     lines = [0]
-    tmp = _tmp(out)
+    tmp, meta_path = _tmp(out), work / f"{unit.uid}.meta"
+    meta_tmp = _tmp(meta_path)
     raw, gz = _gzip_writer(tmp, 1)
+    meta = open(meta_tmp, "wb")
     try:
         w = io.TextIOWrapper(gz, encoding="utf-8", newline="\n")
         docs = _raw_docs(path, kind, st.encoding, cfg.field, unit.start, unit.end, lines) if not st.dropped_file else ()
@@ -357,13 +361,15 @@ def clean_unit(unit: Unit, cfg: PrepareConfig, work: Path) -> dict:
                 continue
             # the held-out split follows the whole document, so pieces of one document never straddle it
             doc_key = dedup.text_key(text)
-            key = doc_key.hex()
+            bucket = dedup.heldout_value(doc_key)
             pieces = clean.split_long(text, cfg.max_chars)
             if len(pieces) > 1:
                 st.split["docs"] += 1
                 st.split["pieces"] += len(pieces)
             for piece in pieces:
-                w.write(json.dumps({"t": piece, "k": key}, ensure_ascii=False) + "\n")
+                # the shard line as it will be written, so the shard pass only copies bytes
+                w.write(json.dumps({"text": piece}, ensure_ascii=False) + "\n")
+                meta.write(META.pack(bucket, len(piece)))
                 exact_keys.add(doc_key if len(pieces) == 1 else dedup.text_key(piece), st.pieces_out)
                 if near_keys is not None:
                     for bk in dedup.band_keys(dedup.signature(piece), cfg.near_threshold):
@@ -374,6 +380,8 @@ def clean_unit(unit: Unit, cfg: PrepareConfig, work: Path) -> dict:
     finally:
         gz.close()
         raw.close()
+        meta.close()
+    meta_tmp.replace(meta_path)
     tmp.replace(out)
     runs = {"exact": exact_keys.close(), "near": near_keys.close() if near_keys else []}
     st.empty_file = st.docs_in == 0
@@ -502,7 +510,8 @@ class ShardWriter:
     def _path(self) -> Path:
         return self.folder / f"{self.prefix}{self.index:05d}.jsonl.gz"
 
-    def write(self, text: str) -> None:
+    def write(self, line: bytes) -> None:
+        """One JSON line ({"text": ...}\\n, UTF-8)."""
         if self.count == 0:
             final = self._path()
             if final.is_file():
@@ -511,16 +520,18 @@ class ShardWriter:
             else:
                 tmp = _tmp(final)
                 raw, gz = _gzip_writer(tmp, 6)
-                self._open = (raw, gz, tmp, final)
+                self._open = (raw, gz, tmp, final, io.BufferedWriter(gz, 1 << 20))
         if self._open:
-            self._open[1].write((json.dumps({"text": text}, ensure_ascii=False) + "\n").encode("utf-8"))
+            self._open[4].write(line)
         self.count += 1
         if self.count == self.per_shard:
             self._finish()
 
     def _finish(self) -> None:
         if self._open:
-            raw, gz, tmp, final = self._open
+            raw, gz, tmp, final, buf = self._open
+            buf.flush()
+            buf.detach()
             gz.close()
             raw.flush()
             os.fsync(raw.fileno())
@@ -536,10 +547,15 @@ class ShardWriter:
             self._finish()
 
 
-def _iter_cleaned(path: Path) -> Iterator[dict]:
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            yield json.loads(line)
+def _iter_cleaned(path: Path, meta: Path) -> Iterator[tuple[bytes, int, int]]:
+    """(shard line, held-out hash value, characters) of each piece of a unit, in order."""
+    with gzip.open(path, "rb") as f, open(meta, "rb") as m:
+        while True:
+            chunk = m.read(META.size * 65536)
+            if not chunk:
+                break
+            for value, chars in META.iter_unpack(chunk):
+                yield f.readline(), value, chars
 
 
 def _add(total: dict, part: dict) -> None:
@@ -565,8 +581,9 @@ def shard_unit(job) -> dict:
     writers = {s: ShardWriter(out / s, cfg.shard_docs, f"shard-{ordinal:05d}-") for s in ("train", "heldout")}
     st = {"dropped": {r: _counts() for r in ("exact_duplicate", "near_duplicate")}, "examples": {},
           "train": _counts(), "heldout": _counts(), "docs_kept": 0, "chars_kept": 0}
-    for n, rec in enumerate(_iter_cleaned(work / f"{uid}.jsonl.gz")):
-        text, g = rec["t"], base + n
+    cut = dedup.heldout_cut(cfg.heldout_fraction)
+    for n, (line, value, chars) in enumerate(_iter_cleaned(work / f"{uid}.jsonl.gz", work / f"{uid}.meta")):
+        g = base + n
         if dedup.get_bit(exact, g):
             reason = "exact_duplicate"
         elif near is not None and dedup.get_bit(near, g):
@@ -575,17 +592,17 @@ def shard_unit(job) -> dict:
             reason = None
         if reason:
             st["dropped"][reason]["docs"] += 1
-            st["dropped"][reason]["chars"] += len(text)
+            st["dropped"][reason]["chars"] += chars
             ex = st["examples"].setdefault(reason, [])
             if len(ex) < 3:
                 ex.append(f"piece {piece_base + n}")
         else:
-            split = "heldout" if dedup.heldout_bucket(bytes.fromhex(rec["k"])) < cfg.heldout_fraction else "train"
-            writers[split].write(text)
+            split = "heldout" if value < cut else "train"
+            writers[split].write(line)
             st[split]["docs"] += 1
-            st[split]["chars"] += len(text)
+            st[split]["chars"] += chars
             st["docs_kept"] += 1
-            st["chars_kept"] += len(text)
+            st["chars_kept"] += chars
     for w in writers.values():
         w.close()
     result = {"fingerprint": fp, "stats": st, "names": {s: w.names for s, w in writers.items()},
@@ -631,7 +648,7 @@ def _pass3(files, units: list[Unit], results: list[dict], cfg: PrepareConfig, ou
     for i, (u, r) in enumerate(zip(units, results)):
         pb = piece_base.get(u.file_index, 0)
         piece_base[u.file_index] = pb + r["stats"]["pieces_out"]
-        fp = {"unit": r["fingerprint"], "config": cfg.public(), "base": bases[i]}
+        fp = {"unit": r["fingerprint"], "config": cfg.public(), "base": bases[i], "ordinal": i}
         jobs.append((i, u.uid, bases[i], pb, fp, cfg, out, work))
     ordered, order = _by_size(units, jobs)
     bar = tqdm(total=len(jobs), desc="shards", unit="part", disable=not progress or None)

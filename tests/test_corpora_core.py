@@ -285,6 +285,14 @@ def test_near_dedup_drops_near_copies_only(tmp_path):
     assert dedup.heldout_bucket(b"x") == dedup.heldout_bucket(b"x")
 
 
+def test_heldout_cut_is_the_integer_form_of_the_fraction():
+    for f in (0.0, 0.01, 0.05, 0.5, 0.999):
+        c = dedup.heldout_cut(f)
+        assert all((v / 2**64 < f) == (v < c) for v in (c - 1, c, c + 1) if 0 <= v < 2**64)
+        keys = [dedup.text_key(str(i)) for i in range(2000)]
+        assert [dedup.heldout_bucket(k) < f for k in keys] == [dedup.heldout_value(k) < c for k in keys]
+
+
 # ------------------------------------------------------------------------------------------- instructions
 
 def test_instructions_convert_each_format(tmp_path):

@@ -89,6 +89,10 @@ class VocabConfig:
                                    ge=0)
     pad: bool = setting(False, "append the Alpaca [PAD] piece (49,954 in the reference)")
     seed: int = setting(0, "seed of the corpus sample", ge=0)
+    max_spans: int = setting(2_000_000, "extend: most distinct Chinese spans kept for the merges (rarest pruned "
+                                        "first; counting holds at most twice this); 0 = no limit", ge=0)
+    num_proc: int = setting(0, "extend: processes counting spans, 0 = all cores; the result is the same for any "
+                               "value", ge=0)
 
 
 def redefault(cls, name: str, default):
