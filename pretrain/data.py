@@ -306,9 +306,12 @@ def _write_complete(cache: Path, content: dict) -> None:
     try:
         os.link(tmp, done)
     except FileExistsError:
-        pass
+        return
     finally:
         tmp.unlink(missing_ok=True)
+    # the markers of taken-over dead claims are needed only while units are still being claimed
+    for marker in (cache / "units").glob("*.takeover-*"):
+        marker.unlink(missing_ok=True)
 
 
 class PackedBlocks:
