@@ -33,6 +33,7 @@ NGRAM = 5
 SEED = 1
 # pinned so stored signatures stay comparable across datasketch releases (its default may change)
 SCHEME = "affine32"
+SHINGLE_CHUNK = 4096   # shingles hashed at once (see signature)
 KEY_RUN = 1 << 18      # rows per sorted run file written by a pass-1 worker (6 MiB, about 4x that while sorting)
 GROUP_ROWS = 1 << 19   # rows per key range in the dedup pass (12 MiB, about 3x that while sorting)
 
@@ -53,7 +54,11 @@ def signature(text: str, num_perm: int = NUM_PERM) -> bytes:
     from datasketch import MinHash
 
     m = MinHash(num_perm=num_perm, seed=SEED, scheme=SCHEME)
-    m.update_batch(_shingles(text))
+    sh = _shingles(text)
+    # update_batch builds a (num_perm x shingles) matrix: in chunks, a 100k-character document needs 4 MiB, not
+    # 100 MiB, and the minimum over the chunks is the same signature
+    for i in range(0, len(sh), SHINGLE_CHUNK):
+        m.update_batch(sh[i:i + SHINGLE_CHUNK])
     return np.asarray(m.hashvalues, dtype=np.uint32).tobytes()
 
 
