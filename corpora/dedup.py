@@ -103,7 +103,7 @@ def heldout_cut(fraction: float) -> int:
 
 # ------------------------------------------------------------------------------------ keys on disk
 
-def _save_atomic(path: Path, arr: np.ndarray) -> None:
+def save_atomic(path: Path, arr: np.ndarray) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         np.save(f, arr)
@@ -135,7 +135,7 @@ class KeyWriter:
         # column-major (3, n): the key_hi row is contiguous, so a binary search reads log(n) pages, copies nothing
         rows = np.stack([k[order, 0], k[order, 1], idx[order]])
         path = self.stem.with_name(f"{self.stem.name}.{len(self.runs)}.npy")
-        _save_atomic(path, rows)
+        save_atomic(path, rows)
         self.runs.append(path.name)
         self.rows += rows.shape[1]
         self._keys = bytearray()
