@@ -139,7 +139,7 @@ def test_one_set_syntax_with_typed_values():
         "--set learning_rate: name the section (model, vocab, pretrain, sft, corpora) and the field, e.g. --set sft.learning_rate=...",
         "--set.sft.lora_r: 'two' is not a whole number",
         "--set.pretrain: unknown setting 'phase9'; known: block_size, precision, gradient_checkpointing, zero_stage, "
-        "init, eval_ratio, max_eval_blocks, seed, streaming, num_gpus, phase1, phase2",
+        "init, eval_ratio, max_eval_blocks, seed, streaming, shuffle_buffer, num_proc, num_gpus, phase1, phase2",
         "sft.precision: 'fp8' is not one of fp32, fp16, bf16",
     ]
 

@@ -89,6 +89,10 @@ class VocabConfig:
                                    ge=0)
     pad: bool = setting(False, "append the Alpaca [PAD] piece (49,954 in the reference)")
     seed: int = setting(0, "seed of the corpus sample", ge=0)
+    max_spans: int = setting(2_000_000, "extend: most distinct Chinese spans kept for the merges (rarest pruned "
+                                        "first; counting holds at most twice this); 0 = no limit", ge=0)
+    num_proc: int = setting(0, "extend: processes counting spans, 0 = all cores; the result is the same for any "
+                               "value", ge=0)
 
 
 def redefault(cls, name: str, default):
@@ -140,6 +144,8 @@ class PretrainConfig:
     max_eval_blocks: int = setting(1000, "cap on held-out blocks", ge=1)
     seed: int = setting(42, "seed of initialisation, data order and dropout", ge=0)
     streaming: bool = setting(False, "tokenize on the fly instead of caching (corpora larger than the disk cache)")
+    shuffle_buffer: int = setting(10000, "streaming: blocks in the seeded shuffle buffer (unit order is shuffled too)", ge=1)
+    num_proc: int = setting(0, "tokenization/packing worker processes per rank (0 = all CPU cores, shared among local ranks)", ge=0)
     num_gpus: int = setting(8, "what `plan` assumes for per-GPU memory", ge=1, cli=False)
     phase1: PhaseConfig = field(default_factory=PhaseConfig)
     phase2: PhaseConfig = field(default_factory=lambda: PhaseConfig(learning_rate=1e-4, max_steps=6000))
