@@ -4,7 +4,7 @@ Every document (piece) gets 16-byte keys: for exact dedup the blake2b-128 of its
 MinHash-LSH band keys, one per band, from a `datasketch` MinHash over character 5-grams (Chinese has no
 spaces, so character n-grams stand in for word shingles) cut into the b bands x r rows that datasketch's
 `MinHashLSH` picks for the threshold. The pass-1 workers write the keys of each work unit to disk as
-sorted runs (`KeyWriter`: rows (key_hi, key_lo, piece index), at most `KEY_RUN` rows per file, so a
+sorted runs (`KeyWriter`: columns (key_hi, key_lo, piece index), at most `KEY_RUN` rows per file, so a
 worker holds at most that many whatever the size of its input). The dedup pass then cuts the 128-bit key
 space into ranges of about `GROUP_ROWS` rows in all (`group_bounds`) and handles one range at a time
 (`find_duplicates`: the rows of that range from every run, found by binary search in the memory-mapped
@@ -33,6 +33,7 @@ NGRAM = 5
 SEED = 1
 # pinned so stored signatures stay comparable across datasketch releases (its default may change)
 SCHEME = "affine32"
+SHINGLE_CHUNK = 4096   # shingles hashed at once (see signature)
 KEY_RUN = 1 << 18      # rows per sorted run file written by a pass-1 worker (6 MiB, about 4x that while sorting)
 GROUP_ROWS = 1 << 19   # rows per key range in the dedup pass (12 MiB, about 3x that while sorting)
 
@@ -53,7 +54,11 @@ def signature(text: str, num_perm: int = NUM_PERM) -> bytes:
     from datasketch import MinHash
 
     m = MinHash(num_perm=num_perm, seed=SEED, scheme=SCHEME)
-    m.update_batch(_shingles(text))
+    sh = _shingles(text)
+    # update_batch builds a (num_perm x shingles) matrix: in chunks, a 100k-character document needs 4 MiB, not
+    # 100 MiB, and the minimum over the chunks is the same signature
+    for i in range(0, len(sh), SHINGLE_CHUNK):
+        m.update_batch(sh[i:i + SHINGLE_CHUNK])
     return np.asarray(m.hashvalues, dtype=np.uint32).tobytes()
 
 
@@ -98,7 +103,7 @@ def heldout_cut(fraction: float) -> int:
 
 # ------------------------------------------------------------------------------------ keys on disk
 
-def _save_atomic(path: Path, arr: np.ndarray) -> None:
+def save_atomic(path: Path, arr: np.ndarray) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         np.save(f, arr)
@@ -106,7 +111,7 @@ def _save_atomic(path: Path, arr: np.ndarray) -> None:
 
 
 class KeyWriter:
-    """Keys of one work unit -> sorted run files `<stem>.<r>.npy` of rows (key_hi, key_lo, piece index)."""
+    """Keys of one work unit -> sorted run files `<stem>.<r>.npy`: uint64 (3, n), rows key_hi, key_lo, piece index."""
 
     def __init__(self, stem: Path):
         self.stem = stem
@@ -127,11 +132,12 @@ class KeyWriter:
         k = np.frombuffer(bytes(self._keys), dtype=">u8").reshape(-1, 2).astype(np.uint64)
         idx = np.frombuffer(self._idx, dtype=np.uint64)
         order = np.lexsort((idx, k[:, 1], k[:, 0]))
-        rows = np.stack([k[order, 0], k[order, 1], idx[order]], axis=1)
+        # column-major (3, n): the key_hi row is contiguous, so a binary search reads log(n) pages, copies nothing
+        rows = np.stack([k[order, 0], k[order, 1], idx[order]])
         path = self.stem.with_name(f"{self.stem.name}.{len(self.runs)}.npy")
-        _save_atomic(path, rows)
+        save_atomic(path, rows)
         self.runs.append(path.name)
-        self.rows += len(rows)
+        self.rows += rows.shape[1]
         self._keys = bytearray()
         self._idx = array("Q")
 
@@ -154,14 +160,13 @@ def find_duplicates(runs: list[tuple[str, int]], lo: int, hi: int | None) -> np.
     k0, k1, pos = [], [], []
     for path, base in runs:
         a = np.load(path, mmap_mode="r")
-        col = a[:, 0]
+        col = a[0]
         i = int(np.searchsorted(col, np.uint64(lo), "left"))
-        j = len(a) if hi is None else int(np.searchsorted(col, np.uint64(hi), "left"))
+        j = col.shape[0] if hi is None else int(np.searchsorted(col, np.uint64(hi), "left"))
         if j > i:
-            part = np.array(a[i:j])
-            k0.append(part[:, 0])
-            k1.append(part[:, 1])
-            pos.append(part[:, 2] + np.uint64(base))
+            k0.append(np.array(col[i:j]))
+            k1.append(np.array(a[1, i:j]))
+            pos.append(a[2, i:j] + np.uint64(base))
         del a, col
     if not pos:
         return np.zeros(0, dtype=np.uint64)

@@ -415,7 +415,7 @@ def _indexed(args):
     return i, fn(job)
 
 
-def _by_size(units: list[Unit], jobs: list) -> list:
+def _by_size(units: list[Unit], jobs: list) -> tuple[list, list[int]]:
     # big units first: the pool then ends with small ones and every core stays busy to the end
     order = sorted(range(len(units)), key=lambda i: -units[i].size())
     return [jobs[i] for i in order], order
@@ -481,7 +481,7 @@ def _dedup(units: list[Unit], results: list[dict], cfg: PrepareConfig, work: Pat
             bar.update(1)
     bar.close()
     for k in kinds:
-        dedup._save_atomic(folder / f"{k}.npy", bits[k])
+        dedup.save_atomic(folder / f"{k}.npy", bits[k])
     _write_json_atomic(folder / "done.json", {"fingerprint": fp})
     return folder
 

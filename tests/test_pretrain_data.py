@@ -250,3 +250,18 @@ def test_streaming_kill9_then_rerun_gives_identical_adapter(setup, big_corpus, t
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_streaming_trains_to_the_end(setup, big_corpus, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+           "-m", "pretrain", "phase1", "--recipe", str(setup["recipe"]), "--model", str(setup["resized"]),
+           "--corpus", str(big_corpus), "--out", str(tmp_path / "p1"), "--cache-dir", str(tmp_path / "c"),
+           "--max-steps", "3", "--save-steps", "100", "--streaming", "--shuffle-buffer", "50"]
+    r = subprocess.run(cmd, env=dict(_env(), ZHLLAMA_PRETRAIN_UNIT_BYTES="40000"), cwd=ROOT, capture_output=True,
+                       text=True, timeout=500)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "p1" / "result.json").read_text())
+    # 3 steps of 4 sequences of 32 tokens, split over the two ranks
+    assert res["global_step"] == 3 and res["world_size"] == 2 and res["tokens_seen"] == 3 * 4 * 32
+    assert not (tmp_path / "c").exists()  # streaming builds no cache
