@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from zhllama.errors import cli_entry
 
 
 def _prepare_parser(sub) -> None:
-    from corpora.prepare import PrepareConfig
+    from zhllama.cli import PREFIX, add_recipe_args
+    from zhllama.recipe import CorporaConfig
 
-    d = PrepareConfig()
     p = sub.add_parser(
         "prepare", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="clean, filter, deduplicate and shard raw text into OUT/{train,heldout}/shard-*.jsonl.gz",
@@ -21,32 +22,17 @@ def _prepare_parser(sub) -> None:
             "split a held-out set by content hash; write gzip JSONL shards with field \"text\" and OUT/stats.json\n"
             "(documents and characters in/kept/dropped by reason, per file and in total, encoding per file).\n"
             "Rerunning the same command resumes: finished inputs and shards are not redone, and the output is\n"
-            "byte-identical to an uninterrupted run."),
+            "byte-identical to an uninterrupted run. Memory does not grow with the corpus (dedup keys go to disk\n"
+            "and are compared one key range at a time); --num-proc processes share the work, same output for any N."),
         epilog=("load with: datasets.load_dataset('json', data_files={'train': 'OUT/train/*.jsonl.gz', "
                 "'heldout': 'OUT/heldout/*.jsonl.gz'}, streaming=True)"))
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files or folders (searched recursively)")
+    p.add_argument("inputs", nargs="*", metavar="PATH", help="files or folders (searched recursively); or --input")
+    p.add_argument("--input", nargs="+", default=[], metavar="PATH", help="files or folders (searched recursively)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--heldout-fraction", type=float, default=d.heldout_fraction, metavar="F",
-                   help="share of documents held out, chosen by content hash (default %(default)s)")
-    p.add_argument("--min-chars", type=int, default=d.min_chars, metavar="N",
-                   help="drop documents shorter than N characters after cleaning (default %(default)s)")
-    p.add_argument("--min-cjk-ratio", type=float, default=d.min_cjk_ratio, metavar="R",
-                   help="drop documents whose non-space characters are less than this share Han (default %(default)s)")
-    p.add_argument("--dedup", choices=("exact", "near"), default=d.dedup,
-                   help="exact: identical documents; near: also MinHash LSH near duplicates (datasketch) (default %(default)s)")
-    p.add_argument("--near-threshold", type=float, default=d.near_threshold, metavar="J",
-                   help="Jaccard similarity of character 5-grams above which --dedup near drops (default %(default)s)")
-    p.add_argument("--encoding", choices=("auto", "utf-8", "gb18030", "big5"), default=d.encoding,
-                   help="auto: UTF-8 if the file decodes as UTF-8, else the best of GB18030 (covers GBK) and Big5; "
-                        "stats.json reports what was used per file (default %(default)s)")
-    p.add_argument("--field", default=d.field, help="record field / parquet column holding the text (default %(default)s)")
-    p.add_argument("--fullwidth-ascii", action="store_true",
-                   help="turn full-width letters, digits and symbols (ＡＢＣ１２３) into ASCII; Chinese punctuation "
-                        "（，。：；！？）stays")
-    p.add_argument("--max-chars", type=int, default=d.max_chars, metavar="N",
-                   help="split longer documents at sentence ends into pieces of at most N characters (default %(default)s)")
-    p.add_argument("--shard-docs", type=int, default=d.shard_docs, metavar="N", help="documents per shard (default %(default)s)")
-    p.add_argument("--workers", type=int, default=0, metavar="N", help="processes for reading and cleaning files (default: all cores)")
+    p.add_argument("--workers", dest=PREFIX + "corpora.num_proc", help=argparse.SUPPRESS)  # the old --num-proc
+    add_recipe_args(p, [("corpora", CorporaConfig)], recipe_help=(
+        "recipe name under recipes/ or a .yaml path; its corpora: section sets these options (default: the "
+        "built-in defaults of zhllama.recipe.CorporaConfig)"))
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -79,12 +65,14 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.cmd == "prepare":
         from corpora.prepare import PrepareConfig, prepare
+        from zhllama.cli import resolve_recipe
+        from zhllama.recipe import Recipe
 
-        cfg = PrepareConfig(heldout_fraction=a.heldout_fraction, min_chars=a.min_chars, min_cjk_ratio=a.min_cjk_ratio,
-                            dedup=a.dedup, near_threshold=a.near_threshold, encoding=a.encoding, field=a.field,
-                            fullwidth_ascii=a.fullwidth_ascii, max_chars=a.max_chars, shard_docs=a.shard_docs,
-                            workers=a.workers)
-        prepare(a.input, a.out, cfg, progress=not a.no_progress, log=lambda m: print(m, file=sys.stderr))
+        cfg = PrepareConfig(**dataclasses.asdict(resolve_recipe(a, default=Recipe()).corpora))
+        inputs = a.inputs + a.input
+        if not inputs:
+            ap.error("prepare: give the input files or folders (PATH... or --input PATH...)")
+        prepare(inputs, a.out, cfg, progress=not a.no_progress, log=lambda m: print(m, file=sys.stderr))
         return 0
     from corpora.instruct import convert_files
 

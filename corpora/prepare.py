@@ -1,16 +1,23 @@
 """`corpora prepare`: raw Chinese text in any common shape -> clean, deduplicated, sharded JSONL.gz.
 
-Two passes, both streaming:
+Three passes, all streaming, with memory that does not grow with the corpus, the first and last in
+`num_proc` worker processes (0: all cores). The work is cut into units that do not depend on num_proc:
+one per input, except that uncompressed .txt/.jsonl inputs larger than UNIT_BYTES are cut into
+line-aligned byte ranges of that size, so one big file keeps every core busy too.
 
-1. per input file, in parallel worker processes: detect the encoding, decode, normalise, filter, split
-   over-long documents, and write the kept documents to OUT/.work/files/<id>.jsonl.gz with a
-   <id>.stats.json beside it. The stats file is written last and is the "this input is finished" marker;
-   it records the input's size, mtime and the options, so a changed input or option redoes that file.
-2. one process, files in input order: exact (and with --dedup near, MinHash LSH) dedup, a content-hash
-   held-out split, and shards OUT/{train,heldout}/shard-NNNNN.jsonl.gz of --shard-docs documents.
-   Each shard is written to a temp file and renamed, gzip without timestamp or name, so shards are
-   byte-identical however often the run was interrupted; a rerun re-reads pass 1's output (to rebuild
-   the dedup state) but does not rewrite finished shards.
+1. clean, per unit: detect the encoding, decode, normalise, filter, split over-long documents; write the
+   kept pieces to OUT/.work/units/<uid>.jsonl.gz and their dedup keys (blake2b-128 of the text, and with
+   --dedup near the MinHash-LSH band keys) as sorted runs <uid>.{exact,near}.<r>.npy (corpora.dedup),
+   then <uid>.stats.json, the "this unit is finished" marker: it records the input's size, mtime, the
+   byte range and the options, so a changed input or option redoes that unit.
+2. dedup, one key range at a time (corpora.dedup.find_duplicates, ranges spread over the processes): a
+   piece whose key an earlier piece in input order has is a duplicate, so the first occurrence wins;
+   the result is one bit per piece in OUT/.work/dedup/{exact,near}.npy.
+3. shards, per unit: a content-hash held-out split and shards
+   OUT/{train,heldout}/shard-<unit>-<n>.jsonl.gz of at most --shard-docs documents (names sort in input
+   order). Each shard is written to a temp file and renamed, gzip without timestamp or name, so shards
+   are byte-identical for any num_proc and however often the run was interrupted; finished units
+   (OUT/.work/shards/<uid>.json) and finished shards are not redone.
 
 OUT/.work is removed when the run succeeds (the run folder's recorded fingerprint then says what it was made
 from, so an unchanged rerun does nothing); after a failure or kill it stays and the rerun continues from it.
@@ -20,19 +27,23 @@ Load the result with `datasets.load_dataset("json", data_files={"train": "OUT/tr
 """
 from __future__ import annotations
 
-import base64
 import gzip
 import hashlib
 import io
 import json
 import os
 import shutil
+import struct
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 from zhllama.errors import UserError
 from zhllama.manifest import write_json
+from zhllama.recipe import CorporaConfig, problems
 
 from . import clean, dedup
 from .reader import list_corpus_files, sniff
@@ -41,47 +52,34 @@ SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".txt.gz", ".jsonl.gz", ".jso
 REASONS = ("empty", "malformed_json", "missing_field", "too_short", "low_cjk_ratio", "exact_duplicate",
            "near_duplicate")
 SAMPLE_BYTES = 1 << 20
-FORMAT_VERSION = 2  # bump when pass 1's output changes meaning, so old work folders are redone
+META = struct.Struct("<QI")  # per piece in <uid>.meta: held-out hash value (dedup.heldout_value), characters
+UNIT_BYTES = 32 << 20  # uncompressed .txt/.jsonl inputs are cut into line-aligned work units of this size
+FORMAT_VERSION = 4  # bump when pass 1's output changes meaning, so old work folders are redone
 
 
 @dataclass
-class PrepareConfig:
-    heldout_fraction: float = 0.01
-    min_chars: int = 10
-    min_cjk_ratio: float = 0.3
-    dedup: str = "exact"
-    near_threshold: float = 0.8
-    encoding: str = "auto"
-    field: str = "text"
-    fullwidth_ascii: bool = False
-    max_chars: int = 100_000
-    shard_docs: int = 100_000
-    workers: int = 0  # 0: all CPU cores
+class PrepareConfig(CorporaConfig):
+    """The `corpora:` recipe section (zhllama.recipe.CorporaConfig, where every field is documented)."""
 
     def validate(self) -> None:
-        if not 0.0 <= self.heldout_fraction < 1.0:
-            raise UserError(f"--heldout-fraction must be in [0, 1), got {self.heldout_fraction}")
-        if not 0.0 <= self.min_cjk_ratio <= 1.0:
-            raise UserError(f"--min-cjk-ratio must be in [0, 1], got {self.min_cjk_ratio}")
-        if self.dedup not in ("exact", "near"):
-            raise UserError(f"--dedup must be exact or near, got {self.dedup!r}")
-        if self.encoding not in ("auto", "utf-8", "gb18030", "big5"):
-            raise UserError(f"--encoding must be auto, utf-8, gb18030 or big5, got {self.encoding!r}")
-        if self.min_chars < 0 or self.max_chars < 1 or self.shard_docs < 1:
-            raise UserError("--min-chars must be >= 0, --max-chars and --shard-docs >= 1")
-        if not 0.0 < self.near_threshold <= 1.0:
-            raise UserError(f"--near-threshold must be in (0, 1], got {self.near_threshold}")
+        found = problems(self)
+        if found:
+            raise UserError("\n".join(f"corpora.{p}" for p in found))
 
     def pass1_options(self) -> dict:
         """The options that change pass 1's output (the rest only affect pass 2)."""
         return {"encoding": self.encoding, "field": self.field, "fullwidth_ascii": self.fullwidth_ascii,
                 "min_chars": self.min_chars, "min_cjk_ratio": self.min_cjk_ratio, "max_chars": self.max_chars,
-                "signatures": self.dedup == "near", "format": FORMAT_VERSION}
+                "near_threshold": self.near_threshold if self.dedup == "near" else None, "format": FORMAT_VERSION}
 
     def public(self) -> dict:
         d = asdict(self)
-        d.pop("workers")  # does not change the output; keeps stats.json identical across machines
+        d.pop("num_proc")  # does not change the output; keeps stats.json identical across machines
         return d
+
+
+def _num_proc(cfg: PrepareConfig) -> int:
+    return cfg.num_proc or os.cpu_count() or 1
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -111,8 +109,28 @@ def _sample(path: Path) -> tuple[bytes, bool]:
     return data[:SAMPLE_BYTES], len(data) <= SAMPLE_BYTES
 
 
-def _raw_docs(path: Path, kind: str, enc: str, fld: str) -> Iterator[tuple[str | None, str | None, str]]:
-    """(text, None, where) for each document, or (raw, reason, where) for a record that is unusable."""
+def _lines(f, start: int, end: int | None, count: list) -> Iterator[bytes]:
+    """The lines that start in [start, end) (to the end of the file if end is None); count[0] += each line."""
+    if start > 0:
+        f.seek(start - 1)
+        if f.read(1) != b"\n":
+            f.readline()  # this line started in the range before: it belongs to that unit
+        pos = f.tell()
+    else:
+        pos = 0
+    while end is None or pos < end:
+        raw = f.readline()
+        if not raw:
+            break
+        pos += len(raw)
+        count[0] += 1
+        yield raw
+
+
+def _raw_docs(path: Path, kind: str, enc: str, fld: str, start: int = 0, end: int | None = None,
+              count: list | None = None) -> Iterator[tuple[str | None, str | None, str]]:
+    """(text, None, where) for each document, or (raw, reason, where) for a record that is unusable.
+    For .txt/.jsonl only the lines that start in the byte range [start, end); line numbers count from start."""
     if kind == "parquet":
         import pyarrow.parquet as pq
 
@@ -149,8 +167,9 @@ def _raw_docs(path: Path, kind: str, enc: str, fld: str) -> Iterator[tuple[str |
             else:
                 yield "", "missing_field", f"record {i}"
         return
+    count = [0] if count is None else count
     with _open(path) as f:
-        for lineno, raw in enumerate(f, 1):
+        for lineno, raw in enumerate(_lines(f, start, end, count), 1):
             line = raw.decode(enc, errors="replace")  # bad bytes become U+FFFD, removed and counted by normalize
             if kind == "txt":
                 line = line.rstrip("\n")
@@ -221,6 +240,14 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f"{path.name}.{os.getpid()}.tmp")
 
 
+def _zombie(pid: int) -> bool:
+    """A killed worker whose parent died too stays a zombie where nothing reaps orphans (containers)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _remove_stale_tmp(folder: Path) -> None:
     """Temp files left by a killed run; those of a process still alive (an orphaned worker) are left to it."""
     for f in folder.glob("*.tmp"):
@@ -228,7 +255,8 @@ def _remove_stale_tmp(folder: Path) -> None:
             pid = int(f.name.rsplit(".", 2)[-2])
             if pid != os.getpid():
                 os.kill(pid, 0)
-                continue
+                if not _zombie(pid):
+                    continue
         except ProcessLookupError:
             pass
         except (ValueError, PermissionError):
@@ -243,38 +271,83 @@ def _gzip_writer(path: Path, level: int):
     return raw, gz
 
 
-def clean_file(path: Path, cfg: PrepareConfig, work: Path) -> dict:
-    """Pass 1 for one input; returns its stats (also written to work/<id>.stats.json as the done marker)."""
-    fid = _file_id(path)
-    out, stats_path = work / f"{fid}.jsonl.gz", work / f"{fid}.stats.json"
-    fp = _fingerprint(path, cfg)
-    if stats_path.is_file():
-        try:
-            done = json.loads(stats_path.read_text(encoding="utf-8"))
-            if done.get("fingerprint") == fp and out.is_file():
-                return done
-        except (OSError, json.JSONDecodeError):
-            pass
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = _tmp(path)
+    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def _read_marker(path: Path, fp) -> dict | None:
+    try:
+        done = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return done if done.get("fingerprint") == fp else None
+
+
+@dataclass
+class Unit:
+    """A piece of work that does not depend on the number of processes: a whole input, or a line-aligned
+    byte range [start, end) of a large uncompressed .txt/.jsonl (the lines that start in that range)."""
+    file_index: int
+    path: Path
+    part: int
+    start: int
+    end: int | None  # None: to the end (the only range of a file that is not split)
+
+    @property
+    def uid(self) -> str:
+        return f"{_file_id(self.path)}-{self.part:05d}"
+
+    def size(self) -> int:
+        return (self.end if self.end is not None else self.path.stat().st_size) - self.start
+
+
+def plan_units(files: list[Path]) -> list[Unit]:
+    units = []
+    for i, f in enumerate(files):
+        size = f.stat().st_size
+        if _kind(f) in ("txt", "jsonl") and not f.name.lower().endswith(".gz") and size > UNIT_BYTES:
+            for part, s in enumerate(range(0, size, UNIT_BYTES)):
+                units.append(Unit(i, f, part, s, min(s + UNIT_BYTES, size)))
+        else:
+            units.append(Unit(i, f, 0, 0, None))
+    return units
+
+
+def clean_unit(unit: Unit, cfg: PrepareConfig, work: Path) -> dict:
+    """Pass 1 for one unit; returns its stats (also written to work/<uid>.stats.json as the done marker)."""
+    path = unit.path
+    out, stats_path = work / f"{unit.uid}.jsonl.gz", work / f"{unit.uid}.stats.json"
+    fp = _fingerprint(path, cfg) | {"start": unit.start, "end": unit.end}
+    done = _read_marker(stats_path, fp)
+    if done and out.is_file() and (work / f"{unit.uid}.meta").is_file() and all((work / r).is_file() for r in done["runs"]["exact"] + done["runs"]["near"]):
+        return done
     kind = _kind(path)
     st = FileStats()
     if kind == "parquet":
         st.encoding, st.encoding_detected_by = "utf-8", "parquet"
     else:
-        # the same detection and binary check as every other stage's reader
+        # the same detection and binary check as every other stage's reader (on the file's start, for every unit)
         check = sniff(path, cfg.encoding)
         st.encoding, st.encoding_detected_by = check.encoding, check.detected_by
-        if check.detected_by == "scored":
+        if check.detected_by == "scored" and unit.part == 0:
             sample, whole = _sample(path)
             st.encoding_scores = clean.detect_encoding(sample, final=whole).scores
         if check.binary:
             st.dropped_file = {"reason": "binary", "why": check.binary}
     fixes = clean.Fixes()
     near = cfg.dedup == "near"
-    tmp = _tmp(out)
+    exact_keys = dedup.KeyWriter(work / f"{unit.uid}.exact")
+    near_keys = dedup.KeyWriter(work / f"{unit.uid}.near") if near else None
+    lines = [0]
+    tmp, meta_path = _tmp(out), work / f"{unit.uid}.meta"
+    meta_tmp = _tmp(meta_path)
     raw, gz = _gzip_writer(tmp, 1)
+    meta = open(meta_tmp, "wb")
     try:
         w = io.TextIOWrapper(gz, encoding="utf-8", newline="\n")
-        docs = _raw_docs(path, kind, st.encoding, cfg.field) if not st.dropped_file else ()
+        docs = _raw_docs(path, kind, st.encoding, cfg.field, unit.start, unit.end, lines) if not st.dropped_file else ()
         for text, bad, where in docs:
             st.docs_in += 1
             st.chars_in += len(text)
@@ -287,44 +360,147 @@ def clean_file(path: Path, cfg: PrepareConfig, work: Path) -> dict:
                 st.drop(reason, len(text), where)
                 continue
             # the held-out split follows the whole document, so pieces of one document never straddle it
-            key = dedup.text_key(text).hex()
+            doc_key = dedup.text_key(text)
+            bucket = dedup.heldout_value(doc_key)
             pieces = clean.split_long(text, cfg.max_chars)
             if len(pieces) > 1:
                 st.split["docs"] += 1
                 st.split["pieces"] += len(pieces)
             for piece in pieces:
-                rec = {"t": piece, "k": key}
-                if near:
-                    rec["s"] = base64.b64encode(dedup.signature(piece)).decode("ascii")
-                w.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                # the shard line as it will be written, so the shard pass only copies bytes
+                w.write(json.dumps({"text": piece}, ensure_ascii=False) + "\n")
+                meta.write(META.pack(bucket, len(piece)))
+                exact_keys.add(doc_key if len(pieces) == 1 else dedup.text_key(piece), st.pieces_out)
+                if near_keys is not None:
+                    for bk in dedup.band_keys(dedup.signature(piece), cfg.near_threshold):
+                        near_keys.add(bk, st.pieces_out)
                 st.pieces_out += 1
         w.flush()
         w.detach()
     finally:
         gz.close()
         raw.close()
+        meta.close()
+    meta_tmp.replace(meta_path)
     tmp.replace(out)
+    runs = {"exact": exact_keys.close(), "near": near_keys.close() if near_keys else []}
     st.empty_file = st.docs_in == 0
     st.normalisation = fixes.as_dict()
-    result = {"fingerprint": fp, "stats": asdict(st)}
-    tmp_stats = _tmp(stats_path)
-    tmp_stats.write_text(json.dumps(result, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    tmp_stats.replace(stats_path)
+    result = {"fingerprint": fp, "stats": asdict(st), "lines": lines[0], "runs": runs,
+              "rows": {"exact": exact_keys.rows, "near": near_keys.rows if near_keys else 0}}
+    _write_json_atomic(stats_path, result)
     return result
 
 
-def _clean_job(args) -> tuple[int, dict]:
-    i, path, cfg, work = args
-    return i, clean_file(path, cfg, work)
+def _run_jobs(fn, jobs: list, num_proc: int, bar) -> list:
+    """fn over jobs, in num_proc forked processes when more than one; results in job order."""
+    results: list = [None] * len(jobs)
+    n = min(num_proc, len(jobs))
+    if n > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(n) as pool:
+            for i, res in pool.imap_unordered(_indexed, [(fn, i, j) for i, j in enumerate(jobs)]):
+                results[i] = res
+                bar.update(1)
+    else:
+        for i, j in enumerate(jobs):
+            results[i] = fn(j)
+            bar.update(1)
+    return results
 
 
-# ---------------------------------------------------------------------------------------------- pass 2
+def _indexed(args):
+    fn, i, job = args
+    return i, fn(job)
+
+
+def _by_size(units: list[Unit], jobs: list) -> tuple[list, list[int]]:
+    # big units first: the pool then ends with small ones and every core stays busy to the end
+    order = sorted(range(len(units)), key=lambda i: -units[i].size())
+    return [jobs[i] for i in order], order
+
+
+def _pass1(units: list[Unit], cfg: PrepareConfig, work: Path, progress: bool) -> list[dict]:
+    """Clean every unit (in parallel); finished ones return their stored stats at once."""
+    from tqdm import tqdm
+
+    jobs, order = _by_size(units, [(u, cfg, work) for u in units])
+    bar = tqdm(total=len(jobs), desc="clean", unit="part", disable=not progress or None)
+    res = _run_jobs(_clean_job, jobs, _num_proc(cfg), bar)
+    bar.close()
+    results: list = [None] * len(units)
+    for k, i in enumerate(order):
+        results[i] = res[k]
+    return results
+
+
+def _clean_job(args) -> dict:
+    return clean_unit(*args)
+
+
+# ---------------------------------------------------------------------------------------------- dedup
+
+def _dedup_job(args) -> tuple[str, np.ndarray]:
+    kind, runs, lo, hi = args
+    return kind, dedup.find_duplicates(runs, lo, hi)
+
+
+def _dedup(units: list[Unit], results: list[dict], cfg: PrepareConfig, work: Path, progress: bool) -> Path:
+    """Duplicate bits for every piece (global positions in input order): work/dedup/{exact,near}.npy."""
+    from tqdm import tqdm
+
+    folder = work.parent / "dedup"
+    folder.mkdir(exist_ok=True)
+    _remove_stale_tmp(folder)
+    fp = {"units": [r["fingerprint"] for r in results], "dedup": cfg.dedup, "near_threshold": cfg.near_threshold}
+    kinds = ("exact", "near") if cfg.dedup == "near" else ("exact",)
+    if _read_marker(folder / "done.json", fp) and all((folder / f"{k}.npy").is_file() for k in kinds):
+        return folder
+    bases = _bases(results)
+    total = bases[-1]
+    jobs = []
+    for kind in kinds:
+        runs = [(str(work / name), bases[i]) for i, r in enumerate(results) for name in r["runs"][kind]]
+        for lo, hi in dedup.group_bounds(sum(r["rows"][kind] for r in results)):
+            jobs.append((kind, runs, lo, hi))
+    bits = {k: np.zeros((total + 7) // 8, dtype=np.uint8) for k in kinds}
+    bar = tqdm(total=len(jobs), desc="dedup", unit="range", disable=not progress or None)
+    n = min(_num_proc(cfg), len(jobs))
+    if n > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(n) as pool:
+            for kind, pos in pool.imap_unordered(_dedup_job, jobs):
+                dedup.set_bits(bits[kind], pos)
+                bar.update(1)
+    else:
+        for job in jobs:
+            kind, pos = _dedup_job(job)
+            dedup.set_bits(bits[kind], pos)
+            bar.update(1)
+    bar.close()
+    for k in kinds:
+        dedup.save_atomic(folder / f"{k}.npy", bits[k])
+    _write_json_atomic(folder / "done.json", {"fingerprint": fp})
+    return folder
+
+
+def _bases(results: list[dict]) -> list[int]:
+    """Global position of each unit's first piece (and the total at the end)."""
+    out = [0]
+    for r in results:
+        out.append(out[-1] + r["stats"]["pieces_out"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- shards
 
 class ShardWriter:
     """Fixed-size shards written atomically; a shard that already exists is consumed, not rewritten."""
 
-    def __init__(self, folder: Path, per_shard: int):
-        self.folder, self.per_shard = folder, per_shard
+    def __init__(self, folder: Path, per_shard: int, prefix: str = "shard-"):
+        self.folder, self.per_shard, self.prefix = folder, per_shard, prefix
         folder.mkdir(parents=True, exist_ok=True)
         self.index, self.count = 0, 0
         self.names: list[str] = []
@@ -332,9 +508,10 @@ class ShardWriter:
         self._open: tuple | None = None
 
     def _path(self) -> Path:
-        return self.folder / f"shard-{self.index:05d}.jsonl.gz"
+        return self.folder / f"{self.prefix}{self.index:05d}.jsonl.gz"
 
-    def write(self, text: str) -> None:
+    def write(self, line: bytes) -> None:
+        """One JSON line ({"text": ...}\\n, UTF-8)."""
         if self.count == 0:
             final = self._path()
             if final.is_file():
@@ -343,16 +520,18 @@ class ShardWriter:
             else:
                 tmp = _tmp(final)
                 raw, gz = _gzip_writer(tmp, 6)
-                self._open = (raw, gz, tmp, final)
+                self._open = (raw, gz, tmp, final, io.BufferedWriter(gz, 1 << 20))
         if self._open:
-            self._open[1].write((json.dumps({"text": text}, ensure_ascii=False) + "\n").encode("utf-8"))
+            self._open[4].write(line)
         self.count += 1
         if self.count == self.per_shard:
             self._finish()
 
     def _finish(self) -> None:
         if self._open:
-            raw, gz, tmp, final = self._open
+            raw, gz, tmp, final, buf = self._open
+            buf.flush()
+            buf.detach()
             gz.close()
             raw.flush()
             os.fsync(raw.fileno())
@@ -368,10 +547,15 @@ class ShardWriter:
             self._finish()
 
 
-def _iter_cleaned(path: Path) -> Iterator[dict]:
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            yield json.loads(line)
+def _iter_cleaned(path: Path, meta: Path) -> Iterator[tuple[bytes, int, int]]:
+    """(shard line, held-out hash value, characters) of each piece of a unit, in order."""
+    with gzip.open(path, "rb") as f, open(meta, "rb") as m:
+        while True:
+            chunk = m.read(META.size * 65536)
+            if not chunk:
+                break
+            for value, chars in META.iter_unpack(chunk):
+                yield f.readline(), value, chars
 
 
 def _add(total: dict, part: dict) -> None:
@@ -384,73 +568,104 @@ def _add(total: dict, part: dict) -> None:
             total[k] = total.get(k, 0) + v
 
 
-def _pass1(files, cfg: PrepareConfig, work: Path, progress: bool) -> dict[int, dict]:
-    """Clean every file (in parallel); finished ones return their stored stats at once."""
-    from tqdm import tqdm
-
-    results: dict[int, dict] = {}
-    jobs = [(i, f, cfg, work) for i, f in enumerate(files)]
-    n_workers = min(cfg.workers or os.cpu_count() or 1, len(jobs))
-    bar = tqdm(total=len(jobs), desc="clean", unit="file", disable=not progress or None)
-    if n_workers > 1:
-        import multiprocessing as mp
-
-        with mp.get_context("fork").Pool(n_workers) as pool:
-            # big files first: the pool then ends with small ones and both cores stay busy
-            order = sorted(jobs, key=lambda j: -j[1].stat().st_size)
-            for i, res in pool.imap_unordered(_clean_job, order):
-                results[i] = res
-                bar.update(1)
-    else:
-        for job in jobs:
-            i, res = _clean_job(job)
-            results[i] = res
-            bar.update(1)
-    bar.close()
-    return results
-
-
-def _pass2(files, results: dict, cfg: PrepareConfig, out: Path, work: Path, progress: bool):
-    """Deduplicate across files in input order and write the train/heldout shards; returns (per-file stats, writers)."""
-    from tqdm import tqdm
-
-    exact = dedup.ExactDedup()
-    near = dedup.NearDedup(cfg.near_threshold) if cfg.dedup == "near" else None
-    writers = {"train": ShardWriter(out / "train", cfg.shard_docs), "heldout": ShardWriter(out / "heldout", cfg.shard_docs)}
-    per_file: dict[str, dict] = {}
-    bar = tqdm(total=sum(results[i]["stats"]["pieces_out"] for i in results), desc="dedup+shard", unit="doc",
-               disable=not progress or None)
-    for i, f in enumerate(files):
-        st = json.loads(json.dumps(results[i]["stats"]))  # a private copy: pass 2 adds to it
-        for n, rec in enumerate(_iter_cleaned(work / f"{_file_id(f)}.jsonl.gz")):
-            text = rec["t"]
-            if exact.is_duplicate(text):
-                reason = "exact_duplicate"
-            elif near is not None and near.is_duplicate(base64.b64decode(rec["s"])):
-                reason = "near_duplicate"
-            else:
-                reason = None
-            if reason:
-                d = st["dropped"][reason]
-                d["docs"] += 1
-                d["chars"] += len(text)
-                ex = st["examples"].setdefault(reason, [])
-                if len(ex) < 3:
-                    ex.append(f"piece {n}")
-            else:
-                split = "heldout" if dedup.heldout_bucket(bytes.fromhex(rec["k"])) < cfg.heldout_fraction else "train"
-                writers[split].write(text)
-                st[split]["docs"] += 1
-                st[split]["chars"] += len(text)
-                st["docs_kept"] += 1
-                st["chars_kept"] += len(text)
-            bar.update(1)
-        st["examples"] = {r: st["examples"][r] for r in REASONS if r in st["examples"]}
-        per_file[str(f)] = st
-    bar.close()
+def shard_unit(job) -> dict:
+    """Pass 3 for one unit: its kept pieces into OUT/{train,heldout}/shard-<unit>-<n>.jsonl.gz, and what it dropped."""
+    ordinal, uid, base, piece_base, fp, cfg, out, work = job
+    marker = work.parent / "shards" / f"{uid}.json"
+    done = _read_marker(marker, fp)
+    if done:
+        return done
+    folder = work.parent / "dedup"
+    exact = np.load(folder / "exact.npy", mmap_mode="r")
+    near = np.load(folder / "near.npy", mmap_mode="r") if cfg.dedup == "near" else None
+    writers = {s: ShardWriter(out / s, cfg.shard_docs, f"shard-{ordinal:05d}-") for s in ("train", "heldout")}
+    st = {"dropped": {r: _counts() for r in ("exact_duplicate", "near_duplicate")}, "examples": {},
+          "train": _counts(), "heldout": _counts(), "docs_kept": 0, "chars_kept": 0}
+    cut = dedup.heldout_cut(cfg.heldout_fraction)
+    for n, (line, value, chars) in enumerate(_iter_cleaned(work / f"{uid}.jsonl.gz", work / f"{uid}.meta")):
+        g = base + n
+        if dedup.get_bit(exact, g):
+            reason = "exact_duplicate"
+        elif near is not None and dedup.get_bit(near, g):
+            reason = "near_duplicate"
+        else:
+            reason = None
+        if reason:
+            st["dropped"][reason]["docs"] += 1
+            st["dropped"][reason]["chars"] += chars
+            ex = st["examples"].setdefault(reason, [])
+            if len(ex) < 3:
+                ex.append(f"piece {piece_base + n}")
+        else:
+            split = "heldout" if value < cut else "train"
+            writers[split].write(line)
+            st[split]["docs"] += 1
+            st[split]["chars"] += chars
+            st["docs_kept"] += 1
+            st["chars_kept"] += chars
     for w in writers.values():
         w.close()
-    return per_file, writers
+    result = {"fingerprint": fp, "stats": st, "names": {s: w.names for s, w in writers.items()},
+              "skipped": sum(w.skipped for w in writers.values())}
+    _write_json_atomic(marker, result)
+    return result
+
+
+def _merge_file(units: list[Unit], res1: list[dict], res3: list[dict]) -> dict:
+    """Stats of one input from its units' pass-1 and pass-3 results (examples renumbered to the whole file)."""
+    st = json.loads(json.dumps(res1[0]["stats"]))
+    examples = {r: list(v) for r, v in st["examples"].items()}
+    line_offset = res1[0]["lines"]
+    for r1 in res1[1:]:
+        part = {k: v for k, v in r1["stats"].items() if k not in ("encoding_scores", "dropped_file", "examples")}
+        _add(st, part)
+        for reason, where in r1["stats"]["examples"].items():
+            ex = examples.setdefault(reason, [])
+            for w in where:
+                if len(ex) < 3:
+                    kind, _, num = w.partition(" ")
+                    ex.append(f"{kind} {int(num) + line_offset}")
+        line_offset += r1["lines"]
+    for r3 in res3:
+        _add(st, r3["stats"])
+        for reason, where in r3["stats"]["examples"].items():
+            ex = examples.setdefault(reason, [])
+            ex.extend(where[:3 - len(ex)])
+    st["empty_file"] = st["docs_in"] == 0
+    st["examples"] = {r: examples[r] for r in REASONS if r in examples}
+    return st
+
+
+def _pass3(files, units: list[Unit], results: list[dict], cfg: PrepareConfig, out: Path, work: Path,
+           progress: bool):
+    """Shards of every unit (in parallel), then the per-file stats; returns (per-file stats, shard names, skipped)."""
+    from tqdm import tqdm
+
+    (work.parent / "shards").mkdir(exist_ok=True)
+    _remove_stale_tmp(work.parent / "shards")
+    bases = _bases(results)
+    piece_base, jobs = {}, []
+    for i, (u, r) in enumerate(zip(units, results)):
+        pb = piece_base.get(u.file_index, 0)
+        piece_base[u.file_index] = pb + r["stats"]["pieces_out"]
+        fp = {"unit": r["fingerprint"], "config": cfg.public(), "base": bases[i], "ordinal": i}
+        jobs.append((i, u.uid, bases[i], pb, fp, cfg, out, work))
+    ordered, order = _by_size(units, jobs)
+    bar = tqdm(total=len(jobs), desc="shards", unit="part", disable=not progress or None)
+    res = _run_jobs(shard_unit, ordered, _num_proc(cfg), bar)
+    bar.close()
+    res3: list = [None] * len(units)
+    for k, i in enumerate(order):
+        res3[i] = res[k]
+    per_file: dict[str, dict] = {}
+    by_file: dict[int, list[int]] = {}
+    for i, u in enumerate(units):
+        by_file.setdefault(u.file_index, []).append(i)
+    for fi, f in enumerate(files):
+        idx = by_file[fi]
+        per_file[str(f)] = _merge_file([units[i] for i in idx], [results[i] for i in idx], [res3[i] for i in idx])
+    names = {s: [n for r in res3 for n in r["names"][s]] for s in ("train", "heldout")}
+    return per_file, names, sum(r["skipped"] for r in res3)
 
 
 def _totals(per_file: dict) -> dict:
@@ -471,12 +686,11 @@ def _totals(per_file: dict) -> dict:
     return total
 
 
-def _log_summary(total: dict, per_file: dict, writers: dict, out: Path, log) -> None:
-    skipped = sum(w.skipped for w in writers.values())
+def _log_summary(total: dict, per_file: dict, names: dict, skipped: int, out: Path, log) -> None:
     dropped = {r: v["docs"] for r, v in total["dropped"].items() if v["docs"]}
     log(f"{total['docs_in']:,} documents in, {total['docs_kept']:,} kept ({total['train']['docs']:,} train, "
         f"{total['heldout']['docs']:,} held out), dropped: {dropped or 'none'}; "
-        f"{len(writers['train'].names)} + {len(writers['heldout'].names)} shards in {out}"
+        f"{len(names['train'])} + {len(names['heldout'])} shards in {out}"
         + (f" ({skipped} already finished)" if skipped else ""))
     for name, st in per_file.items():
         if st.get("dropped_file"):
@@ -487,7 +701,7 @@ def _log_summary(total: dict, per_file: dict, writers: dict, out: Path, log) -> 
 
 
 def prepare(inputs, out_dir, cfg: PrepareConfig | None = None, progress: bool = True, log=print) -> dict:
-    """Run both passes into out_dir (a zhllama.runfolder run folder: locked while it runs, result.json and
+    """Run the passes into out_dir (a zhllama.runfolder run folder: locked while it runs, result.json and
     manifest.json when finished); returns the stats written to out_dir/stats.json."""
     from zhllama import runfolder
 
@@ -495,28 +709,37 @@ def prepare(inputs, out_dir, cfg: PrepareConfig | None = None, progress: bool = 
     cfg.validate()
     files = list_inputs(inputs)
     out = Path(out_dir)
-    work = out / ".work" / "files"
+    work = out / ".work" / "units"
     with runfolder.lock(out, log=lambda m: log(m)):
         # a finished run keeps no work folder (1x the corpus): its recorded fingerprint says it is up to date
-        early = {"files": [_fingerprint(f, cfg) for f in files], "config": cfg.public()}
-        if (out / "stats.json").is_file() and runfolder.decide(out, early, "auto", log=lambda m: None,
+        plan = {"files": [_fingerprint(f, cfg) for f in files], "config": cfg.public()}
+        if (out / "stats.json").is_file() and runfolder.decide(out, plan, "auto", log=lambda m: None,
                                                                partial=True) == "up-to-date":
             log(f"{out} is up to date with its inputs and options; nothing to do")
             return json.loads((out / "stats.json").read_text(encoding="utf-8"))
         work.mkdir(parents=True, exist_ok=True)
         for d in (work, out / "train", out / "heldout"):
             _remove_stale_tmp(d)
-        results = _pass1(files, cfg, work, progress)
-        # pass 2 state: if the inputs or options differ from the run that wrote the shards, start over
-        plan = {"files": [results[i]["fingerprint"] for i in range(len(files))], "config": cfg.public()}
-        # up to date or resumable: pass 2 runs again and skips the shards it finished (same bytes)
+        units = plan_units(files)
+        t0 = time.time()
+        results = _pass1(units, cfg, work, progress)
+        took = {"clean": time.time() - t0}
+        # shards state: if the inputs or options differ from the run that wrote the shards, start over
         partial = any((out / d).is_dir() for d in ("train", "heldout")) or (out / "stats.json").is_file()
         if runfolder.decide(out, plan, "auto", log=log, partial=partial) == "start-over":
             for d in ("train", "heldout"):
                 shutil.rmtree(out / d, ignore_errors=True)
+            shutil.rmtree(out / ".work" / "shards", ignore_errors=True)
             (out / "stats.json").unlink(missing_ok=True)
         runfolder.begin(out, {"stage": "corpora.prepare", "config": cfg.public()}, plan)
-        per_file, writers = _pass2(files, results, cfg, out, work, progress)
+        t0 = time.time()
+        _dedup(units, results, cfg, work, progress)
+        took["dedup"] = time.time() - t0
+        t0 = time.time()
+        per_file, names, skipped = _pass3(files, units, results, cfg, out, work, progress)
+        took["shards"] = time.time() - t0
+        for d in ("train", "heldout"):
+            _remove_stale_tmp(out / d)  # again: a worker of a killed run may have been dying when this run began
         total = _totals(per_file)
         stats = {
             "accounting": ("documents are counted as read; a document longer than max_chars is split into pieces "
@@ -524,18 +747,20 @@ def prepare(inputs, out_dir, cfg: PrepareConfig | None = None, progress: bool = 
                            "docs_in - split.docs + split.pieces == docs_kept + sum(dropped.docs); characters: "
                            "chars_in - normalisation.chars_removed == chars_kept + sum(dropped.chars)"),
             "config": cfg.public(),
-            "dedup_library": "datasketch (MinHash + MinHashLSH, character 5-grams)" if cfg.dedup == "near"
-            else "exact (blake2b-128 set)",
-            "shards": {k: w.names for k, w in writers.items()},
+            "dedup_library": ("datasketch MinHash (character 5-grams), LSH bands deduplicated on disk by key range"
+                              if cfg.dedup == "near" else "exact (blake2b-128 keys, deduplicated on disk by key range)"),
+            "shards": names,
             "total": total,
             "files": per_file,
         }
         write_json(out / "stats.json", stats)
         inputs_m = {"raw": [runfolder.input_entry(f) for f in files]}
         runfolder.finish(out, "corpora.prepare", {k: total[k] for k in ("docs_in", "docs_kept", "chars_kept") if k in total}
-                         | {"shards": {k: len(w.names) for k, w in writers.items()}}, inputs_m,
+                         | {"shards": {k: len(v) for k, v in names.items()}}, inputs_m,
                          runfolder.parents_of(files), seed=None, fingerprint=plan)
         # success: the work folder goes; after a failure or kill it stays and the rerun continues from it
         shutil.rmtree(out / ".work", ignore_errors=True)
-        _log_summary(total, per_file, writers, out, log)
+        _log_summary(total, per_file, names, skipped, out, log)
+        log(f"{len(units)} work units, {_num_proc(cfg)} processes; seconds: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in took.items()))
         return stats

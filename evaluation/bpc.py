@@ -77,8 +77,10 @@ def encode(tok, docs: list[str]) -> list[list[int]]:
 
 
 def _split_head(model):
-    """(decoder, LM head) of a plain causal LM, so that only scored positions go through the LM head;
+    """(decoder, LM head's Linear) of a plain causal LM, so that only scored positions go through the LM head;
     None for anything else (full logits are used then)."""
+    from zhllama.losses import effective_linear
+
     cfg = getattr(model, "config", None)
     if getattr(cfg, "final_logit_softcapping", None) or not hasattr(model, "get_decoder"):
         return None
@@ -86,17 +88,19 @@ def _split_head(model):
         dec, head = model.get_decoder(), model.get_output_embeddings()
     except (AttributeError, NotImplementedError):
         return None
-    if dec is None or head is None or getattr(cfg, "logit_scale", None):
+    lin = effective_linear(head) if head is not None else None
+    if dec is None or lin is None or getattr(cfg, "logit_scale", None):
         return None
-    return dec, head
+    return dec, lin
 
 
 def _token_nll(model, inp, mask, pos, rows, cols, targets, chunk: int = 1024):
     """Natural-log NLL of targets at (rows, cols), in float32: the vocabulary-sized logits exist only for
     the scored positions, `chunk` at a time (a [batch, length, vocabulary] tensor is most of the memory
     and time of a small model with a 50k vocabulary)."""
-    import torch
     import torch.nn.functional as F
+
+    from zhllama.losses import chunked_linear_cross_entropy
 
     split = _split_head(model)
     if split is None:
@@ -104,8 +108,7 @@ def _token_nll(model, inp, mask, pos, rows, cols, targets, chunk: int = 1024):
         return F.cross_entropy(logits, targets, reduction="none")
     dec, head = split
     h = dec(input_ids=inp, attention_mask=mask, position_ids=pos).last_hidden_state[rows, cols]
-    return torch.cat([F.cross_entropy(head(h[i:i + chunk]).float(), targets[i:i + chunk], reduction="none")
-                      for i in range(0, len(targets), chunk)])
+    return chunked_linear_cross_entropy(h, head.weight, targets, head.bias, chunk_tokens=chunk, reduction="none")
 
 
 def score_windows(model, ids: list[list[int]], windows, batch_size: int, padding_side: str = "right",

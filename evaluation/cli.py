@@ -24,17 +24,24 @@ examples:
 """
 
 
+def _command(sub, name: str, help: str, description: str, models: str | None = None) -> argparse.ArgumentParser:
+    """One subcommand with the shared examples epilog; models: "one" or "many" --model groups, or None."""
+    x = sub.add_parser(name, help=help, description=description, epilog=_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    if models is not None:
+        add_model_args(x, many=models == "many")
+    return x
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__, epilog=_EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    b = sub.add_parser("bpc", help="bits per character/byte and token perplexity, each model with its own tokenizer",
-                       description="Bits per character/byte and token perplexity of one or more models on the same text. "
-                                   "Every non-blank line is a document, scored after BOS, no EOS; long documents by a "
-                                   "sliding window that scores each token once.", epilog=_EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(b, many=True)
+    b = _command(sub, "bpc", "bits per character/byte and token perplexity, each model with its own tokenizer",
+                 "Bits per character/byte and token perplexity of one or more models on the same text. Every non-blank "
+                 "line is a document, scored after BOS, no EOS; long documents by a sliding window that scores each "
+                 "token once.", models="many")
     b.add_argument("--text", nargs="+", required=True, metavar="PATH",
                    help="files or folders (.txt lines, .jsonl/.json 'text', plain or .gz)")
     b.add_argument("--context", type=int, help="tokens per window (default: the model's max_position_embeddings)")
@@ -46,12 +53,10 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--chart", metavar="PNG", help="also draw bits per character as a bar chart")
     b.add_argument("--no-progress", action="store_true")
 
-    c = sub.add_parser("choice", help="C-Eval / CMMLU multiple choice, the reference evaluator's prompts",
-                       description="Multiple-choice accuracy on C-Eval (DIR/{dev,val,test}/{subject}_{split}.csv) or CMMLU "
-                                   "(DIR/{dev,test}/{subject}.csv), with Chinese-LLaMA-Alpaca's prompt and scoring. "
-                                   "Download the data yourself.", epilog=_EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(c, many=False)
+    c = _command(sub, "choice", "C-Eval / CMMLU multiple choice, the reference evaluator's prompts",
+                 "Multiple-choice accuracy on C-Eval (DIR/{dev,val,test}/{subject}_{split}.csv) or CMMLU "
+                 "(DIR/{dev,test}/{subject}.csv), with Chinese-LLaMA-Alpaca's prompt and scoring. "
+                 "Download the data yourself.", models="one")
     c.add_argument("--data", required=True, metavar="DIR", help="the benchmark folder (holds dev/ and val/ or test/)")
     c.add_argument("--format", choices=["ceval", "cmmlu"], default="ceval")
     c.add_argument("--split", choices=["val", "test"], help="default: val for ceval, test for cmmlu (it has no val)")
@@ -70,11 +75,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--submission", metavar="PATH", help="with --split test: C-Eval submission file (default: OUT with .submission.json)")
     c.add_argument("--no-progress", action="store_true")
 
-    g = sub.add_parser("generate", help="answers of one model to a prompt set (JSONL), for the judge",
-                       description="Answer every prompt (multi-turn rows turn by turn) with the model's own template; "
-                                   "resumable: rows already in OUT are kept.", epilog=_EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(g, many=False)
+    g = _command(sub, "generate", "answers of one model to a prompt set (JSONL), for the judge",
+                 "Answer every prompt (multi-turn rows turn by turn) with the model's own template; "
+                 "resumable: rows already in OUT are kept.", models="one")
     g.add_argument("--prompts", default=None, metavar="FILE.jsonl",
                    help="prompt set (default: the project's Chinese set, 10 task types x 10 prompts)")
     g.add_argument("--preset", default="paper", help="decoding preset of sft generate: paper, paper-1.3, hf, greedy")
@@ -84,10 +87,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, metavar="OUT.jsonl")
     g.add_argument("--no-progress", action="store_true")
 
-    j = sub.add_parser("judge", help="LLM judge through an OpenAI-compatible endpoint: absolute 1-10 or pairwise",
-                       description="Score answers 1-10 (absolute) or compare two answer files pairwise in both orders "
-                                   "(--against). Retries, a cache keyed by (prompt, answer, judge), a per-category table.",
-                       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    j = _command(sub, "judge", "LLM judge through an OpenAI-compatible endpoint: absolute 1-10 or pairwise",
+                 "Score answers 1-10 (absolute) or compare two answer files pairwise in both orders "
+                 "(--against). Retries, a cache keyed by (prompt, answer, judge), a per-category table.")
     j.add_argument("--answers", required=True, metavar="A.jsonl", help="output of evaluation generate (system A)")
     j.add_argument("--against", metavar="B.jsonl", help="system B's answers to the same prompts: pairwise mode")
     j.add_argument("--endpoint", required=True, metavar="URL", help="server base URL, e.g. http://127.0.0.1:8000 (or .../v1)")

@@ -88,7 +88,7 @@ def load(spec: ModelSpec, dtype: str = "float32", device: str = "cpu"):
     else:
         from transformers import AutoTokenizer
 
-        from sft.merge import load_peft_chain
+        from zhllama.models import check_sizes, load_adapter_chain
 
         for p in [spec.path, *spec.adapters]:
             if not Path(p).is_dir():
@@ -100,14 +100,10 @@ def load(spec: ModelSpec, dtype: str = "float32", device: str = "cpu"):
         if not any((tdir / f).is_file() for f in TOKENIZER_FILES):
             raise UserError(f"{tdir}: no tokenizer (tokenizer.json) in the model folder or its adapters")
         tok = AutoTokenizer.from_pretrained(str(tdir))
-        from zhllama.lineage import resolve_chain
-
-        # the adapters' lineage records: order, gaps, duplicates and the base's weights are checked
-        chain = resolve_chain(spec.path, spec.adapters, log=lambda m: print(m, file=sys.stderr))
-        model = load_peft_chain(spec.path, chain.adapters, dtype=getattr(torch, dtype))
-        model = model.merge_and_unload()  # plain forward passes; evaluation never trains
-        from zhllama.models import check_sizes
-
+        # the adapters' lineage records: order, gaps, duplicates and the base's weights are checked; merged, as
+        # evaluation only runs plain forward passes
+        model, _ = load_adapter_chain(spec.path, spec.adapters, dtype=getattr(torch, dtype),
+                                      log=lambda m: print(m, file=sys.stderr), merge=True)
         check_sizes(model, spec.name, len(tok), tdir)
         template = load_name(spec.adapters[-1])
     if tok.bos_token_id is None:

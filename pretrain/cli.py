@@ -1,4 +1,4 @@
-"""python -m pretrain {resize,phase1,phase2,plan,convert-llama2c,init}: a thin argparse layer over the pretrain modules."""
+"""python -m pretrain {resize,cache,phase1,phase2,plan,convert-llama2c,init}: a thin argparse layer over the pretrain modules."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,7 @@ from zhllama.recipe import PhaseConfig, PretrainConfig
 _EPILOG = """examples:
   python -m pretrain convert-llama2c --checkpoint stories260K.bin --tokenizer tok512.model --out runs/x/base
   python -m pretrain resize --model runs/x/base --tokenizer runs/x/vocab --out runs/x/pretrain/resized
+  python -m pretrain cache --recipe tiny --tokenizer runs/x/vocab --corpus data/zh --cache-dir runs/x/pretrain/data_cache
   python -m pretrain phase1 --recipe tiny --model runs/x/pretrain/resized --corpus data/zh --out runs/x/pretrain/phase1
   python -m pretrain phase2 --recipe tiny --model runs/x/pretrain/phase1 --corpus data/zh --out runs/x/pretrain/phase2
   python -m pretrain plan --recipe llama-7b --vocab-size 49953
@@ -49,11 +50,23 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--model", required=True)
     r.add_argument("--tokenizer", required=True, help="extended tokenizer folder (from `python -m vocab build`)")
     r.add_argument("--out", required=True)
-    r.add_argument("--init", default="subword-mean", choices=["subword-mean", "mean", "normal"])
-    r.add_argument("--seed", type=int, default=0, help="for --init normal")
+    r.add_argument("--init", choices=["subword-mean", "mean", "normal"],
+                   help="how new rows start (default: the recipe's pretrain.init with --recipe/--set, else subword-mean)")
+    r.add_argument("--seed", type=int, help="for --init normal (default: the recipe's pretrain.seed with --recipe/--set, else 0)")
+    add_recipe_args(r, [], recipe_help="optional: recipe whose pretrain.init and pretrain.seed apply and whose model: "
+                                       "shape --model must have (without it: --init/--seed or their defaults)")
     for ph in ("phase1", "phase2"):
         _train_args(sub.add_parser(ph, help="phase 1: input embeddings only" if ph == "phase1"
                                    else "phase 2: LoRA + full embed_tokens and lm_head"), ph)
+    ca = sub.add_parser("cache", help="only tokenize and pack the corpus into the phase 1/2 data cache (all cores, "
+                        "resumable; what phase1/phase2 then reuse)")
+    ca.add_argument("--corpus", nargs="+", required=True, metavar="PATH", help="text files or folders (.txt lines, .jsonl 'text')")
+    ca.add_argument("--tokenizer", required=True, help="the extended tokenizer folder phase 1/2 will train with")
+    ca.add_argument("--cache-dir", required=True, help="cache folder (phase1/phase2's default: OUT/../data_cache)")
+    ca.add_argument("--encoding", default="auto", choices=("auto", "utf-8", "gb18030", "big5"),
+                    help="corpus encoding (default: %(default)s)")
+    add_recipe_args(ca, [("pretrain", PretrainConfig)], recipe_help="recipe name under recipes/ or a .yaml path "
+                    "(block_size, eval_ratio, max_eval_blocks shape the cache) (required)")
     pl = sub.add_parser("plan", help="trainable parameters, memory per GPU and tokens per step of a recipe")
     pl.add_argument("--vocab-size", type=int)
     pl.add_argument("--num-gpus", type=int)
@@ -97,22 +110,34 @@ def resolve_training(a, phase: str):
     return recipe, settings
 
 
+def resize_settings(a) -> tuple[str, int]:
+    """(init, seed) of `resize`: flags, over the recipe's pretrain section when --recipe/--config/--set is given (checked
+    against --model's shape before any weight loads), else the defaults resize always had."""
+    if not (a.recipe or a.config or a.sets):
+        return a.init or "subword-mean", 0 if a.seed is None else a.seed
+    from zhllama.cli import resolve_recipe
+
+    p = resolve_recipe(a, a.model).pretrain
+    return a.init or p.init, p.seed if a.seed is None else a.seed
+
+
 @cli_entry
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
     if a.cmd == "resize":
+        init, seed = resize_settings(a)
         from pretrain.embeddings import resize_folder
 
-        s = resize_folder(a.model, a.tokenizer, a.out, init=a.init, seed=a.seed)
+        s = resize_folder(a.model, a.tokenizer, a.out, init=init, seed=seed)
         print(f"resized {a.model}: {s['old_vocab']:,} -> {s['new_vocab']:,} rows ({s['added']:,} new, init {s['init']}"
               f"{', tied' if s['tied'] else ''}) -> {a.out}")
     elif a.cmd in ("phase1", "phase2"):
-        from pretrain.phases import run_phase1, run_phase2
-
         from zhllama.runfolder import lock
 
         with lock(a.out):  # first: a second run into a busy folder fails at once
-            recipe, settings = resolve_training(a, a.cmd)
+            recipe, settings = resolve_training(a, a.cmd)  # before torch is imported: bad input is refused in < 1 s
+            from pretrain.phases import run_phase1, run_phase2
+
             if a.cmd == "phase1":
                 res = run_phase1(a.model, a.corpus, a.out, recipe, settings, resume=a.resume, cache_dir=a.cache_dir,
                                  new_rows_only=recipe.pretrain.phase1.new_rows_only, tokenizer_dir=a.tokenizer,
@@ -124,6 +149,14 @@ def main(argv=None) -> int:
         if res and "eval_loss_after" in res:
             print(f"{a.cmd}: held-out loss {res.get('eval_loss_before', float('nan')):.4f} -> {res['eval_loss_after']:.4f} "
                   f"after {res['global_step']} steps -> {a.out}")
+    elif a.cmd == "cache":
+        from pretrain.data import build_cache
+
+        pre = _recipe_only(a).pretrain
+        info = build_cache(a.corpus, a.tokenizer, pre.block_size, a.cache_dir, eval_ratio=pre.eval_ratio,
+                           max_eval_blocks=pre.max_eval_blocks, encoding=a.encoding, num_proc=pre.num_proc)
+        print(json.dumps({k: info.get(k) for k in ("cache_dir", "reused_cache", "units", "built_units", "num_proc",
+                                                     "build_seconds")}))
     elif a.cmd == "plan":
         from pretrain.plan import format_plan, plan
 

@@ -109,7 +109,16 @@ def _prepare(stage, model_dir, corpus, out_dir, recipe, settings, resume, cache_
     train_ds, eval_ds, data_info = build_datasets(
         corpus, tok_dir, pre.block_size, cache_dir or (out_dir.parent / "data_cache"),
         eval_ratio=pre.eval_ratio, max_eval_blocks=pre.max_eval_blocks, streaming=pre.streaming, encoding=encoding,
+        num_proc=pre.num_proc, seed=settings.seed, shuffle_buffer=pre.shuffle_buffer,
     )
+    if data_info.get("streaming"):
+        print(f"data: streaming {data_info['units']} unit(s), shuffle buffer {data_info['shuffle_buffer']}, "
+              f"{data_info['eval_blocks']} held-out blocks")
+    else:
+        print(f"data: {data_info['train_blocks']:,} blocks ({data_info['train_tokens']:,} tokens), "
+              f"{data_info['eval_blocks']} held-out, {data_info['units']} unit(s) "
+              + ("reused" if data_info["reused_cache"] else f"built ({data_info['built_units']} by this process, "
+                 f"{data_info['num_proc']} worker(s), {data_info['build_seconds']} s)") + f" in {data_info['cache_dir']}")
     inputs["data"] = data_info["key"]
     resolved["data"] = {k: v for k, v in data_info.items() if k != "key"}
     resolved["data"]["chinese"] = chinese

@@ -8,7 +8,6 @@ sampling; greedy = deterministic argmax (tests, reproducible demos).
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -25,9 +24,10 @@ PRESETS = {
 def load(model_dir, base=None, dtype: str = "float32"):
     """(model, tokenizer, template name). An adapter folder is applied on its base (--base or its config)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from sft.template import load_name
+    from zhllama.models import check_sizes, load_adapter_chain, load_model_dir
 
     d = Path(model_dir)
     if not d.is_dir():
@@ -37,25 +37,11 @@ def load(model_dir, base=None, dtype: str = "float32"):
     tok = AutoTokenizer.from_pretrained(str(d))
     td = getattr(torch, dtype)
     if (d / "adapter_config.json").is_file():
-        from sft.merge import load_peft_chain
-
-        from zhllama.lineage import resolve_chain
-
         # the adapter's recorded chain (parents + base), checked by hash; --base must be the recorded weights
-        ch = resolve_chain(base, [d], log=lambda m: print(m, file=sys.stderr))
-        base, chain = ch.base, list(ch.adapters)
-        sc = d / "resolved_config.json"
-        if not ch.verified and sc.is_file() and json.loads(sc.read_text()).get("pretrain_adapter"):
-            chain.insert(0, json.loads(sc.read_text())["pretrain_adapter"])  # adapters from before lineage records
-        model = load_peft_chain(base, chain, dtype=td)
+        model, _ = load_adapter_chain(base, [d], dtype=td, log=lambda m: print(m, file=sys.stderr))
     else:
-        if not (d / "config.json").is_file():
-            raise UserError(f"{d}: not a model folder (no config.json)")
-        model = AutoModelForCausalLM.from_pretrained(str(d), dtype=td)
-    rows = model.get_input_embeddings().weight.shape[0]
-    if rows != len(tok):
-        raise UserError(f"{d}: model has {rows:,} embedding rows but its tokenizer {len(tok):,} pieces "
-                        "(config.vocab_size left unpatched or the wrong tokenizer copied?)")
+        model = load_model_dir(d, dtype=td)
+    check_sizes(model, d, len(tok), d)
     model.eval()
     return model, tok, load_name(d)
 

@@ -338,38 +338,6 @@ def _logits(model, batches):
     return outs
 
 
-def load_peft_chain(base, adapters, dtype=None):
-    """Base + adapters the way peft does it: earlier ones merged by peft, the last one live."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype or torch.float32)
-    for j, ap in enumerate(adapters):
-        ad_vocab = _adapter_vocab(ap)
-        if ad_vocab and ad_vocab != model.get_input_embeddings().weight.shape[0]:
-            # rows are replaced by the adapter's saved matrices right after; init does not matter
-            model.resize_token_embeddings(ad_vocab, mean_resizing=False)
-        model = PeftModel.from_pretrained(model, str(ap))
-        if j < len(adapters) - 1:
-            model = model.merge_and_unload()
-    model.eval()
-    return model
-
-
-def _adapter_vocab(ap) -> int | None:
-    from safetensors import safe_open
-
-    p = Path(ap) / "adapter_model.safetensors"
-    if not p.is_file():
-        return None
-    with safe_open(str(p), framework="pt") as f:
-        for k in f.keys():
-            if k.endswith("embed_tokens.weight") or k.endswith("lm_head.weight"):
-                return f.get_slice(k).get_shape()[0]
-    return None
-
-
 def verify_merge(base, adapters, merged, dtype: str, atol: float | None = None, template: str | None = None,
                  log=print, chain: dict | None = None) -> dict:
     """Merged vs unmerged logits; merge_verify.json also states which chain (base + adapters, hashes) this was."""
@@ -377,6 +345,7 @@ def verify_merge(base, adapters, merged, dtype: str, atol: float | None = None, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sft.template import load_name
+    from zhllama.models import load_peft_chain
 
     merged = Path(merged)
     tok = AutoTokenizer.from_pretrained(str(merged))

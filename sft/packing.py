@@ -36,11 +36,11 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from zhllama.losses import IGNORE_INDEX, chunked_linear_cross_entropy, effective_linear
+
 ATTN_NAME = "zhllama_varlen"
-IGNORE_INDEX = -100
 BACKENDS = ("flash_attn", "varlen", "flex", "sdpa_loop")
 BACKEND_ENV = "ZHLLAMA_PACKED_ATTENTION"  # force one of BACKENDS (tests, the GPU check); unset = choose_backend
-DEFAULT_LOSS_CHUNK = 1024
 
 
 class PackedCollator:
@@ -93,36 +93,6 @@ def selected_token_loss(outputs, labels, num_items_in_batch=None):
     if num_items_in_batch is None:
         return F.cross_entropy(logits, labels)
     return _per_item(F.cross_entropy(logits, labels, reduction="sum"), num_items_in_batch)
-
-
-def _chunk_ce(hidden, weight, bias, targets, dtype):
-    import torch.nn.functional as F
-
-    logits = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
-    return F.cross_entropy(logits.float(), targets, reduction="sum", ignore_index=IGNORE_INDEX)
-
-
-def chunked_linear_cross_entropy(hidden, weight, targets, bias=None, dtype=None, chunk_tokens: int = DEFAULT_LOSS_CHUNK):
-    """sum_i CE(hidden[i] @ weight.T + bias, targets[i]), `chunk_tokens` rows at a time (fp32 softmax).
-
-    Each chunk runs under non-reentrant activation checkpointing: its logits are freed right after the
-    forward and recomputed in backward, so at most one chunk's logits (and their gradient) exist at a time.
-    The price is one more head matmul over the trained rows. The matmul runs in `dtype` (default: hidden's).
-    """
-    import torch
-    from torch.utils.checkpoint import checkpoint
-
-    dtype = dtype or hidden.dtype
-    n = hidden.shape[0]
-    step = max(1, int(chunk_tokens))
-    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    total = None
-    for s in range(0, n, step):
-        h, t = hidden[s:s + step], targets[s:s + step]
-        part = (checkpoint(_chunk_ce, h, weight, bias, t, dtype, use_reentrant=False) if grad
-                else _chunk_ce(h, weight, bias, t, dtype))
-        total = part if total is None else total + part
-    return total if total is not None else hidden.sum() * 0.0
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -330,21 +300,6 @@ def _computes_in_half(decoder, device_type: str) -> bool:
     return p is not None and str(p.dtype).split(".")[-1] in _HALF
 
 
-def _effective_linear(head):
-    """The nn.Linear an LM-head module applies (through peft's ModulesToSaveWrapper), or None if not that simple."""
-    import torch
-
-    if isinstance(head, torch.nn.Linear):
-        return head
-    mts = getattr(head, "modules_to_save", None)
-    if mts is not None and hasattr(head, "active_adapters"):
-        if getattr(head, "disable_adapters", False) or any(a not in mts for a in head.active_adapters):
-            return _effective_linear(head.original_module)
-        if len(head.active_adapters) == 1:
-            return _effective_linear(mts[head.active_adapters[0]])
-    return None
-
-
 def _sharded(weight) -> bool:
     """ZeRO-3 / FSDP hold a module's full weight only inside its own forward: the loss cannot use it later."""
     return (weight.numel() == 0 or hasattr(weight, "ds_id") or type(weight).__name__ == "DTensor"
@@ -393,7 +348,7 @@ class PackedTraining:
                 return original(hidden, *a, **kw)
             import torch
 
-            lin = _effective_linear(head)
+            lin = effective_linear(head)
             if lin is None or _sharded(lin.weight):
                 return original(hidden, *a, **kw)
             dev = hidden.device.type
@@ -436,7 +391,7 @@ def packed_attention(model, loss_chunk_tokens: int = 0):
     handle = inner.get_decoder().register_forward_pre_hook(state.pre_hook, with_kwargs=True) if not flash else None
     head = inner.get_output_embeddings()
     patched = False
-    if state.chunk_tokens > 0 and not flash and head is not None and _effective_linear(head) is not None:
+    if state.chunk_tokens > 0 and not flash and head is not None and effective_linear(head) is not None:
         previous = head.__dict__.get("forward")
         head.forward = state.head_forward(head, head.forward)
         patched = True

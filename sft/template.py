@@ -170,51 +170,27 @@ class Template:
         return "\n".join(lines) + "\n"
 
 
-REGISTRY: dict[str, Template] = {
-    "chinese-alpaca": Template(
-        name="chinese-alpaca",
-        system=_SYSTEM,
-        user="### Instruction:\n{instruction}\n\n",
-        assistant="### Response: ",
-        source="ymcui/Chinese-LLaMA-Alpaca scripts/training/build_dataset.py PROMPT_TEMPLATE",
-    ),
-    "stanford-alpaca": Template(
-        name="stanford-alpaca",
-        system=_SYSTEM,
-        system_input=_SYSTEM_INPUT,
-        user="### Instruction:\n{instruction}\n\n",
-        user_input="### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n",
-        assistant="### Response:",
-        source="tatsu-lab/stanford_alpaca train.py PROMPT_DICT",
-    ),
-    "alpaca-lora": Template(
-        name="alpaca-lora",
-        system=_SYSTEM,
-        system_input=_SYSTEM_INPUT,
-        user="### Instruction:\n{instruction}\n\n",
-        user_input="### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n",
-        assistant="### Response:\n",
-        source="tloen/alpaca-lora templates/alpaca.json",
-    ),
-    "chinese-llama-2": Template(
-        name="chinese-llama-2",
-        system="You are a helpful assistant. 你是一个乐于助人的助手。",
-        header="[INST] <<SYS>>\n{system}\n<</SYS>>\n\n",
-        user="{instruction}",
-        assistant=" [/INST]",
-        separator="{bos}[INST] ",
-        source="ymcui/Chinese-LLaMA-Alpaca-2 scripts/training/build_dataset.py PROMPT_TEMPLATE, DEFAULT_SYSTEM_PROMPT",
-    ),
-    "chatml": Template(
-        name="chatml",
-        system="You are a helpful assistant.",
-        header="<|im_start|>system\n{system}<|im_end|>\n",
-        user="<|im_start|>user\n{instruction}<|im_end|>\n",
-        assistant="<|im_start|>assistant\n",
-        separator="\n",
-        source="ChatML (OpenAI), as used by Qwen and LLaMA-Factory's chatml template; EOS ends assistant turns",
-    ),
+_ALPACA = {"system": _SYSTEM, "user": "### Instruction:\n{instruction}\n\n"}
+_ALPACA_INPUT = {**_ALPACA, "system_input": _SYSTEM_INPUT,
+                 "user_input": "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n"}
+_LLAMA2_SYSTEM = "You are a helpful assistant. 你是一个乐于助人的助手。"
+
+# name: (the fields that differ from Template's defaults, source)
+_TABLE = {
+    "chinese-alpaca": ({**_ALPACA, "assistant": "### Response: "},
+                       "ymcui/Chinese-LLaMA-Alpaca scripts/training/build_dataset.py PROMPT_TEMPLATE"),
+    "stanford-alpaca": ({**_ALPACA_INPUT, "assistant": "### Response:"}, "tatsu-lab/stanford_alpaca train.py PROMPT_DICT"),
+    "alpaca-lora": ({**_ALPACA_INPUT, "assistant": "### Response:\n"}, "tloen/alpaca-lora templates/alpaca.json"),
+    "chinese-llama-2": (
+        {"system": _LLAMA2_SYSTEM, "header": "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n", "user": "{instruction}",
+         "assistant": " [/INST]", "separator": "{bos}[INST] "},
+        "ymcui/Chinese-LLaMA-Alpaca-2 scripts/training/build_dataset.py PROMPT_TEMPLATE, DEFAULT_SYSTEM_PROMPT"),
+    "chatml": (
+        {"system": "You are a helpful assistant.", "header": "<|im_start|>system\n{system}<|im_end|>\n",
+         "user": "<|im_start|>user\n{instruction}<|im_end|>\n", "assistant": "<|im_start|>assistant\n", "separator": "\n"},
+        "ChatML (OpenAI), as used by Qwen and LLaMA-Factory's chatml template; EOS ends assistant turns"),
 }
+REGISTRY: dict[str, Template] = {name: Template(name=name, source=src, **fields) for name, (fields, src) in _TABLE.items()}
 
 
 def get(name: str | None) -> Template:

@@ -63,16 +63,13 @@ def load_base(model_dir, adapter=None, log=print, dtype=None):
     from zhllama.models import load_model_dir
 
     if adapter:
-        from sft.merge import load_adapter, load_peft_chain
-
-        from zhllama.lineage import resolve_chain
+        from sft.merge import load_adapter
+        from zhllama.models import load_adapter_chain
 
         ad = load_adapter(adapter)  # validates the adapter and its tokenizer before loading 7B weights
         # the pretrain adapter must have been trained on exactly --model's weights (and its own parents come along)
-        chain = resolve_chain(model_dir, [adapter], log=log)
         log(f"loading {model_dir} + pretrain adapter {adapter} (merged in memory)")
-        model = load_peft_chain(model_dir, chain.adapters, dtype=dtype)
-        model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        model, _ = load_adapter_chain(model_dir, [adapter], dtype=dtype, log=log, merge=True)
         tok_src = adapter if ad.tokenizer_len is not None else model_dir
         return model, Path(tok_src)
     return load_model_dir(model_dir, **({"dtype": dtype} if dtype is not None else {})), Path(model_dir)

@@ -60,6 +60,46 @@ def test_every_bad_value_reported_at_once_before_weights_load(llama7b_config, da
     assert not any((tmp_path / "o").iterdir())  # locked first (so a second run fails at once), nothing written
 
 
+def test_checks_before_weights_load_never_import_torch(llama7b_config, data_file, tmp_path):
+    """The checks take a fraction of a second because neither the CLI modules nor the checks import torch or
+    transformers (their import alone takes ~5 s on a small machine)."""
+    code = f"""
+import sys
+import {', '.join(ENTRY_MODULES)}
+from sft.cli import main
+rc = main(["train", "--model", {str(llama7b_config)!r}, "--data", {str(data_file)!r}, "--out", {str(tmp_path / 'o')!r},
+           "--set", "sft.lora_dropout=1.5", "--set", "sft.lora_targets=[qproj]"])
+print(rc, sorted(m for m in ("torch", "transformers", "peft") if m in sys.modules))
+"""
+    r = subprocess.run([sys.executable, "-c", code], env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.stdout.split("\n")[0] == "2 []", r.stdout + r.stderr
+    assert "error: sft.lora_targets: 'qproj' is not a module" in r.stderr
+
+
+ENTRY_MODULES = ("sft.cli", "pretrain.cli", "evaluation.cli", "deploy.cli", "corpora.cli")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+def test_known_module_names_equal_the_meta_built_ones(tmp_path, model_type):
+    from transformers import AutoConfig
+
+    from zhllama.cli import KNOWN_MODULES, built_module_names, module_names
+
+    AutoConfig.for_model(model_type, vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2).save_pretrained(str(tmp_path))
+    assert module_names(tmp_path) == set(KNOWN_MODULES[model_type]) == built_module_names(tmp_path)
+
+
+def test_unknown_model_types_are_built_on_the_meta_device(tmp_path):
+    from transformers import GPT2Config
+
+    from zhllama.cli import module_names
+
+    GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=300).save_pretrained(str(tmp_path))
+    names = module_names(tmp_path)
+    assert {"c_attn", "c_proj", "wte", "lm_head"} <= names and "q_proj" not in names
+
+
 def test_training_without_recipe_picks_the_matching_one_or_refuses(llama7b_config, tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("你好\n", encoding="utf-8")
@@ -96,10 +136,10 @@ def test_one_set_syntax_with_typed_values():
     with pytest.raises(UserError) as e:
         resolve_recipe(a)
     assert str(e.value).splitlines() == [
-        "--set learning_rate: name the section (model, vocab, pretrain, sft) and the field, e.g. --set sft.learning_rate=...",
+        "--set learning_rate: name the section (model, vocab, pretrain, sft, corpora) and the field, e.g. --set sft.learning_rate=...",
         "--set.sft.lora_r: 'two' is not a whole number",
         "--set.pretrain: unknown setting 'phase9'; known: block_size, precision, gradient_checkpointing, zero_stage, "
-        "init, eval_ratio, max_eval_blocks, seed, streaming, num_gpus, phase1, phase2",
+        "init, eval_ratio, max_eval_blocks, seed, streaming, shuffle_buffer, num_proc, num_gpus, phase1, phase2",
         "sft.precision: 'fp8' is not one of fp32, fp16, bf16",
     ]
 

@@ -135,10 +135,10 @@ def test_prepare_keeps_every_good_document_once_and_counts_each_fault(faulty):
 def test_prepare_rerun_after_kill_9_is_byte_identical(faulty):
     root, _, ref_out, _ = faulty
     ref = tree_bytes(ref_out)
-    for stage, marker in (("pass 1", lambda o: any((o / ".work" / "files").glob("*.stats.json"))),
+    for stage, marker in (("pass 1", lambda o: any((o / ".work" / "units").glob("*.stats.json"))),
                           ("pass 2", lambda o: any((o / "train").glob("shard-*.jsonl.gz")))):
         out = root / f"killed-{stage[-1]}"
-        p = subprocess.Popen(_cli(root / "in", out, "--workers", "2"), cwd=ROOT, start_new_session=True,
+        p = subprocess.Popen(_cli(root / "in", out, "--num-proc", "2"), cwd=ROOT, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 60
         while time.time() < deadline and p.poll() is None and not (out.exists() and marker(out)):
@@ -146,7 +146,7 @@ def test_prepare_rerun_after_kill_9_is_byte_identical(faulty):
         os.killpg(p.pid, signal.SIGKILL)  # the main process and its workers, like kill -9 of the job
         p.wait()
         assert not (out / "stats.json").exists(), f"the run finished before the kill in {stage}"
-        r = subprocess.run(_cli(root / "in", out, "--workers", "2"), cwd=ROOT, capture_output=True, text=True,
+        r = subprocess.run(_cli(root / "in", out, "--num-proc", "2"), cwd=ROOT, capture_output=True, text=True,
                            timeout=120)
         assert r.returncode == 0, r.stderr
         assert tree_bytes(out) == ref, stage
@@ -165,18 +165,49 @@ def test_prepare_output_streams_with_datasets(faulty):
     assert [r["text"] for r in ds["heldout"]] == read_split(out, "heldout")
 
 
+def test_same_shards_for_any_num_proc_work_units_and_key_ranges(tmp_path, monkeypatch):
+    """A big .txt cut into many line-aligned units, keys in many runs and ranges: N=1 and N=2 write the same
+    bytes, and the documents and per-file stats are those of the one-unit, one-range run."""
+    from corpora import prepare as prep
+
+    base = _unique(make_chinese_lines(800, 61))
+    docs = ["".join(base[i:i + 4]) for i in range(0, 800, 4)]
+    near = [d[:-2] + "嗯。" for d in docs[:20]]
+    body = docs + ["太短"] + docs[:30] + near + [docs[5]]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "big.txt").write_text("\n".join(body) + "\n", encoding="utf-8")
+    (tmp_path / "in" / "z.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
+                                                     for t in docs[100:110] + base[:40]), encoding="utf-8")
+    opts = dict(dedup="near", heldout_fraction=0.2, shard_docs=70, min_chars=5)
+    ref = prepare([tmp_path / "in"], tmp_path / "ref", PrepareConfig(**opts, num_proc=1), progress=False, log=lambda m: None)
+    monkeypatch.setattr(prep, "UNIT_BYTES", 4096)
+    monkeypatch.setattr(dedup, "KEY_RUN", 100)
+    monkeypatch.setattr(dedup, "GROUP_ROWS", 300)
+    got = {n: prepare([tmp_path / "in"], tmp_path / f"n{n}", PrepareConfig(**opts, num_proc=n), progress=False,
+                      log=lambda m: None) for n in (1, 2)}
+    assert tree_bytes(tmp_path / "n1") == tree_bytes(tmp_path / "n2")
+    assert len({name.split("-")[1] for name in got[1]["shards"]["train"]}) > 10  # shards of many units
+    for split in ("train", "heldout"):
+        assert read_split(tmp_path / "n1", split) == read_split(tmp_path / "ref", split)
+    assert got[1]["files"] == ref["files"] and got[1]["total"] == ref["total"]
+    big = ref["files"][str(tmp_path / "in" / "big.txt")]
+    assert big["dropped"]["exact_duplicate"]["docs"] == 31 and big["dropped"]["near_duplicate"]["docs"] == 20
+    assert big["examples"]["too_short"] == [f"line {len(docs) + 1}"]
+    assert ref["files"][str(tmp_path / "in" / "z.jsonl")]["dropped"]["exact_duplicate"]["docs"] == 10
+
+
 def test_changed_options_restart_pass_two(tmp_path):
     inp = tmp_path / "a.txt"
     lines = _unique(make_chinese_lines(120, 21))
     inp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    prepare([inp], tmp_path / "o", PrepareConfig(shard_docs=50, heldout_fraction=0.0, workers=1), progress=False, log=lambda m: None)
+    prepare([inp], tmp_path / "o", PrepareConfig(shard_docs=50, heldout_fraction=0.0, num_proc=1), progress=False, log=lambda m: None)
     assert len(read_split(tmp_path / "o", "train")) == len(lines)
-    prepare([inp], tmp_path / "o", PrepareConfig(shard_docs=1000, heldout_fraction=0.5, workers=1), progress=False, log=lambda m: None)
+    prepare([inp], tmp_path / "o", PrepareConfig(shard_docs=1000, heldout_fraction=0.5, num_proc=1), progress=False, log=lambda m: None)
     train, held = read_split(tmp_path / "o", "train"), read_split(tmp_path / "o", "heldout")
     assert sorted(train + held) == sorted(lines) and len(list((tmp_path / "o" / "train").iterdir())) == 1
     # the held-out choice depends on the document only: the same documents in another order split the same
     inp.write_text("\n".join(reversed(lines)) + "\n", encoding="utf-8")
-    prepare([inp], tmp_path / "r", PrepareConfig(heldout_fraction=0.5, workers=1), progress=False, log=lambda m: None)
+    prepare([inp], tmp_path / "r", PrepareConfig(heldout_fraction=0.5, num_proc=1), progress=False, log=lambda m: None)
     assert set(read_split(tmp_path / "r", "heldout")) == set(held) and 0 < len(held) < len(lines)
 
 
@@ -194,7 +225,7 @@ def test_formats_jsonl_json_parquet_gzip_and_bad_records(tmp_path):
     pq.write_table(pa.table({"content": c}), tmp_path / "c.parquet")
     with gzip.open(tmp_path / "d.txt.gz", "wt", encoding="utf-8") as f:
         f.write("\n".join(d) + "\n")
-    stats = prepare([tmp_path], tmp_path / "out", PrepareConfig(field="content", heldout_fraction=0.0, workers=2),
+    stats = prepare([tmp_path], tmp_path / "out", PrepareConfig(field="content", heldout_fraction=0.0, num_proc=2),
                     progress=False, log=lambda m: None)
     assert sorted(read_split(tmp_path / "out", "train")) == sorted(set(a + b + c + d))
     files = {Path(k).name: v for k, v in stats["files"].items()}
@@ -246,12 +277,20 @@ def test_near_dedup_drops_near_copies_only(tmp_path):
     docs = ["".join(base[i:i + 4]) for i in range(0, 60, 4)]  # 15 long-ish distinct documents
     near = [d[:-2] + "嗯。" for d in docs[:5]]                  # the same text with its last 2 characters changed
     (tmp_path / "a.txt").write_text("\n".join(docs + near) + "\n", encoding="utf-8")
-    cfg = PrepareConfig(dedup="near", heldout_fraction=0.0, workers=1)
+    cfg = PrepareConfig(dedup="near", heldout_fraction=0.0, num_proc=1)
     stats = prepare([tmp_path / "a.txt"], tmp_path / "o", cfg, progress=False, log=lambda m: None)
     assert read_split(tmp_path / "o", "train") == docs
     assert stats["total"]["dropped"]["near_duplicate"]["docs"] == 5
     assert "datasketch" in stats["dedup_library"]
     assert dedup.heldout_bucket(b"x") == dedup.heldout_bucket(b"x")
+
+
+def test_heldout_cut_is_the_integer_form_of_the_fraction():
+    for f in (0.0, 0.01, 0.05, 0.5, 0.999):
+        c = dedup.heldout_cut(f)
+        assert all((v / 2**64 < f) == (v < c) for v in (c - 1, c, c + 1) if 0 <= v < 2**64)
+        keys = [dedup.text_key(str(i)) for i in range(2000)]
+        assert [dedup.heldout_bucket(k) < f for k in keys] == [dedup.heldout_value(k) < c for k in keys]
 
 
 # ------------------------------------------------------------------------------------------- instructions

@@ -134,7 +134,7 @@ def test_generate_and_sft_train_check_the_chain(run, tmp_path):
     import torch
 
     from sft.generate import load
-    from sft.merge import load_peft_chain
+    from zhllama.models import load_peft_chain
     from sft.train import train
 
     model, tok, _ = load(run["sft"])  # no --base: the recorded base, the recorded parent

@@ -125,6 +125,20 @@ def test_resize_inits_mean_and_normal(setup, tmp_path):
     assert torch.equal(n.model.embed_tokens.weight[:o], a.model.embed_tokens.weight)
 
 
+def test_resize_takes_init_and_seed_from_the_recipe(setup, tmp_path, capsys):
+    common = ("--model", setup["base"], "--tokenizer", setup["tok"])
+    assert _cli("resize", *common, "--out", tmp_path / "r", "--recipe", "tiny", "--set", "model.check=false",
+                "--set", "pretrain.init=normal", "--set", "pretrain.seed=7") == 0
+    assert _cli("resize", *common, "--out", tmp_path / "f", "--init", "normal", "--seed", "7") == 0
+    assert _cli("resize", *common, "--out", tmp_path / "d", "--init", "normal") == 0  # seed 0 without a recipe
+    r, f, d = (_load(tmp_path / x).model.embed_tokens.weight for x in "rfd")
+    assert torch.equal(r, f) and not torch.equal(r, d)
+    err = _err(capsys, "resize", *common, "--out", tmp_path / "x", "--recipe", "tiny", "--set", "model.check=false",
+               "--set", "pretrain.init=zeros")
+    assert err == "error: pretrain.init: 'zeros' is not one of subword-mean, mean, normal"
+    assert not (tmp_path / "x").exists()
+
+
 def _err(capsys, *args) -> str:
     capsys.readouterr()
     assert _cli(*args) == 2

@@ -57,7 +57,7 @@ def test_prepare_drops_the_binary_file_by_name(corpora, tmp_path):
     from corpora.prepare import PrepareConfig, prepare
 
     out = tmp_path / "out"
-    stats = prepare([corpora["junk"]], out, PrepareConfig(heldout_fraction=0.0, workers=1), progress=False,
+    stats = prepare([corpora["junk"]], out, PrepareConfig(heldout_fraction=0.0, num_proc=1), progress=False,
                     log=lambda m: None)
     names = sorted(p.rsplit("/", 1)[-1] for p in stats["total"]["dropped_files"]["binary"])
     assert names == ["elf.txt", "model.txt"]

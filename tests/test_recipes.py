@@ -92,7 +92,7 @@ SHAPE = ["--set", "model.hidden_size=32", "--set", "model.intermediate_size=64",
 STEPS = ["--max-steps", "3", "--batch-size", "4", "--per-device-batch-size", "4", "--logging-steps", "1",
          "--save-steps", "100", "--eval-steps", "100"]
 # first logged training loss of each stage on this machine's CPU kernels (fp32, fixed seeds)
-PINNED = {"pretrain/phase1": 6.9813, "pretrain/phase2": 6.6644, "sft/adapter": 7.0379}
+PINNED = {"pretrain/phase1": 7.0174, "pretrain/phase2": 6.7279, "sft/adapter": 7.0592}
 
 
 def _lineage(folder: Path) -> tuple[list[str], list[dict]]:
@@ -130,7 +130,7 @@ def test_tiny_recipe_through_every_stage(tmp_path, tiny_base, zh_corpus):
 
     run = tmp_path / "run"
     a = lambda *x: [str(v) for v in x]  # noqa: E731
-    assert corpora_main(a("prepare", "--input", zh_corpus, "--out", run / "corpus", "--workers", "1")) == 0
+    assert corpora_main(a("prepare", "--input", zh_corpus, "--out", run / "corpus", "--num-proc", "1")) == 0
     assert vocab(a("build", "--recipe", "tiny", "--base", tiny_base, "--corpus", run / "corpus" / "train",
                    "--out", run / "vocab", "--num-added", "500", "--character-coverage", "0.7")) == 0
     assert pretrain(a("init", "--recipe", "tiny", *SHAPE, "--tokenizer", tiny_base, "--out", run / "pretrain/base")) == 0

@@ -7,8 +7,8 @@ import torch
 from sft.config import ALL_PROJ
 from sft.data import IGNORE_INDEX, Collator
 from sft.lora_dropout import FastDropout, use_fast_dropout
-from sft.packing import (BACKEND_ENV, PackedCollator, chunked_linear_cross_entropy, choose_backend, packed_attention,
-                         selected_token_loss)
+from sft.packing import BACKEND_ENV, PackedCollator, choose_backend, packed_attention, selected_token_loss
+from zhllama.losses import chunked_linear_cross_entropy
 
 # three examples of different lengths; -100 over each prompt, like ExampleEncoder's output
 EXAMPLES = [
@@ -133,6 +133,14 @@ def test_chunked_linear_cross_entropy_equals_full_and_never_keeps_full_logits():
     ref16 = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h.bfloat16(), w.bfloat16(), b.bfloat16()).float(),
                                               t, reduction="sum", ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(got16, ref16, atol=1e-3, rtol=1e-4)
+    # reduction none (evaluation's per-token NLL): one fp32 value per row, 0 on ignored rows, chunks in order
+    with torch.no_grad():
+        rows_nll = chunked_linear_cross_entropy(h, w, t, b, chunk_tokens=chunk, reduction="none")
+        ref_rows = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w, b), t, reduction="none",
+                                                     ignore_index=IGNORE_INDEX)
+    assert rows_nll.shape == (rows,) and rows_nll.dtype == torch.float32
+    torch.testing.assert_close(rows_nll, ref_rows)
+    torch.testing.assert_close(rows_nll.sum(), got.detach())
 
 
 def _dense_varlen(q, k, v, cu_q, max_q, scale=None):
@@ -255,35 +263,33 @@ def test_varlen_path_under_bf16_autocast_with_fp32_trained_embeddings(monkeypatc
         assert rel < 5e-2, (k, float(rel))
 
 
+def _forward_padded_and_packed(model):
+    """No-grad forward of EXAMPLES padded and packed (loss chunks of 4 tokens): (padded loss, packed loss, the packed
+    forward's output, the packed attention backend)."""
+    with torch.no_grad():
+        ref = model(**Collator(pad_id=0)(EXAMPLES)).loss
+        with packed_attention(model, loss_chunk_tokens=4) as packed:
+            batch = PackedCollator()(EXAMPLES)
+            labels = batch.pop("labels")
+            out = model(**batch)
+            return ref, packed.loss(out, labels), out, packed.backend
+
+
 def test_flex_attention_forward_equals_padded(monkeypatch):
     """FlexAttention with the per-batch document BlockMask. CPU has its forward only (no backward in torch 2.13):
     forward loss here; the GPU script checks its gradients."""
     monkeypatch.setenv(BACKEND_ENV, "flex")
-    model = _lora_model(gqa=True).eval()
-    padded = Collator(pad_id=0)(EXAMPLES)
-    with torch.no_grad():
-        ref_loss = model(**padded).loss
-        with packed_attention(model, loss_chunk_tokens=4) as packed:
-            batch = PackedCollator()(EXAMPLES)
-            labels = batch.pop("labels")
-            loss = packed.loss(model(**batch), labels)
-            assert packed.backend == "flex"
+    ref_loss, loss, _, backend = _forward_padded_and_packed(_lora_model(gqa=True).eval())
+    assert backend == "flex"
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
 
 
 def test_sharded_head_keeps_the_models_own_logits(monkeypatch):
     """Under FSDP / ZeRO-3 the head's full weight exists only inside its forward: no deferred chunked loss then."""
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    model = _lora_model(gqa=False)
-    padded = Collator(pad_id=0)(EXAMPLES)
-    with torch.no_grad():
-        ref = model(**padded).loss
-        with packed_attention(model, loss_chunk_tokens=4) as packed:
-            batch = PackedCollator()(EXAMPLES)
-            labels = batch.pop("labels")
-            out = model(**batch)
-            assert out.logits.shape == (1, 9, 40)  # the 9 kept positions' full-vocabulary logits
-            torch.testing.assert_close(packed.loss(out, labels), ref, atol=1e-5, rtol=1e-5)
+    ref, loss, out, _ = _forward_padded_and_packed(_lora_model(gqa=False))
+    assert out.logits.shape == (1, 9, 40)  # the 9 kept positions' full-vocabulary logits
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_choose_backend(monkeypatch):

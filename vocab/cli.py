@@ -5,13 +5,13 @@ import argparse
 import json
 from pathlib import Path
 
-from vocab.train import MODEL_TYPES, TrainConfig
+from vocab.train import TrainConfig
 from zhllama.cli import add_recipe_args
 from zhllama.errors import UserError, cli_entry
 from zhllama.recipe import Recipe, VocabConfig
 
 _EPILOG = """examples:
-  python -m vocab build --base llama/tokenizer.model --corpus data/zh --out runs/x/vocab
+  python -m vocab build --base llama/tokenizer.model --corpus data/zh --out runs/x/vocab --num-proc 0
   python -m vocab merge --base llama/tokenizer.model --add chinese_sp.model --out tok --reference --pad
   python -m vocab report --tokenizer runs/x/vocab --base llama/tokenizer.model --text heldout/*.txt \\
       --compare reference=chinese_llama_tokenizer/
@@ -19,41 +19,30 @@ _EPILOG = """examples:
 
 
 def _add_train_args(p: argparse.ArgumentParser, default_type: str) -> None:
-    d = TrainConfig()
+    """--corpus, --allow-fewer, and the vocab: section of a recipe (--recipe/--config/--set and one flag per field)."""
     p.add_argument("--corpus", nargs="+", required=True, metavar="PATH", help="text files or folders of .txt/.jsonl (field 'text')")
-    p.add_argument("--model-type", default=default_type, choices=MODEL_TYPES,
-                   help="extend: continued BPE over the base's own segmentation (no dead pieces, needs --base); "
-                        "bpe/unigram: a standalone SentencePiece model like the reference (default: %(default)s)")
-    p.add_argument("--vocab-size", type=int, default=d.vocab_size, help="bpe/unigram: Chinese model size (default: %(default)s)")
-    p.add_argument("--num-added", type=int, default=d.num_added,
-                   help="extend: pieces to append to the base; 32,000 + 17,953 = 49,953 like the reference (default: %(default)s)")
-    p.add_argument("--character-coverage", type=float, default=d.character_coverage, help="default: %(default)s")
-    p.add_argument("--max-chars", type=int, default=d.max_chars, help="sample larger corpora down to about this many characters")
-    p.add_argument("--word-aware", action="store_true", help="use jieba word boundaries: no piece spans two words")
-    p.add_argument("--max-piece-chars", type=int, default=d.max_piece_chars,
-                   help="extend: longest appended piece in characters, a leading '▁' not counted; 0 = no cap "
-                        "(default: %(default)s, chosen on held-out text, see README)")
-    p.add_argument("--max-piece-bytes", type=int, default=d.max_piece_bytes,
-                   help="extend: longest appended piece in UTF-8 bytes; 32 keeps every piece decodable by "
-                        "llama-cpp-python, whose detokenizer drops longer ones; 0 = no cap (default: %(default)s)")
-    p.add_argument("--encoding", default="auto", choices=("auto", "utf-8", "gb18030", "big5"),
-                   help="corpus encoding; auto: UTF-8, else GB18030/Big5 detected per file like `corpora prepare` "
-                        "(binary files are dropped and reported) (default: %(default)s)")
     p.add_argument("--allow-fewer", action="store_true",
                    help="extend: accept a vocabulary with far fewer pieces than --num-added (a corpus with little "
                         "Chinese is an error otherwise)")
+    add_recipe_args(p, [("vocab", VocabConfig)],
+                    recipe_help="recipe whose vocab: section to use (name under recipes/ or a .yaml path; default: "
+                                f"the built-in defaults, which are the paper's, with --model-type {default_type})")
 
 
-def _train_cfg(a) -> TrainConfig:
-    if a.vocab_size < 100:
-        raise UserError(f"--vocab-size {a.vocab_size} is too small; the Chinese model needs thousands of pieces")
-    if not 0 < a.character_coverage <= 1:
-        raise UserError("--character-coverage must be in (0, 1]")
-    return TrainConfig(
-        model_type=a.model_type, vocab_size=a.vocab_size, num_added=a.num_added, character_coverage=a.character_coverage,
-        max_chars=a.max_chars, word_aware=a.word_aware, encoding=a.encoding,
-        max_piece_chars=a.max_piece_chars, max_piece_bytes=a.max_piece_bytes,
-    )
+def _train_cfg(a, default_type: str = "extend") -> tuple[TrainConfig, VocabConfig]:
+    """The recipe's vocab: section (the built-in one with model_type default_type unless --recipe) as a TrainConfig."""
+    from zhllama.cli import resolve_recipe
+
+    default = Recipe()
+    default.vocab.model_type = default_type
+    v = resolve_recipe(a, default=default).vocab
+    cfg = TrainConfig(model_type=v.model_type, vocab_size=v.vocab_size, num_added=v.num_added,
+                      character_coverage=v.character_coverage, max_chars=v.max_chars, word_aware=v.word_aware,
+                      encoding=v.encoding, seed=v.seed, max_piece_chars=v.max_piece_chars,
+                      max_piece_bytes=v.max_piece_bytes, max_spans=v.max_spans, num_proc=v.num_proc)
+    if 0 < cfg.max_piece_bytes < 4:
+        raise UserError(f"--max-piece-bytes {cfg.max_piece_bytes} cannot hold one CJK character (3-4 bytes)")
+    return cfg, v
 
 
 def _parse_compare(items) -> dict:
@@ -83,19 +72,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", action="store_true", help="byte-exact Chinese-LLaMA-Alpaca merge (every new piece scored 0)")
     p.add_argument("--pad", action="store_true", help="append the Alpaca [PAD] piece (49,954 in the reference)")
     p.add_argument("--check-text", nargs="*", metavar="PATH", help="also check HF/sentencepiece parity on these texts")
+    add_recipe_args(p, [], recipe_help="recipe whose vocab.pad to use (name under recipes/ or a .yaml path; "
+                                       "default: the built-in defaults); --pad or --set vocab.pad=true sets it")
 
     p = sub.add_parser("build", help="train + merge + report in one go (what `make vocab` runs)")
-    p.add_argument("--corpus", nargs="+", required=True, metavar="PATH", help="text files or folders of .txt/.jsonl (field 'text')")
     p.add_argument("--base", required=True, help="base tokenizer.model")
     p.add_argument("--out", required=True, help="output tokenizer folder")
     p.add_argument("--report-text", nargs="*", metavar="PATH", help="texts for the report (default: the corpus)")
     p.add_argument("--compare", nargs="*", metavar="NAME=PATH", help="other tokenizers to put in the report")
-    p.add_argument("--allow-fewer", action="store_true",
-                   help="extend: accept a vocabulary with far fewer pieces than --num-added (a corpus with little "
-                        "Chinese is an error otherwise)")
-    add_recipe_args(p, [("vocab", VocabConfig)],
-                    recipe_help="recipe whose vocab: section to use (name under recipes/ or a .yaml path; default: "
-                                "the built-in defaults, which are the paper's)")
+    _add_train_args(p, "extend")
 
     p = sub.add_parser("report", help="compression and soundness report: table, JSON and bar chart")
     p.add_argument("--tokenizer", required=True, help="tokenizer folder or .model")
@@ -113,15 +98,17 @@ def main(argv=None) -> int:
     if a.cmd == "train":
         from vocab.train import train
 
-        stats = train(a.corpus, a.out, _train_cfg(a), base_path=a.base, allow_fewer=a.allow_fewer)
+        stats = train(a.corpus, a.out, _train_cfg(a, "bpe")[0], base_path=a.base, allow_fewer=a.allow_fewer)
         print(json.dumps(stats, ensure_ascii=False, indent=2))
         print(f"wrote {Path(a.out) / 'chinese_sp.model'}")
     elif a.cmd == "merge":
         from corpora.reader import iter_corpus
         from vocab.build import merge_to_folder
+        from zhllama.cli import resolve_recipe
 
+        pad = a.pad or resolve_recipe(a, default=Recipe()).vocab.pad
         check = list(iter_corpus(a.check_text)) if a.check_text else None
-        rep = merge_to_folder(a.base, a.add, a.out, reference=a.reference, pad=a.pad, check_lines=check)
+        rep = merge_to_folder(a.base, a.add, a.out, reference=a.reference, pad=pad, check_lines=check)
         m = rep["merge"]
         print(f"{m['base_pieces']} base + {m['added_pieces']} added ({m['overlapping_pieces']} overlapping) = {m['total_pieces']} pieces")
         print(f"dead pieces: {rep['dead_pieces']['count']}")
@@ -132,15 +119,8 @@ def main(argv=None) -> int:
         print(f"wrote {a.out}")
     elif a.cmd == "build":
         from vocab.build import build
-        from zhllama.cli import resolve_recipe
 
-        v = resolve_recipe(a, default=Recipe()).vocab
-        cfg = TrainConfig(model_type=v.model_type, vocab_size=v.vocab_size, num_added=v.num_added,
-                          character_coverage=v.character_coverage, max_chars=v.max_chars, word_aware=v.word_aware,
-                          encoding=v.encoding, seed=v.seed, max_piece_chars=v.max_piece_chars,
-                          max_piece_bytes=v.max_piece_bytes)
-        if 0 < cfg.max_piece_bytes < 4:
-            raise UserError(f"--max-piece-bytes {cfg.max_piece_bytes} cannot hold one CJK character (3-4 bytes)")
+        cfg, v = _train_cfg(a, "extend")
         build(a.base, a.corpus, a.out, cfg, pad=v.pad, report_text=a.report_text, compare=_parse_compare(a.compare),
               allow_fewer=a.allow_fewer)
         print(f"wrote {a.out}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from itertools import chain
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -59,6 +60,7 @@ class ExtendConfig:
     word_aware: bool = False  # jieba: never merge across word boundaries
     digits: bool = True  # merge digits adjacent to CJK into CJK-containing pieces
     space_prefix: bool = True  # a run after a space or at line start begins with "▁", as sentencepiece sees it
+    max_spans: int = 0  # keep at most this many distinct spans (vocab.spans.prune); 0 = no limit
 
 
 @dataclass
@@ -69,8 +71,11 @@ class ExtendResult:
     stats: dict = field(default_factory=dict)
 
 
-def collect_spans(texts: Iterable[str], word_aware: bool = False, digits: bool = True, space_prefix: bool = True) -> Counter:
+def collect_spans(texts: Iterable[str], word_aware: bool = False, digits: bool = True, space_prefix: bool = True,
+                  max_spans: int = 0) -> Counter:
     """Count the maximal CJK runs of the corpus; merges never cross their edges.
+
+    max_spans > 0: the counter is pruned (vocab.spans.prune) whenever it holds more than 2 x max_spans spans.
 
     With space_prefix, a run at the start of a line or after a space keeps the "▁" that
     sentencepiece puts there (dummy prefix / escaped space), so pieces like "▁中国" can be learned;
@@ -82,7 +87,12 @@ def collect_spans(texts: Iterable[str], word_aware: bool = False, digits: bool =
         import jieba
 
         jieba.setLogLevel(60)
+    limit = 2 * max_spans
     for text in texts:
+        if limit and len(spans) > limit:
+            from vocab.spans import prune
+
+            spans = prune(spans, max_spans)
         for m in pattern.finditer(text):
             run = m.group()
             prefix = "▁" if space_prefix and (m.start() == 0 or text[m.start() - 1] == " ") else ""
@@ -116,35 +126,68 @@ def _choose_new_chars(spans: Counter, base_vocab: set[str], cfg: ExtendConfig) -
 
 
 class _Segmentation:
-    """The current extended tokenizer's segmentation of every distinct span, as flat id arrays."""
+    """The current extended tokenizer's segmentation of every distinct span: one flat int32 array of ids and one of
+    the span each id belongs to (8 bytes per token instead of a Python list per span). A span's ids are contiguous;
+    a re-encoded span moves to the end, which changes no count (pair counts are sums over spans)."""
+
+    BATCH = 1 << 16  # spans encoded at a time: sentencepiece's Python lists live only for one batch
 
     def __init__(self, spans: list[str], weights: np.ndarray):
         self.spans = spans
         self.weights = weights
-        self.enc: list[list[int]] = []
+        self.ids = np.zeros(0, dtype=np.int32)
+        self.owner = np.zeros(0, dtype=np.int32)
+
+    def _encode(self, sp, idx: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        ids, owner = [np.zeros(0, dtype=np.int32)], [np.zeros(0, dtype=np.int32)]
+        for k in range(0, len(idx), self.BATCH):
+            part = idx[k:k + self.BATCH]
+            enc = sp.encode([self.spans[i] for i in part], num_threads=0)
+            lens = np.fromiter(map(len, enc), dtype=np.int64, count=len(enc))
+            ids.append(np.fromiter(chain.from_iterable(enc), dtype=np.int32, count=int(lens.sum())))
+            owner.append(np.repeat(np.asarray(part, dtype=np.int32), lens))
+        return np.concatenate(ids), np.concatenate(owner)
 
     def encode_all(self, sp) -> None:
-        self.enc = sp.encode(self.spans, num_threads=0)
+        self.ids, self.owner = self._encode(sp, list(range(len(self.spans))))
 
     def reencode(self, sp, idx: np.ndarray) -> None:
         if idx.size == 0:
             return
-        new = sp.encode([self.spans[i] for i in idx.tolist()], num_threads=0)
-        for i, e in zip(idx.tolist(), new):
-            self.enc[i] = e
+        touched = np.zeros(len(self.spans), dtype=bool)
+        touched[idx] = True
+        keep = ~touched[self.owner]
+        new_ids, new_owner = self._encode(sp, idx.tolist())
+        self.ids = np.concatenate([self.ids[keep], new_ids])
+        self.owner = np.concatenate([self.owner[keep], new_owner])
 
-    def pairs(self):
-        lens = np.fromiter((len(e) for e in self.enc), dtype=np.int64, count=len(self.enc))
-        flat = np.fromiter((t for e in self.enc for t in e), dtype=np.int64, count=int(lens.sum()))
-        owner = np.repeat(np.arange(len(self.enc)), lens)
-        same = owner[1:] == owner[:-1]
-        left, right, own = flat[:-1][same], flat[1:][same], owner[1:][same]
-        return left, right, own, int(lens.sum())
+    def tokens(self) -> int:
+        return int(self.weights[self.owner].sum())
+
+    def pair_keys(self, V: np.int64, skip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every adjacent pair inside a span as left * V + right (pairs touching a `skip` id left out), and its span.
+        Built with few temporaries: these per-token arrays are the largest memory of training."""
+        a, b = self.ids[:-1], self.ids[1:]
+        ok = self.owner[1:] == self.owner[:-1]
+        ok &= ~skip[a]
+        ok &= ~skip[b]
+        keys = a[ok].astype(np.int64)
+        keys *= V
+        keys += b[ok]
+        return keys, self.owner[1:][ok]
 
 
-def extend_vocabulary(base: "ModelProto", texts: Iterable[str], cfg: ExtendConfig, progress=None) -> ExtendResult:
+def extend_vocabulary(base: "ModelProto", texts: Iterable[str] | None, cfg: ExtendConfig, progress=None,
+                      spans: Counter | None = None) -> ExtendResult:
+    """spans: counts already made (vocab.spans.count_spans) instead of texts; it is consumed (emptied)."""
     base_vocab = {p.piece for p in base.pieces if p.type == NORMAL}
-    spans_counter = collect_spans(texts, cfg.word_aware, cfg.digits, cfg.space_prefix)
+    if spans is None:
+        spans = collect_spans(texts, cfg.word_aware, cfg.digits, cfg.space_prefix, max_spans=cfg.max_spans)
+    if cfg.max_spans:
+        from vocab.spans import prune
+
+        spans = prune(spans, cfg.max_spans)
+    spans_counter = spans
     if not spans_counter:
         raise UserError("the corpus has no CJK text: continued BPE needs Chinese text")
     new_chars = _choose_new_chars(spans_counter, base_vocab, cfg)
@@ -156,8 +199,11 @@ def extend_vocabulary(base: "ModelProto", texts: Iterable[str], cfg: ExtendConfi
     pieces = list(new_chars)
     vocab_set = base_vocab | set(pieces)
 
+    span_characters = int(sum(len(s) * c for s, c in spans_counter.items()))
     spans = list(spans_counter)
-    weights = np.fromiter((spans_counter[s] for s in spans), dtype=np.int64, count=len(spans))
+    weights = np.fromiter(spans_counter.values(), dtype=np.int64, count=len(spans))
+    spans_counter.clear()  # the list and the weights hold it now: the dict's memory goes
+    del spans_counter
     seg = _Segmentation(spans, weights)
     model = build_extended(base, pieces)
     seg.encode_all(processor(without_dummy_prefix(model)))
@@ -172,17 +218,15 @@ def extend_vocabulary(base: "ModelProto", texts: Iterable[str], cfg: ExtendConfi
         progress(len(pieces), cfg.num_added, rounds)
     while len(pieces) < cfg.num_added:
         rounds += 1
-        left, right, owner, ntok = seg.pairs()
         if tokens_start is None:
-            tokens_start = int((np.fromiter((len(e) for e in seg.enc), dtype=np.int64) * weights).sum())
-        ok = ~(is_byte[left] | is_byte[right])
-        left, right, owner = left[ok], right[ok], owner[ok]
-        if left.size == 0:
-            break
+            tokens_start = seg.tokens()
         V = np.int64(len(model.pieces) + 1)
-        keys = left * V + right
+        keys, owner = seg.pair_keys(V, is_byte)
+        if keys.size == 0:
+            break
         uniq, inv = np.unique(keys, return_inverse=True)
         counts = np.bincount(inv, weights=weights[owner]).astype(np.int64)
+        del inv
         order = np.argsort(-counts, kind="stable")
         budget = min(cfg.num_added - len(pieces), max(cfg.min_batch, int(cfg.batch_fraction * len(pieces))))
         chosen_keys, used_left, used_right = [], set(), set()
@@ -208,10 +252,10 @@ def extend_vocabulary(base: "ModelProto", texts: Iterable[str], cfg: ExtendConfi
         seg.reencode(sp, touched)
         if progress is not None:
             progress(len(pieces), cfg.num_added, rounds)
-    tokens_end = int((np.fromiter((len(e) for e in seg.enc), dtype=np.int64) * weights).sum())
+    tokens_end = seg.tokens()
     stats = {
         "distinct_spans": len(spans),
-        "span_characters": int(sum(len(s) * c for s, c in spans_counter.items())),
+        "span_characters": span_characters,
         "tokens_before": tokens_start,
         "tokens_after": tokens_end,
         "new_single_characters": len(new_chars),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+from itertools import islice
 from pathlib import Path
 
 from corpora.probes import ENGLISH, TABLE1, probe_set
@@ -88,9 +89,8 @@ def build_report(
     per_file: dict[str, list[str]] = {}
     lines: list[str] = []
     for f in files:
-        docs = list(iter_documents(f))
-        if max_lines:
-            docs = docs[:max_lines]
+        # read only the lines used: a report on a large corpus must not hold whole files in memory
+        docs = list(islice(iter_documents(f), max_lines or None))
         per_file[str(f)] = docs
         lines.extend(docs)
     models = {"base": base_m, "extended": ext}

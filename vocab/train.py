@@ -1,7 +1,7 @@
 """Train the Chinese SentencePiece model (chinese_sp.model): continued BPE over a base, or plain BPE/unigram."""
 from __future__ import annotations
 
-import hashlib
+import shutil
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
@@ -11,12 +11,17 @@ from typing import Iterable
 from corpora.clean import split_long
 from corpora.reader import CorpusStats, iter_corpus, list_corpus_files
 from vocab.extend import DEFAULT_MAX_PIECE_BYTES, DEFAULT_MAX_PIECE_CHARS, SPAN_RE, ExtendConfig, extend_vocabulary
+from vocab.spans import count_spans, keep_doc, sample_threshold, uncompressed_size
 from vocab.spmodel import BPE, BYTE, CONTROL, NORMAL, UNKNOWN, ModelProto, load_model, save_model
 from zhllama.errors import UserError
 
 MODEL_TYPES = ("extend", "bpe", "unigram")
 # `extend` learning fewer than this share of --num-added pieces means the corpus is not (enough) Chinese text
 MIN_ADDED_SHARE = 0.9
+# extend: 3x the distinct spans of the 18M-character shared corpus (598,027: counted exactly, nothing pruned);
+# at this budget counting holds at most 2x as many, a few hundred MB (bench/RESULTS.md "vocab build memory")
+DEFAULT_MAX_SPANS = 2_000_000
+SPAN_CACHE = ".spans"  # extend: counted work units of an unfinished training (vocab.spans.count_spans)
 MAX_SENTENCE_BYTES = 4192  # sentencepiece's max_sentence_length default: longer lines would be skipped
 
 
@@ -32,23 +37,22 @@ class TrainConfig:
     max_piece_bytes: int = DEFAULT_MAX_PIECE_BYTES  # extend: longest appended piece in UTF-8 bytes (0 = no cap)
     encoding: str = "auto"  # corpora.reader: UTF-8, else GB18030/Big5 detected per file
     seed: int = 0
+    max_spans: int = DEFAULT_MAX_SPANS  # extend: distinct spans kept for the merges (vocab.spans.prune); 0 = all
+    num_proc: int = 0  # extend: processes counting spans (0 = all cores); the result does not depend on it
 
 
 def sampled_texts(paths, cfg: TrainConfig, stats: CorpusStats | None = None) -> Iterable[str]:
-    """Deterministic sample of about cfg.max_chars characters, streamed (no corpus-sized memory).
+    """Deterministic sample of about cfg.max_chars characters of uncompressed text, streamed (no corpus-sized memory).
 
     `stats` receives what the reader saw: files dropped as binary, encodings, Chinese characters read.
     """
     files = list_corpus_files(paths)
-    total_bytes = sum(f.stat().st_size for f in files)
-    keep = min(1.0, cfg.max_chars * 3 / max(1, total_bytes))  # ~3 UTF-8 bytes per Chinese character
-    threshold = int(keep * 2**32)
+    # the uncompressed size: a .gz holds several times more text than its size on disk
+    threshold = sample_threshold(sum(uncompressed_size(f) for f in files), cfg.max_chars)
     n = 0
     for doc in iter_corpus(files, encoding=cfg.encoding, stats=stats):
-        if keep < 1.0:
-            h = int.from_bytes(hashlib.blake2b(f"{cfg.seed}:{doc}".encode(), digest_size=4).digest(), "little")
-            if h >= threshold:
-                continue
+        if not keep_doc(doc, cfg.seed, threshold):
+            continue
         n += 1
         yield doc
     if n == 0:
@@ -107,10 +111,15 @@ def train(corpus, out_dir: str | Path, cfg: TrainConfig, base_path: str | Path |
             word_aware=cfg.word_aware,
             max_piece_chars=cfg.max_piece_chars,
             max_piece_bytes=cfg.max_piece_bytes,
+            max_spans=cfg.max_spans,
         )
         stats = CorpusStats()
         try:
-            res = extend_vocabulary(base, sampled_texts(corpus, cfg, stats), ecfg, progress=progress)
+            # the same sample as sampled_texts, counted in fixed work units by num_proc processes
+            # finished units are kept in OUT/.spans until the model is written: a killed run reuses them
+            res = extend_vocabulary(base, None, ecfg, progress=progress,
+                                    spans=count_spans(corpus, cfg, stats, num_proc=cfg.num_proc,
+                                                      cache_dir=out / SPAN_CACHE))
         except UserError as e:
             raise UserError(f"{e} ({_found(stats)})") from None
         if len(res.pieces) < MIN_ADDED_SHARE * cfg.num_added and not allow_fewer:
@@ -118,6 +127,7 @@ def train(corpus, out_dir: str | Path, cfg: TrainConfig, base_path: str | Path |
                 f"only {len(res.pieces):,} of the {cfg.num_added:,} requested pieces could be learned: {_found(stats)}. "
                 "Add Chinese text, lower --num-added, or pass --allow-fewer to accept the smaller vocabulary")
         save_model(_merge_ready_model(base, res.pieces), target)
+        shutil.rmtree(out / SPAN_CACHE, ignore_errors=True)
         return {"model_type": "extend", "pieces": len(res.pieces), "requested": cfg.num_added, **res.stats,
                 "corpus": stats.as_dict()}
     return _train_sentencepiece(corpus, target, cfg)

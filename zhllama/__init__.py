@@ -11,7 +11,9 @@ stages' public names only (tests/test_import_rules.py). Modules, each with its p
     zhllama.runfolder  the run-folder contract: resolved_config.json / result.json / manifest.json (with parents),
                        lock, decide (up to date / resume / start over / refuse), staging + publish, finish
     zhllama.trainer    run_training: the Trainer wrapper (collator required; resumable, seeded, whole-run loss)
-    zhllama.models     load/check/resize Hugging Face model folders, copy tokenizers
+    zhllama.models     load/check/resize Hugging Face model folders, copy tokenizers; load_adapter_chain: the one
+                       loader of base + adapters (lineage-checked) for sft and evaluation
+    zhllama.losses     chunked_linear_cross_entropy: LM head + cross-entropy a chunk of rows at a time (sft, evaluation)
     zhllama.errors     UserError and cli_entry (one "error: ..." line per problem, exit 2, no traceback)
     zhllama.manifest   write_manifest, write_json (atomic), library_versions
     zhllama.hashing    sha256 of bytes, files, file sets

@@ -15,7 +15,9 @@ Public API:
         extra(recipe) -> [problem, ...] adds a stage's own checks (e.g. sft's template registry)
     overrides_from_flags(args) -> {"section.field": value}
     model_config(model_dir) -> dict | None         config.json of a model folder
-    module_names(model_dir) -> set[str]            last name component of every module, built on the meta device
+    module_names(model_dir) -> set[str]            last name component of every module: known for the LLaMA layout
+                                                   (llama, mistral, qwen2) without torch, else built on the meta device
+    built_module_names(model_dir) -> set[str]      the same, always built on the meta device
     pick_recipe(model_dir) -> Recipe               the shipped recipe matching the model's shape, or UserError
 """
 from __future__ import annotations
@@ -83,14 +85,35 @@ def model_config(model_dir) -> dict | None:
         raise UserError(f"{p}: not valid JSON ({e})") from None
 
 
+# Module names of the architectures whose layout is the LLaMA decoder (embed_tokens, layers of self_attn q/k/v/o_proj +
+# mlp gate/up/down_proj, norm, lm_head). Known names spare every CLI check the ~5 s import of torch + transformers;
+# tests/test_cli_modules.py pins them against a model built on the meta device.
+LLAMA_LAYOUT = frozenset({
+    "model", "embed_tokens", "layers", "self_attn", "q_proj", "k_proj", "v_proj", "o_proj", "rotary_emb", "mlp",
+    "gate_proj", "up_proj", "down_proj", "act_fn", "input_layernorm", "post_attention_layernorm", "norm", "lm_head",
+})
+KNOWN_MODULES = {"llama": LLAMA_LAYOUT, "mistral": LLAMA_LAYOUT, "qwen2": LLAMA_LAYOUT}
+
+
 def module_names(model_dir) -> set[str]:
-    """Names the model's modules answer to (q_proj, embed_tokens, ...), from config.json alone (meta device)."""
+    """Names the model's modules answer to (q_proj, embed_tokens, ...), from config.json alone.
+
+    Known model types (KNOWN_MODULES) are answered without importing torch; any other is built on the meta device.
+    Layer indices ("0", "1", ...) are left out: they are not names a LoRA target or modules_to_save can mean."""
+    cfg = model_config(model_dir)
+    known = KNOWN_MODULES.get((cfg or {}).get("model_type"))
+    if known is not None and "text_config" not in cfg:
+        return set(known)
+    return built_module_names(model_dir)
+
+
+def built_module_names(model_dir) -> set[str]:
+    """module_names by building the model of config.json on the meta device (one layer: every layer is alike)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         cfg = AutoConfig.from_pretrained(str(model_dir))
-        # every layer has the same module names: one layer is enough and builds in milliseconds
         text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         if getattr(text, "num_hidden_layers", None):
             text.num_hidden_layers = 1
@@ -100,7 +123,7 @@ def module_names(model_dir) -> set[str]:
             model = AutoModelForCausalLM.from_config(cfg)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"{model_dir}/config.json: cannot build the model it describes ({str(e).splitlines()[0]})") from None
-    return {name.split(".")[-1] for name, _ in model.named_modules() if name}
+    return {n for n in (name.split(".")[-1] for name, _ in model.named_modules() if name) if not n.isdigit()}
 
 
 def _shape(cfg: dict) -> str:

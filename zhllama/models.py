@@ -10,6 +10,12 @@ Public API:
     resize_model(model, new_size, init, sources=None, seed=0)    grow embed/head in place; old rows bit-identical;
                                                                   init in INITS ("subword-mean" needs sources)
     checkpoint_vocab_rows(model_dir) -> {tensor name: rows}       from safetensors headers, no weights read
+    load_peft_chain(base, adapters, dtype=None) -> PeftModel      base + adapters as peft does it: earlier ones merged,
+                                                                  the last one live; embeddings resized to the adapters'
+    load_adapter_chain(base, adapters, dtype=None, log=print, merge=False) -> (model, Chain)
+        the one loader of a base + adapter chain (sft generate/chat/train, evaluation): the chain is checked against
+        the adapters' lineage records (zhllama.lineage.resolve_chain; one adapter brings its parents and base) and
+        loaded; merge=True merges every adapter (plain forward passes)
 """
 from __future__ import annotations
 
@@ -138,3 +144,55 @@ def load_model_dir(model_dir: str | Path, dtype=torch.float32):
         if "size mismatch" in str(e):
             raise UserError(f"{model_dir}: weights do not match config.json ({msg}); config.vocab_size is probably stale") from None
         raise UserError(f"{model_dir}: cannot load the model ({msg})") from None
+
+
+def load_peft_chain(base, adapters, dtype=None):
+    """Base + adapters the way peft does it: earlier ones merged by peft, the last one live."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype or torch.float32)
+    for j, ap in enumerate(adapters):
+        ad_vocab = adapter_vocab_rows(ap)
+        if ad_vocab and ad_vocab != model.get_input_embeddings().weight.shape[0]:
+            # rows are replaced by the adapter's saved matrices right after; init does not matter
+            model.resize_token_embeddings(ad_vocab, mean_resizing=False)
+        model = PeftModel.from_pretrained(model, str(ap))
+        if j < len(adapters) - 1:
+            model = model.merge_and_unload()
+    model.eval()
+    return model
+
+
+def adapter_vocab_rows(adapter_dir) -> int | None:
+    """Rows of the embed_tokens / lm_head an adapter saved (modules_to_save), from its safetensors header."""
+    from safetensors import safe_open
+
+    p = Path(adapter_dir) / "adapter_model.safetensors"
+    if not p.is_file():
+        return None
+    with safe_open(str(p), framework="pt") as f:
+        for k in f.keys():
+            if k.endswith("embed_tokens.weight") or k.endswith("lm_head.weight"):
+                return f.get_slice(k).get_shape()[0]
+    return None
+
+
+def load_adapter_chain(base, adapters, dtype=None, log=print, merge: bool = False):
+    """(model, Chain): `adapters` checked against their lineage records and applied on their base (`base`, or the
+    recorded one when None; a given base must have the recorded weights)."""
+    import json
+
+    from zhllama.lineage import resolve_chain
+
+    chain = resolve_chain(base, list(adapters), log=log)
+    order = list(chain.adapters)
+    cfg = Path(order[-1]) / "resolved_config.json"
+    if not chain.verified and len(adapters) == 1 and cfg.is_file():
+        earlier = json.loads(cfg.read_text(encoding="utf-8")).get("pretrain_adapter")
+        if earlier:  # an SFT adapter from before lineage records names its pretrain adapter here
+            order.insert(0, earlier)
+    model = load_peft_chain(chain.base, order, dtype=dtype)
+    if merge:
+        model = model.merge_and_unload()
+    return model, chain

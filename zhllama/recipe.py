@@ -1,8 +1,9 @@
 """Recipes: one typed config for every stage, loaded from recipes/NAME.yaml (or a path), overridable field by field.
 
 A recipe has one section per stage: `model` (the shape the recipe is for), `vocab`, `pretrain` (with `phase1` and
-`phase2`), `sft`. Every field is a dataclass field with a one-line doc and, where it has one, its allowed range or
-choices (`setting(...)`), so the YAML files, the generated CLI flags (zhllama.cli) and `--help` cannot disagree.
+`phase2`), `sft`, `corpora` (`corpora prepare`). Every field is a dataclass field with a one-line doc and, where it
+has one, its allowed range or choices (`setting(...)`), so the YAML files, the generated CLI flags (zhllama.cli)
+and `--help` cannot disagree.
 A later stage adds its section as a dataclass here and a field on `Recipe`.
 
 Public API (stable; every stage uses it):
@@ -18,7 +19,7 @@ Public API (stable; every stage uses it):
     field_doc(cls, name) -> str                      the one-line doc of a field
     shape_differences(recipe_model, model_config: dict) -> list[str]   "hidden_size 4096 (model) vs 64 (recipe)"
     Recipe.to_dict() -> plain dict for manifests
-    Sections: ModelShape, VocabConfig, PhaseConfig, PretrainConfig, SFTConfig; ALL_PROJ (LLaMA's 7 projections)
+    Sections: ModelShape, VocabConfig, PhaseConfig, PretrainConfig, SFTConfig, CorporaConfig; ALL_PROJ (LLaMA's 7 projections)
 """
 from __future__ import annotations
 
@@ -88,6 +89,10 @@ class VocabConfig:
                                    ge=0)
     pad: bool = setting(False, "append the Alpaca [PAD] piece (49,954 in the reference)")
     seed: int = setting(0, "seed of the corpus sample", ge=0)
+    max_spans: int = setting(2_000_000, "extend: most distinct Chinese spans kept for the merges (rarest pruned "
+                                        "first; counting holds at most twice this); 0 = no limit", ge=0)
+    num_proc: int = setting(0, "extend: processes counting spans, 0 = all cores; the result is the same for any "
+                               "value", ge=0)
 
 
 def redefault(cls, name: str, default):
@@ -139,6 +144,8 @@ class PretrainConfig:
     max_eval_blocks: int = setting(1000, "cap on held-out blocks", ge=1)
     seed: int = setting(42, "seed of initialisation, data order and dropout", ge=0)
     streaming: bool = setting(False, "tokenize on the fly instead of caching (corpora larger than the disk cache)")
+    shuffle_buffer: int = setting(10000, "streaming: blocks in the seeded shuffle buffer (unit order is shuffled too)", ge=1)
+    num_proc: int = setting(0, "tokenization/packing worker processes per rank (0 = all CPU cores, shared among local ranks)", ge=0)
     num_gpus: int = setting(8, "what `plan` assumes for per-GPU memory", ge=1, cli=False)
     phase1: PhaseConfig = field(default_factory=PhaseConfig)
     phase2: PhaseConfig = field(default_factory=lambda: PhaseConfig(learning_rate=1e-4, max_steps=6000))
@@ -180,19 +187,43 @@ class SFTConfig(Steps):
 
 
 @dataclass
+class CorporaConfig:
+    """`corpora prepare`: cleaning, dedup, held-out split and shards (section `corpora:`)."""
+    heldout_fraction: float = setting(0.01, "share of documents held out, chosen by content hash", ge=0, lt=1)
+    min_chars: int = setting(10, "drop documents shorter than this many characters after cleaning", ge=0)
+    min_cjk_ratio: float = setting(0.3, "drop documents whose non-space characters are less than this share Han",
+                                   ge=0, le=1)
+    dedup: str = setting("exact", "exact: identical documents; near: also MinHash-LSH near duplicates (datasketch)",
+                         choices=("exact", "near"))
+    near_threshold: float = setting(0.8, "dedup near: Jaccard similarity of character 5-grams above which a "
+                                         "document is dropped", gt=0, le=1)
+    encoding: str = setting("auto", "auto: UTF-8 if the file decodes as UTF-8, else the best of GB18030 (covers GBK) "
+                                    "and Big5, per file", choices=("auto", "utf-8", "gb18030", "big5"))
+    field: str = setting("text", "record field / parquet column holding the text")
+    fullwidth_ascii: bool = setting(False, "turn full-width letters, digits and symbols into ASCII; Chinese "
+                                           "punctuation stays")
+    max_chars: int = setting(100_000, "split longer documents at sentence ends into pieces of at most this many "
+                                      "characters", ge=1)
+    shard_docs: int = setting(100_000, "documents per shard (at most; each work unit has its own shards)", ge=1)
+    num_proc: int = setting(0, "worker processes for cleaning, dedup and writing shards; 0: all CPU cores "
+                               "(the output is the same for any number)", ge=0)
+
+
+@dataclass
 class Recipe:
     name: str = "custom"
     model: ModelShape = field(default_factory=ModelShape)
     vocab: VocabConfig = field(default_factory=VocabConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    corpora: CorporaConfig = field(default_factory=CorporaConfig)
     source: str = ""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-SECTIONS = ("model", "vocab", "pretrain", "sft")
+SECTIONS = ("model", "vocab", "pretrain", "sft", "corpora")
 
 
 def field_doc(cls, name: str) -> str:

@@ -19,6 +19,12 @@ Public API:
         "auto": start over when the fingerprint changed; False: always start over. "up-to-date": result.json
         was written for this fingerprint and the named artefacts exist (timestamps are left alone).
     begin(out_dir, config, fingerprint)                  write resolved_config.json, forget a previous result
+                                                         (the finished steps recorded in it are kept)
+    step_done(out_dir, step, fingerprint, artefacts=()) -> bool
+                                                         a step of a stage (vocab's training) finished with this
+                                                         fingerprint (resolved_config.json `steps`) and its
+                                                         artefacts exist: a rerun may reuse it
+    record_step(out_dir, step, fingerprint | None)       record the step finished (None: under way, not reusable)
     staging(out_dir) -> Path                             empty OUT/.partial/ for final artefacts
     publish(out_dir)                                     move everything in OUT/.partial/ into OUT (replacing)
     finish(out_dir, stage, result, inputs, parents, seed=None, fingerprint=None) -> dict
@@ -178,7 +184,25 @@ def begin(out_dir, config: dict, fingerprint: dict, clear_checkpoints: bool = Fa
     (out / RESULT).unlink(missing_ok=True)
     if clear_checkpoints:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    write_json(out / CONFIG, {**config, "fingerprint": _norm(fingerprint)})
+    steps = (_read(out / CONFIG) or {}).get("steps")
+    write_json(out / CONFIG, {**config, "fingerprint": _norm(fingerprint), **({"steps": steps} if steps else {})})
+
+
+def step_done(out_dir, step: str, fingerprint: dict, artefacts=()) -> bool:
+    out = Path(out_dir)
+    done = ((_read(out / CONFIG) or {}).get("steps") or {}).get(step)
+    return done is not None and done == _norm(fingerprint) and all((out / a).exists() for a in artefacts)
+
+
+def record_step(out_dir, step: str, fingerprint: dict | None) -> None:
+    from zhllama.manifest import write_json
+
+    out = Path(out_dir)
+    if not _is_main():
+        return
+    cfg = _read(out / CONFIG) or {}
+    cfg.setdefault("steps", {})[step] = _norm(fingerprint) if fingerprint is not None else None
+    write_json(out / CONFIG, cfg)
 
 
 def staging(out_dir) -> Path:

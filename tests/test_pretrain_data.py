@@ -1,0 +1,267 @@
+"""Pretraining tokenization/packing: work units, N-independent blocks, once-only builds across processes, resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, make_chinese_lines
+from test_pretrain_core import _env, setup  # noqa: F401  (the session fixture: tiny model + extended tokenizer)
+
+
+@pytest.fixture(scope="module")
+def big_corpus(tmp_path_factory):
+    """One .txt and one .jsonl, each larger than the small unit size the tests set (so each is several units)."""
+    d = tmp_path_factory.mktemp("bigzh")
+    (d / "a.txt").write_text("\n".join(make_chinese_lines(6000, 11)) + "\n", encoding="utf-8")
+    (d / "b.jsonl").write_text("\n".join(json.dumps({"text": s}, ensure_ascii=False)
+                                         for s in make_chinese_lines(2000, 12)) + "\n", encoding="utf-8")
+    (d / "c.txt").write_text("\n".join(make_chinese_lines(300, 13)), encoding="utf-8")  # one unit, no final newline
+    return d
+
+
+def test_byte_range_units_yield_every_document_once(big_corpus):
+    from corpora.reader import iter_documents
+    from pretrain.units import plan_units, unit_documents
+
+    for name in ("a.txt", "b.jsonl"):
+        f = big_corpus / name
+        data = f.read_bytes()
+        # unit sizes that put boundaries inside lines, and right after a newline
+        for size in (4093, 10_000, data.index(b"\n") + 1):
+            units = plan_units([f], {f: "utf-8"}, {f: "0" * 64}, size=size)
+            assert len(units) > 3 and units[-1].end == len(data)
+            got = [d for u in units for d in unit_documents(u)]
+            assert got == list(iter_documents(f)), (name, size)
+
+
+def _reference_blocks(tok_dir, files, block_size, eval_ratio):
+    """What one pass over each file gives: documents + EOS concatenated and cut, the tail dropped."""
+    from transformers import AutoTokenizer
+
+    from corpora.reader import iter_documents
+    from pretrain.data import _is_eval
+
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    out = []
+    for f in files:
+        ids = []
+        for d in iter_documents(f):
+            if not _is_eval(d, eval_ratio):
+                ids += tok(d)["input_ids"] + [tok.eos_token_id]
+        out += [ids[i:i + block_size] for i in range(0, len(ids) - block_size + 1, block_size)]
+    return out
+
+
+def test_blocks_identical_for_num_proc_1_and_2_and_match_one_pass_per_unit(setup, big_corpus, tmp_path, monkeypatch):
+    from pretrain.data import build_datasets
+
+    monkeypatch.setenv("ZHLLAMA_PRETRAIN_UNIT_BYTES", "40000")
+    runs = {}
+    for n in (1, 2):
+        tr, ev, info = build_datasets([big_corpus], setup["tok"], 32, tmp_path / f"n{n}", eval_ratio=0.02,
+                                      max_eval_blocks=50, num_proc=n, progress=False)
+        assert not info["reused_cache"] and info["units"] > 6 and info["built_units"] == info["units"]
+        runs[n] = ([r["input_ids"] for r in tr], [r["input_ids"] for r in ev], info)
+    assert runs[1][0] == runs[2][0] and runs[1][1] == runs[2][1] and len(runs[1][1]) == 50
+    assert runs[1][2]["cache_key"] == runs[2][2]["cache_key"]  # num_proc is not part of the key
+    c1, c2 = (Path(runs[n][2]["cache_dir"]) / "units" for n in (1, 2))
+    bins = sorted(p.name for p in c1.glob("*.bin"))
+    assert bins == sorted(p.name for p in c2.glob("*.bin"))
+    assert all((c1 / b).read_bytes() == (c2 / b).read_bytes() for b in bins)
+    # the single-unit file gives exactly the blocks a whole-file pass gives (what the cache held before units)
+    from pretrain.data import build_datasets as b
+
+    small, _, _ = b([big_corpus / "c.txt"], setup["tok"], 32, tmp_path / "small", eval_ratio=0.02, progress=False)
+    assert [r["input_ids"] for r in small] == _reference_blocks(setup["tok"], [big_corpus / "c.txt"], 32, 0.02)
+    # the second call reads the finished cache, and the rows are what the shard files hold
+    tr, _, again = build_datasets([big_corpus], setup["tok"], 32, tmp_path / "n1", eval_ratio=0.02,
+                                  max_eval_blocks=50, num_proc=1, progress=False)
+    assert again["reused_cache"] and len(tr) == len(runs[1][0]) == again["train_blocks"]
+    first = sorted(c1.glob("*.train.bin"))[0]
+    assert np.fromfile(first, "<i4")[:32].tolist() in runs[1][0]
+
+
+def _cache_cmd(setup, corpus, cache, *extra):
+    return [sys.executable, "-m", "pretrain", "cache", "--recipe", str(setup["recipe"]), "--tokenizer", str(setup["tok"]),
+            "--corpus", str(corpus), "--cache-dir", str(cache), *extra]
+
+
+def test_kill9_during_tokenization_resumes_from_finished_units(setup, big_corpus, tmp_path):
+    env = dict(_env(), ZHLLAMA_PRETRAIN_UNIT_BYTES="8000")
+    ref = subprocess.run(_cache_cmd(setup, big_corpus, tmp_path / "ref", "--num-proc", "1"), env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    ref_info = json.loads(ref.stdout.strip().splitlines()[-1])
+    n_units = ref_info["units"]
+    assert n_units > 40 and ref_info["built_units"] == n_units
+
+    cache = tmp_path / "cut"
+    proc = subprocess.Popen(_cache_cmd(setup, big_corpus, cache, "--num-proc", "2"), env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    t0 = time.time()
+    records = lambda: list(cache.glob("*/units/*.json"))  # noqa: E731
+    while len(records()) < 5 and proc.poll() is None and time.time() - t0 < 240:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the build finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # the parent and its workers, mid-unit
+    proc.wait()
+    time.sleep(0.2)
+    before = {p.name: p.read_text() for p in records()}
+    assert 5 <= len(before) < n_units and not list(cache.glob("*/complete.json"))
+    again = subprocess.run(_cache_cmd(setup, big_corpus, cache, "--num-proc", "2"), env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    info = json.loads(again.stdout.strip().splitlines()[-1])
+    assert not info["reused_cache"] and info["built_units"] == n_units - len(before)
+    assert all((cache / info["cache_dir"].split("/")[-1] / "units" / n).read_text() == t for n, t in before.items())
+    # nothing half-written is left, and every shard equals the uninterrupted build's
+    units = cache / Path(info["cache_dir"]).name / "units"
+    assert not list(units.glob("*.claim")) and not list(units.glob("*.tmp-*")) and not list(units.glob("*.takeover-*"))
+    ref_units = Path(ref_info["cache_dir"]) / "units"
+    bins = sorted(p.name for p in ref_units.glob("*.bin"))
+    assert bins == sorted(p.name for p in units.glob("*.bin"))
+    assert all((ref_units / b).read_bytes() == (units / b).read_bytes() for b in bins)
+
+
+def test_dead_claim_is_taken_over_and_live_claim_waited_for(setup, big_corpus, tmp_path, monkeypatch):
+    """A claim left by a killed process (same host, pid gone) is rebuilt; a unit another live process holds is
+    waited for, not built twice."""
+    import socket
+    import threading
+
+    from pretrain import data
+
+    monkeypatch.setattr(data, "_POLL_S", 0.05)
+    f = big_corpus / "c.txt"
+    _, _, info = data.build_datasets([f], setup["tok"], 32, tmp_path / "ref", eval_ratio=0.02, progress=False)
+    uid = json.loads((Path(info["cache_dir"]) / "units" / "builds.jsonl").read_text())["uid"]
+    cache = tmp_path / "c" / info["cache_key"] / "units"
+    cache.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (cache / f"{uid}.claim").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "start": "0"}))
+    (cache / f"{uid}.train.bin.tmp-{socket.gethostname()}-{dead.pid}").write_bytes(b"half")
+    _, _, got = data.build_datasets([f], setup["tok"], 32, tmp_path / "c", eval_ratio=0.02, progress=False)
+    assert got["built_units"] == 1 and not list(cache.glob("*.tmp-*")) and not (cache / f"{uid}.claim").exists()
+
+    # a live claim (this process, as another rank would hold it): the build waits, then reads what the holder wrote
+    live = tmp_path / "live" / info["cache_key"] / "units"
+    live.mkdir(parents=True)
+    (live / f"{uid}.claim").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                                   "start": data.process_start(os.getpid())}))
+    ref_units = Path(info["cache_dir"]) / "units"
+
+    def holder():
+        time.sleep(1.0)
+        for p in ref_units.glob(f"{uid}.*"):
+            (live / p.name).write_bytes(p.read_bytes())
+        (live / f"{uid}.claim").unlink()
+
+    t = threading.Thread(target=holder)
+    t.start()
+    t0 = time.time()
+    tr, _, waited = data.build_datasets([f], setup["tok"], 32, tmp_path / "live", eval_ratio=0.02, progress=False)
+    t.join()
+    assert waited["built_units"] == 0 and time.time() - t0 >= 1.0 and len(tr) == info["train_blocks"]
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_build_a_new_cache_once_and_train(setup, big_corpus, tmp_path):
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "pretrain", "phase1", "--recipe", str(setup["recipe"]), "--model", str(setup["resized"]),
+           "--corpus", str(big_corpus), "--out", str(tmp_path / "p1"), "--cache-dir", str(cache),
+           "--max-steps", "3", "--save-steps", "100", "--num-proc", "2"]
+    env = dict(_env(), ZHLLAMA_PRETRAIN_UNIT_BYTES="8000")
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=500)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "p1" / "result.json").read_text())
+    assert res["global_step"] == 3 and res["world_size"] == 2
+    [key] = [p for p in cache.iterdir() if p.is_dir()]
+    builds = [json.loads(x) for x in (key / "units" / "builds.jsonl").read_text().splitlines()]
+    uids = [b["uid"] for b in builds]
+    n_units = len(list((key / "units").glob("*.json")))
+    assert n_units > 40 and len(uids) == len(set(uids)) == n_units  # every unit built, and exactly once
+    assert (key / "complete.json").is_file() and not list(key.glob("complete.json.tmp-*"))
+    assert not list((key / "units").glob("*.claim"))
+
+
+def test_streaming_is_a_seeded_shuffle_of_the_cached_blocks(setup, big_corpus, tmp_path, monkeypatch):
+    from pretrain.data import build_datasets
+
+    monkeypatch.setenv("ZHLLAMA_PRETRAIN_UNIT_BYTES", "40000")
+    cached, cached_ev, _ = build_datasets([big_corpus], setup["tok"], 32, tmp_path / "c", eval_ratio=0.02,
+                                          max_eval_blocks=50, progress=False)
+    order = {}
+    for seed in (1, 1, 2):
+        tr, ev, info = build_datasets([big_corpus], setup["tok"], 32, tmp_path / "s", eval_ratio=0.02,
+                                      max_eval_blocks=50, streaming=True, seed=seed, shuffle_buffer=64)
+        assert info["streaming"] and [r["input_ids"] for r in ev] == [r["input_ids"] for r in cached_ev]
+        rows = [r["input_ids"] for r in tr]
+        if seed in order:
+            assert rows == order[seed]  # same seed, same order: what a resumed run relies on
+        order[seed] = rows
+    plain = [r["input_ids"] for r in cached]
+    assert sorted(order[1]) == sorted(plain)  # the same blocks as the cache, each once
+    assert order[1] != plain and order[2] != order[1]
+    assert order[1][:50] != plain[:50]  # the first batches do not come from the first file in order
+    assert not (tmp_path / "s").exists()  # streaming writes no cache
+
+
+@pytest.mark.slow
+def test_streaming_kill9_then_rerun_gives_identical_adapter(setup, big_corpus, tmp_path):
+    from safetensors.torch import load_file
+    import shutil
+
+    import torch
+
+    from test_pretrain_core import _phase2_cmd
+
+    args = ("--max-steps", "8", "--save-steps", "2", "--streaming", "--shuffle-buffer", "50")
+    env = dict(_env(), ZHLLAMA_PRETRAIN_UNIT_BYTES="40000")
+    run = tmp_path / "run"
+    cmd = lambda: [x if x != str(setup["corpus"]) else str(big_corpus) for x in _phase2_cmd(setup, run, *args)]  # noqa: E731
+    full = subprocess.run(cmd(), env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert full.returncode == 0, full.stderr[-2000:]
+    shutil.move(str(run), str(tmp_path / "full"))
+    proc = subprocess.Popen(cmd(), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = run / "checkpoints" / "checkpoint-4" / "zhllama_complete"
+    t0 = time.time()
+    while not marker.exists() and proc.poll() is None and time.time() - t0 < 240:
+        time.sleep(0.05)
+    assert proc.poll() is None, "run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    again = subprocess.run(cmd(), env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    shutil.move(str(run), str(tmp_path / "cut"))
+    res = json.loads((tmp_path / "cut" / "result.json").read_text())
+    assert res["resumed_from"] and res["global_step"] == 8
+    a = load_file(str(tmp_path / "full" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_streaming_trains_to_the_end(setup, big_corpus, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+           "-m", "pretrain", "phase1", "--recipe", str(setup["recipe"]), "--model", str(setup["resized"]),
+           "--corpus", str(big_corpus), "--out", str(tmp_path / "p1"), "--cache-dir", str(tmp_path / "c"),
+           "--max-steps", "3", "--save-steps", "100", "--streaming", "--shuffle-buffer", "50"]
+    r = subprocess.run(cmd, env=dict(_env(), ZHLLAMA_PRETRAIN_UNIT_BYTES="40000"), cwd=ROOT, capture_output=True,
+                       text=True, timeout=500)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "p1" / "result.json").read_text())
+    # 3 steps of 4 sequences of 32 tokens, split over the two ranks
+    assert res["global_step"] == 3 and res["world_size"] == 2 and res["tokens_seen"] == 3 * 4 * 32
+    assert not (tmp_path / "c").exists()  # streaming builds no cache
