@@ -376,24 +376,23 @@ def _indexed(args):
     return i, fn(job)
 
 
-def _by_size(units: list[Unit], jobs: list) -> tuple[list, list[int]]:
-    # big units first: the pool then ends with small ones and every core stays busy to the end
-    order = sorted(range(len(units)), key=lambda i: -units[i].size())
-    return [jobs[i] for i in order], order
-
-
-def _pass1(units: list[Unit], cfg: PrepareConfig, work: Path, progress: bool) -> list[dict]:
-    """Clean every unit (in parallel); finished ones return their stored stats at once."""
+def _per_unit(fn, units: list[Unit], jobs: list, desc: str, num_proc: int, progress: bool) -> list:
+    """fn over one job per unit (in parallel) with a progress bar; results in unit order."""
     from tqdm import tqdm
 
-    jobs, order = _by_size(units, [(u, cfg, work) for u in units])
-    bar = tqdm(total=len(jobs), desc="clean", unit="part", disable=not progress or None)
-    res = _run_jobs(_clean_job, jobs, _num_proc(cfg), bar)
-    bar.close()
+    # big units first: the pool then ends with small ones and every core stays busy to the end
+    order = sorted(range(len(units)), key=lambda i: -units[i].size())
+    with tqdm(total=len(jobs), desc=desc, unit="part", disable=not progress or None) as bar:
+        res = _run_jobs(fn, [jobs[i] for i in order], num_proc, bar)
     results: list = [None] * len(units)
     for k, i in enumerate(order):
         results[i] = res[k]
     return results
+
+
+def _pass1(units: list[Unit], cfg: PrepareConfig, work: Path, progress: bool) -> list[dict]:
+    """Clean every unit (in parallel); finished ones return their stored stats at once."""
+    return _per_unit(_clean_job, units, [(u, cfg, work) for u in units], "clean", _num_proc(cfg), progress)
 
 
 def _clean_job(args) -> dict:
@@ -600,8 +599,6 @@ def _merge_file(units: list[Unit], res1: list[dict], res3: list[dict]) -> dict:
 def _pass3(files, units: list[Unit], results: list[dict], cfg: PrepareConfig, out: Path, work: Path,
            progress: bool):
     """Shards of every unit (in parallel), then the per-file stats; returns (per-file stats, shard names, skipped)."""
-    from tqdm import tqdm
-
     (work.parent / "shards").mkdir(exist_ok=True)
     _remove_stale_tmp(work.parent / "shards")
     bases = _bases(results)
@@ -611,13 +608,7 @@ def _pass3(files, units: list[Unit], results: list[dict], cfg: PrepareConfig, ou
         piece_base[u.file_index] = pb + r["stats"]["pieces_out"]
         fp = {"unit": r["fingerprint"], "config": cfg.public(), "base": bases[i], "ordinal": i}
         jobs.append((i, u.uid, bases[i], pb, fp, cfg, out, work))
-    ordered, order = _by_size(units, jobs)
-    bar = tqdm(total=len(jobs), desc="shards", unit="part", disable=not progress or None)
-    res = _run_jobs(shard_unit, ordered, _num_proc(cfg), bar)
-    bar.close()
-    res3: list = [None] * len(units)
-    for k, i in enumerate(order):
-        res3[i] = res[k]
+    res3 = _per_unit(shard_unit, units, jobs, "shards", _num_proc(cfg), progress)
     per_file: dict[str, dict] = {}
     by_file: dict[int, list[int]] = {}
     for i, u in enumerate(units):
