@@ -36,6 +36,31 @@ _MEASURE = ("import resource, subprocess, sys\n"
             "sys.exit(rc)\n")
 
 
+# the vocab benches' split of the shared corpus: three whole sources of different genres never trained on
+HELD_OUT = {
+    "abstracts": "fewclue_csl_abstracts.txt",
+    "web": "uer_cluecorpussmall_sampled.txt",
+    "stories": "fewclue_chid_passages.txt",
+}
+
+
+def text_lines(path: Path) -> list[str]:
+    return [l for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+
+
+def vocab_split(data: Path) -> tuple[Path, Path, list[Path], dict[str, list[str]], dict[str, int]]:
+    """(LLaMA's tokenizer.model, the corpus folder, its training files (all but HELD_OUT), the held-out lines per
+    source, LLaMA's token count per held-out source) of the shared data folder."""
+    import sentencepiece as spm
+
+    base = data / "tokenizers" / "llama_tokenizer.model"
+    train_dir = data / "zh_corpus" / "train"
+    train_files = sorted(f for f in train_dir.glob("*.txt") if f.name not in HELD_OUT.values())
+    held = {name: text_lines(train_dir / fname) for name, fname in HELD_OUT.items()}
+    base_sp = spm.SentencePieceProcessor(model_file=str(base))
+    return base, train_dir, train_files, held, {n: sum(map(len, base_sp.encode(ls))) for n, ls in held.items()}
+
+
 def bench_env(**extra) -> dict:
     """A clean, offline environment for measured runs (no inherited thread or cache settings)."""
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",

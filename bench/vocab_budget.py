@@ -20,8 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import RESULTS, bench_env, print_table, write_results  # noqa: E402
-from bench.vocab_caps import HELD_OUT, _lines  # noqa: E402
+from bench.common import HELD_OUT, RESULTS, bench_env, print_table, vocab_split, write_results  # noqa: E402
 
 
 def main() -> None:
@@ -34,12 +33,7 @@ def main() -> None:
     import sentencepiece as spm
 
     data = Path(a.data)
-    base = data / "tokenizers" / "llama_tokenizer.model"
-    train_dir = data / "zh_corpus" / "train"
-    train_files = sorted(f for f in train_dir.glob("*.txt") if f.name not in HELD_OUT.values())
-    held = {name: _lines(train_dir / fname) for name, fname in HELD_OUT.items()}
-    base_sp = spm.SentencePieceProcessor(model_file=str(base))
-    base_tokens = {n: sum(map(len, base_sp.encode(ls))) for n, ls in held.items()}
+    base, _, train_files, held, base_tokens = vocab_split(data)
     rows, distinct = [], None
     for frac in a.fractions:
         flags = [] if frac == 1.0 else ["--max-spans", str(int(frac * distinct))]

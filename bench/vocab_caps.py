@@ -31,23 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import RESULTS, bench_env, print_table, write_results  # noqa: E402
-
-HELD_OUT = {
-    "abstracts": "fewclue_csl_abstracts.txt",
-    "web": "uer_cluecorpussmall_sampled.txt",
-    "stories": "fewclue_chid_passages.txt",
-}
-
+from bench.common import (HELD_OUT, RESULTS, bench_env, print_table, text_lines, vocab_split,  # noqa: E402
+                          write_results)
 
 def _flags(cap: str) -> list[str]:
     if cap == "none":
         return ["--max-piece-chars", "16", "--max-piece-bytes", "0"]
     return ["--max-piece-chars", cap, "--max-piece-bytes", "32"]
-
-
-def _lines(path: Path) -> list[str]:
-    return [l for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
 
 
 def check_default(data: Path, out: Path, json_path: str) -> None:
@@ -71,7 +61,7 @@ def check_default(data: Path, out: Path, json_path: str) -> None:
     m = load_model(out / "tokenizer.model")
     sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
     added = [p.piece for p in m.pieces[32000:]]
-    zh = [l for f in sorted(corpus.glob("*.txt")) for l in _lines(f)]
+    zh = [l for f in sorted(corpus.glob("*.txt")) for l in text_lines(f)]
     recs = json.loads((data / "instructions" / "alpaca_en_52k_original.part01.json").read_text(encoding="utf-8"))
     en = [x["output"] for x in recs[:3000] if x["output"].strip()]
     tok = hf_tokenizer(out)
@@ -110,12 +100,7 @@ def main() -> None:
         check_default(data, RESULTS / "vocab_default", a.json or str(RESULTS / "vocab_default.json"))
         return
     a.json = a.json or str(RESULTS / "vocab_caps.json")
-    base = data / "tokenizers" / "llama_tokenizer.model"
-    train_dir = data / "zh_corpus" / "train"
-    train_files = sorted(f for f in train_dir.glob("*.txt") if f.name not in HELD_OUT.values())
-    held = {name: _lines(train_dir / fname) for name, fname in HELD_OUT.items()}
-    base_sp = spm.SentencePieceProcessor(model_file=str(base))
-    base_tokens = {n: sum(map(len, base_sp.encode(ls))) for n, ls in held.items()}
+    base, train_dir, train_files, held, base_tokens = vocab_split(data)
     chars = {n: sum(map(len, ls)) for n, ls in held.items()}
     print(f"held out: {sum(map(len, held.values())):,} lines, {sum(chars.values()):,} characters; "
           f"training on {len(train_files)} files", flush=True)

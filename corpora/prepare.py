@@ -43,7 +43,9 @@ import numpy as np
 
 from zhllama.errors import UserError
 from zhllama.manifest import write_json
+from zhllama.procs import is_zombie, pid_alive
 from zhllama.recipe import CorporaConfig, problems
+from zhllama.units import Unit as WorkUnit, plan_units as plan_work_units, range_lines
 
 from . import clean, dedup
 from .reader import list_corpus_files, sniff
@@ -109,24 +111,6 @@ def _sample(path: Path) -> tuple[bytes, bool]:
     return data[:SAMPLE_BYTES], len(data) <= SAMPLE_BYTES
 
 
-def _lines(f, start: int, end: int | None, count: list) -> Iterator[bytes]:
-    """The lines that start in [start, end) (to the end of the file if end is None); count[0] += each line."""
-    if start > 0:
-        f.seek(start - 1)
-        if f.read(1) != b"\n":
-            f.readline()  # this line started in the range before: it belongs to that unit
-        pos = f.tell()
-    else:
-        pos = 0
-    while end is None or pos < end:
-        raw = f.readline()
-        if not raw:
-            break
-        pos += len(raw)
-        count[0] += 1
-        yield raw
-
-
 def _raw_docs(path: Path, kind: str, enc: str, fld: str, start: int = 0, end: int | None = None,
               count: list | None = None) -> Iterator[tuple[str | None, str | None, str]]:
     """(text, None, where) for each document, or (raw, reason, where) for a record that is unusable.
@@ -169,7 +153,8 @@ def _raw_docs(path: Path, kind: str, enc: str, fld: str, start: int = 0, end: in
         return
     count = [0] if count is None else count
     with _open(path) as f:
-        for lineno, raw in enumerate(_lines(f, start, end, count), 1):
+        for lineno, (_, raw) in enumerate(range_lines(f, start, end), 1):
+            count[0] += 1
             line = raw.decode(enc, errors="replace")  # bad bytes become U+FFFD, removed and counted by normalize
             if kind == "txt":
                 line = line.rstrip("\n")
@@ -240,28 +225,16 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f"{path.name}.{os.getpid()}.tmp")
 
 
-def _zombie(pid: int) -> bool:
-    """A killed worker whose parent died too stays a zombie where nothing reaps orphans (containers)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def _remove_stale_tmp(folder: Path) -> None:
     """Temp files left by a killed run; those of a process still alive (an orphaned worker) are left to it."""
     for f in folder.glob("*.tmp"):
         try:
             pid = int(f.name.rsplit(".", 2)[-2])
-            if pid != os.getpid():
-                os.kill(pid, 0)
-                if not _zombie(pid):
-                    continue
-        except ProcessLookupError:
-            pass
-        except (ValueError, PermissionError):
+        except ValueError:
             continue
-        f.unlink(missing_ok=True)
+        # a killed worker whose parent died too stays a zombie where nothing reaps orphans (containers)
+        if pid == os.getpid() or not pid_alive(pid) or is_zombie(pid):
+            f.unlink(missing_ok=True)
 
 
 def _gzip_writer(path: Path, level: int):
@@ -285,39 +258,27 @@ def _read_marker(path: Path, fp) -> dict | None:
     return done if done.get("fingerprint") == fp else None
 
 
-@dataclass
-class Unit:
-    """A piece of work that does not depend on the number of processes: a whole input, or a line-aligned
-    byte range [start, end) of a large uncompressed .txt/.jsonl (the lines that start in that range)."""
-    file_index: int
-    path: Path
-    part: int
-    start: int
-    end: int | None  # None: to the end (the only range of a file that is not split)
+@dataclass(frozen=True)
+class Unit(WorkUnit):
+    """A zhllama.units.Unit (fixed cuts: a whole input, or the lines that start in a byte range of a large
+    uncompressed .txt/.jsonl) named by its input's identity and its part."""
 
     @property
     def uid(self) -> str:
-        return f"{_file_id(self.path)}-{self.part:05d}"
-
-    def size(self) -> int:
-        return (self.end if self.end is not None else self.path.stat().st_size) - self.start
+        return f"{_file_id(Path(self.path))}-{self.part:05d}"
 
 
 def plan_units(files: list[Path]) -> list[Unit]:
-    units = []
-    for i, f in enumerate(files):
-        size = f.stat().st_size
-        if _kind(f) in ("txt", "jsonl") and not f.name.lower().endswith(".gz") and size > UNIT_BYTES:
-            for part, s in enumerate(range(0, size, UNIT_BYTES)):
-                units.append(Unit(i, f, part, s, min(s + UNIT_BYTES, size)))
-        else:
-            units.append(Unit(i, f, 0, 0, None))
-    return units
+    return [Unit(**asdict(u)) for u in plan_work_units(files, UNIT_BYTES, splittable=_splittable)]
+
+
+def _splittable(path: Path) -> bool:
+    return _kind(path) in ("txt", "jsonl") and not path.name.lower().endswith(".gz")
 
 
 def clean_unit(unit: Unit, cfg: PrepareConfig, work: Path) -> dict:
     """Pass 1 for one unit; returns its stats (also written to work/<uid>.stats.json as the done marker)."""
-    path = unit.path
+    path = Path(unit.path)
     out, stats_path = work / f"{unit.uid}.jsonl.gz", work / f"{unit.uid}.stats.json"
     fp = _fingerprint(path, cfg) | {"start": unit.start, "end": unit.end}
     done = _read_marker(stats_path, fp)
@@ -415,24 +376,23 @@ def _indexed(args):
     return i, fn(job)
 
 
-def _by_size(units: list[Unit], jobs: list) -> tuple[list, list[int]]:
-    # big units first: the pool then ends with small ones and every core stays busy to the end
-    order = sorted(range(len(units)), key=lambda i: -units[i].size())
-    return [jobs[i] for i in order], order
-
-
-def _pass1(units: list[Unit], cfg: PrepareConfig, work: Path, progress: bool) -> list[dict]:
-    """Clean every unit (in parallel); finished ones return their stored stats at once."""
+def _per_unit(fn, units: list[Unit], jobs: list, desc: str, num_proc: int, progress: bool) -> list:
+    """fn over one job per unit (in parallel) with a progress bar; results in unit order."""
     from tqdm import tqdm
 
-    jobs, order = _by_size(units, [(u, cfg, work) for u in units])
-    bar = tqdm(total=len(jobs), desc="clean", unit="part", disable=not progress or None)
-    res = _run_jobs(_clean_job, jobs, _num_proc(cfg), bar)
-    bar.close()
+    # big units first: the pool then ends with small ones and every core stays busy to the end
+    order = sorted(range(len(units)), key=lambda i: -units[i].size())
+    with tqdm(total=len(jobs), desc=desc, unit="part", disable=not progress or None) as bar:
+        res = _run_jobs(fn, [jobs[i] for i in order], num_proc, bar)
     results: list = [None] * len(units)
     for k, i in enumerate(order):
         results[i] = res[k]
     return results
+
+
+def _pass1(units: list[Unit], cfg: PrepareConfig, work: Path, progress: bool) -> list[dict]:
+    """Clean every unit (in parallel); finished ones return their stored stats at once."""
+    return _per_unit(_clean_job, units, [(u, cfg, work) for u in units], "clean", _num_proc(cfg), progress)
 
 
 def _clean_job(args) -> dict:
@@ -639,8 +599,6 @@ def _merge_file(units: list[Unit], res1: list[dict], res3: list[dict]) -> dict:
 def _pass3(files, units: list[Unit], results: list[dict], cfg: PrepareConfig, out: Path, work: Path,
            progress: bool):
     """Shards of every unit (in parallel), then the per-file stats; returns (per-file stats, shard names, skipped)."""
-    from tqdm import tqdm
-
     (work.parent / "shards").mkdir(exist_ok=True)
     _remove_stale_tmp(work.parent / "shards")
     bases = _bases(results)
@@ -650,13 +608,7 @@ def _pass3(files, units: list[Unit], results: list[dict], cfg: PrepareConfig, ou
         piece_base[u.file_index] = pb + r["stats"]["pieces_out"]
         fp = {"unit": r["fingerprint"], "config": cfg.public(), "base": bases[i], "ordinal": i}
         jobs.append((i, u.uid, bases[i], pb, fp, cfg, out, work))
-    ordered, order = _by_size(units, jobs)
-    bar = tqdm(total=len(jobs), desc="shards", unit="part", disable=not progress or None)
-    res = _run_jobs(shard_unit, ordered, _num_proc(cfg), bar)
-    bar.close()
-    res3: list = [None] * len(units)
-    for k, i in enumerate(order):
-        res3[i] = res[k]
+    res3 = _per_unit(shard_unit, units, jobs, "shards", _num_proc(cfg), progress)
     per_file: dict[str, dict] = {}
     by_file: dict[int, list[int]] = {}
     for i, u in enumerate(units):

@@ -36,8 +36,9 @@ import zlib
 from itertools import chain
 from pathlib import Path
 
-from pretrain.units import Unit, pid_alive, plan_units, process_start, unit_bytes, unit_documents
+from pretrain.units import Unit, plan_units, unit_bytes, unit_documents
 from zhllama.errors import UserError
+from zhllama.procs import pid_alive, process_start
 
 FORMAT_VERSION = 2
 _BATCH = 1000
@@ -219,7 +220,7 @@ def _build_unit(unit: Unit, ctx: dict) -> dict | None:
                     counts[split] += len(blocks)
         for s in tmp:
             os.replace(tmp[s], units_dir / f"{uid}.{s}.bin")
-        rec = {"unit": {"file": unit.file, "start": unit.start, "end": unit.end, "sha256": unit.sha256},
+        rec = {"unit": {"file": unit.path, "start": unit.start, "end": unit.end, "sha256": unit.sha256},
                "train_blocks": counts["train"], "eval_blocks": counts["eval"], "host": _HOST, "pid": os.getpid(),
                "rank": _rank(), "seconds": round(time.time() - t0, 3)}
         rtmp = units_dir / f"{uid}.json.{tag}"

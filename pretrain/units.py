@@ -2,22 +2,23 @@
 
 Public API:
     UNIT_BYTES, unit_bytes()                   size of the byte ranges a large .txt/.jsonl is cut into
-    Unit                                       one unit: file, encoding, byte range (end None = the whole file)
+    Unit                                       a zhllama.units.Unit with the file's encoding and sha256
     plan_units(files, encodings, hashes, size=unit_bytes()) -> [Unit]
     unit_documents(unit) -> Iterator[str]      the documents of a unit, with the corpus reader's rules
 
-Units depend on the corpus alone (never on the number of processes), so the packed blocks do too. A range
-[start, end) owns every line whose first byte lies in it; .gz and .json files cannot be split and are one
-unit each. Decoding is strict like corpora.reader: a bad byte is a one-line error naming file and byte offset.
+Units (zhllama.units, fixed cuts) depend on the corpus alone (never on the number of processes), so the packed
+blocks do too. A range [start, end) owns every line whose first byte lies in it; .gz and .json files cannot be
+split and are one unit each. Decoding is strict like corpora.reader: a bad byte is a one-line error naming file
+and byte offset.
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Iterator
 
+from zhllama import units
 from zhllama.errors import UserError
 
 # 32 MiB: about 7 M tokens (28 MB of int32) per unit at Chinese rates, so a worker's memory stays small and a
@@ -28,16 +29,12 @@ UNIT_BYTES = 32 << 20
 
 def unit_bytes() -> int:
     return int(os.environ.get("ZHLLAMA_PRETRAIN_UNIT_BYTES", UNIT_BYTES))
-_SPLITTABLE = (".txt", ".jsonl")
 
 
 @dataclass(frozen=True)
-class Unit:
-    file: str
-    encoding: str
-    sha256: str
-    start: int = 0
-    end: int | None = None  # None: the whole file through corpora.reader
+class Unit(units.Unit):
+    encoding: str = "utf-8"
+    sha256: str = ""
 
     @property
     def uid(self) -> str:
@@ -46,34 +43,27 @@ class Unit:
 
 
 def plan_units(files, encodings: dict, hashes: dict, size: int | None = None) -> list[Unit]:
-    size_limit = size or unit_bytes()
-    units = []
-    for f in files:
-        p = Path(f)
-        size = p.stat().st_size
-        if p.name.lower().endswith(_SPLITTABLE) and size > size_limit:
-            units += [Unit(str(p), encodings[f], hashes[f], a, min(a + size_limit, size))
-                      for a in range(0, size, size_limit)]
-        else:
-            units.append(Unit(str(p), encodings[f], hashes[f]))
-    return units
+    # fixed cuts (zhllama.units): a unit's nominal start names it (uid), so two units of a file never share one
+    files = list(files)
+    return [Unit(**asdict(u), encoding=encodings[files[u.file_index]], sha256=hashes[files[u.file_index]])
+            for u in units.plan_units(files, size or unit_bytes())]
 
 
 def unit_documents(unit: Unit) -> Iterator[str]:
     if unit.end is None:
         from corpora.reader import iter_documents
 
-        yield from iter_documents(unit.file, encoding=unit.encoding)
+        yield from iter_documents(unit.path, encoding=unit.encoding)
         return
-    jsonl = unit.file.lower().endswith(".jsonl")
-    for pos, line in _range_lines(Path(unit.file), unit.encoding, unit.start, unit.end):
+    jsonl = unit.path.lower().endswith(".jsonl")
+    for pos, line in units.decode_lines(unit.path, unit.encoding, unit.start, unit.end):
         if not jsonl:
             if line.strip():
                 yield line
             continue
         if not line.strip():
             continue
-        text = _record_text(unit.file, pos, line)
+        text = _record_text(unit.path, pos, line)
         if text.strip():
             yield text
 
@@ -91,43 +81,3 @@ def _record_text(path, pos: int, line: str) -> str:
         raise UserError(f"{path}: byte offset {pos}: field 'text' holds a lone surrogate escape (\\ud800-\\udfff), "
                         "which is not Unicode text")
     return rec["text"]
-
-
-def _range_lines(path: Path, encoding: str, start: int, end: int) -> Iterator[tuple[int, str]]:
-    """(byte offset, decoded line) of every line that starts in [start, end)."""
-    with open(path, "rb") as f:
-        if start > 0:
-            # the line that began before `start` belongs to the previous unit (if byte start-1 is a newline,
-            # this reads just that newline and the line at `start` is ours)
-            f.seek(start - 1)
-            f.readline()
-        pos = f.tell()
-        while pos < end:
-            raw = f.readline()
-            if not raw:
-                break
-            try:
-                line = raw.decode(encoding)
-            except UnicodeDecodeError as e:
-                raise UserError(f"{path}: byte offset {pos + e.start}: not valid {encoding}. Clean it with "
-                                "`python -m corpora prepare` or pass the right --encoding.") from None
-            yield pos, line.rstrip("\r\n")
-            pos += len(raw)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def process_start(pid: int) -> str | None:
-    """The kernel's start time of a process (so a reused pid is not taken for the claim's owner)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None

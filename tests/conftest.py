@@ -1,6 +1,7 @@
 """Fixtures: tiny tokenizers and Chinese text built in-process (core), and ../shared/data (reference)."""
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -119,6 +120,52 @@ def make_english_lines(n: int, seed: int) -> list[str]:
             s += f" in {rng.randint(1, 2024)}"
         out.append(s + rng.choice([".", "!", "?", ","]))
     return out
+
+
+def write_lines(path: Path, lines: list[str], end: str = "\n") -> None:
+    """The lines, newline-separated, then `end`, as UTF-8."""
+    path.write_text("\n".join(lines) + end, encoding="utf-8")
+
+
+def write_text_records(path: Path, texts: list[str]) -> None:
+    """A .jsonl of {"text": ...} records (characters unescaped)."""
+    write_lines(path, [json.dumps({"text": t}, ensure_ascii=False) for t in texts])
+
+
+def kill9_then_rerun_matches(cmd: list[str], run: Path, tmp_path: Path, env: dict) -> None:
+    """Run cmd (a training writing into `run`, 8 steps, a checkpoint every 2) to the end; run it again, kill -9 it
+    once checkpoint-4 is complete, rerun it: it resumes, ends at step 8, and its adapter equals the full run's.
+    Both runs write to the same path: the trajectory was observed to depend on the output path."""
+    import shutil
+    import signal
+    import subprocess
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    full = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert full.returncode == 0, full.stderr[-2000:]
+    shutil.move(str(run), str(tmp_path / "full"))
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = run / "checkpoints" / "checkpoint-4" / "zhllama_complete"
+    t0 = time.time()
+    while not marker.exists() and proc.poll() is None and time.time() - t0 < 240:
+        time.sleep(0.05)
+    assert proc.poll() is None, "run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "adapter_model.safetensors").exists()
+    again = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    shutil.move(str(run), str(tmp_path / "cut"))
+    res = json.loads((tmp_path / "cut" / "result.json").read_text())
+    assert res["resumed_from"] and res["global_step"] == 8
+    a = load_file(str(tmp_path / "full" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 @pytest.fixture(scope="session")

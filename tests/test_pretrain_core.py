@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import ROOT, make_english_lines
+from conftest import ROOT, kill9_then_rerun_matches, make_english_lines
 
 TINY_RECIPE = """
 name: core-test
@@ -312,36 +310,8 @@ def _phase2_cmd(setup, out, *extra):
 
 
 def test_kill9_then_rerun_gives_identical_adapter(setup, tmp_path):
-    from safetensors.torch import load_file
-
-    import shutil
-
-    args = ("--max-steps", "8", "--save-steps", "2")
-    # Same output path for both runs: the trajectory was observed to depend on the output path (see report).
     run = tmp_path / "run"
-    full = subprocess.run(_phase2_cmd(setup, run, *args), env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert full.returncode == 0, full.stderr[-2000:]
-    shutil.move(str(run), str(tmp_path / "full"))
-    proc = subprocess.Popen(_phase2_cmd(setup, run, *args), env=_env(), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = run / "checkpoints" / "checkpoint-4" / "zhllama_complete"
-    t0 = time.time()
-    while not marker.exists() and proc.poll() is None and time.time() - t0 < 240:
-        time.sleep(0.05)
-    assert proc.poll() is None, "run finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (run / "adapter_model.safetensors").exists()
-    again = subprocess.run(_phase2_cmd(setup, run, *args), env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-2000:]
-    shutil.move(str(run), str(tmp_path / "cut"))
-    res = json.loads((tmp_path / "cut" / "result.json").read_text())
-    assert res["resumed_from"] and res["global_step"] == 8
-    a = load_file(str(tmp_path / "full" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "cut" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    kill9_then_rerun_matches(_phase2_cmd(setup, run, "--max-steps", "8", "--save-steps", "2"), run, tmp_path, _env())
 
 
 def test_two_process_torchrun_matches_single_process(setup, tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, make_chinese_lines
+from conftest import ROOT, kill9_then_rerun_matches, make_chinese_lines, write_lines, write_text_records
 from test_pretrain_core import _env, setup  # noqa: F401  (the session fixture: tiny model + extended tokenizer)
 
 
@@ -20,10 +20,9 @@ from test_pretrain_core import _env, setup  # noqa: F401  (the session fixture: 
 def big_corpus(tmp_path_factory):
     """One .txt and one .jsonl, each larger than the small unit size the tests set (so each is several units)."""
     d = tmp_path_factory.mktemp("bigzh")
-    (d / "a.txt").write_text("\n".join(make_chinese_lines(6000, 11)) + "\n", encoding="utf-8")
-    (d / "b.jsonl").write_text("\n".join(json.dumps({"text": s}, ensure_ascii=False)
-                                         for s in make_chinese_lines(2000, 12)) + "\n", encoding="utf-8")
-    (d / "c.txt").write_text("\n".join(make_chinese_lines(300, 13)), encoding="utf-8")  # one unit, no final newline
+    write_lines(d / "a.txt", make_chinese_lines(6000, 11))
+    write_text_records(d / "b.jsonl", make_chinese_lines(2000, 12))
+    write_lines(d / "c.txt", make_chinese_lines(300, 13), end="")  # one unit, no final newline
     return d
 
 
@@ -218,38 +217,12 @@ def test_streaming_is_a_seeded_shuffle_of_the_cached_blocks(setup, big_corpus, t
 
 @pytest.mark.slow
 def test_streaming_kill9_then_rerun_gives_identical_adapter(setup, big_corpus, tmp_path):
-    from safetensors.torch import load_file
-    import shutil
-
-    import torch
-
     from test_pretrain_core import _phase2_cmd
 
-    args = ("--max-steps", "8", "--save-steps", "2", "--streaming", "--shuffle-buffer", "50")
-    env = dict(_env(), ZHLLAMA_PRETRAIN_UNIT_BYTES="40000")
     run = tmp_path / "run"
-    cmd = lambda: [x if x != str(setup["corpus"]) else str(big_corpus) for x in _phase2_cmd(setup, run, *args)]  # noqa: E731
-    full = subprocess.run(cmd(), env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert full.returncode == 0, full.stderr[-2000:]
-    shutil.move(str(run), str(tmp_path / "full"))
-    proc = subprocess.Popen(cmd(), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = run / "checkpoints" / "checkpoint-4" / "zhllama_complete"
-    t0 = time.time()
-    while not marker.exists() and proc.poll() is None and time.time() - t0 < 240:
-        time.sleep(0.05)
-    assert proc.poll() is None, "run finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    again = subprocess.run(cmd(), env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-2000:]
-    shutil.move(str(run), str(tmp_path / "cut"))
-    res = json.loads((tmp_path / "cut" / "result.json").read_text())
-    assert res["resumed_from"] and res["global_step"] == 8
-    a = load_file(str(tmp_path / "full" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "cut" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    args = ("--max-steps", "8", "--save-steps", "2", "--streaming", "--shuffle-buffer", "50")
+    cmd = [x if x != str(setup["corpus"]) else str(big_corpus) for x in _phase2_cmd(setup, run, *args)]
+    kill9_then_rerun_matches(cmd, run, tmp_path, dict(_env(), ZHLLAMA_PRETRAIN_UNIT_BYTES="40000"))
 
 
 @pytest.mark.slow

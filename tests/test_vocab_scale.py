@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import make_chinese_lines
+from conftest import make_chinese_lines, write_lines, write_text_records
 from corpora.reader import iter_corpus
 from vocab import spans as spans_mod
 from vocab.extend import ExtendConfig, collect_spans, extend_vocabulary
@@ -22,9 +22,8 @@ from vocab.train import TrainConfig, sampled_texts, train
 def mixed_corpus(tmp_path_factory):
     """A .txt big enough to be cut into byte ranges (with a small UNIT_BYTES), a .jsonl and a .txt.gz."""
     d = tmp_path_factory.mktemp("mixed")
-    (d / "a.txt").write_text("\n".join(make_chinese_lines(3000, 1)) + "\n\n", encoding="utf-8")
-    (d / "b.jsonl").write_text("\n".join(json.dumps({"text": s}, ensure_ascii=False)
-                                         for s in make_chinese_lines(500, 2)) + "\n", encoding="utf-8")
+    write_lines(d / "a.txt", make_chinese_lines(3000, 1), end="\n\n")
+    write_text_records(d / "b.jsonl", make_chinese_lines(500, 2))
     with gzip.open(d / "c.txt.gz", "wt", encoding="utf-8") as f:
         f.write("\n".join(make_chinese_lines(800, 3)) + "\n")
     return d

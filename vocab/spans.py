@@ -1,7 +1,7 @@
 """Count the CJK spans of a whole corpus for continued BPE: fixed work units, N processes, a fixed memory budget.
 
-Work units depend on the corpus alone, never on N: every file is one unit, except uncompressed .txt files over
-UNIT_BYTES, which are cut into line-aligned byte ranges of about UNIT_BYTES. Each unit is counted in a worker
+Work units (zhllama.units) depend on the corpus alone, never on N: every file is one unit, except uncompressed .txt
+files over UNIT_BYTES, which are cut into line-aligned byte ranges of about UNIT_BYTES. Each unit is counted in a worker
 process (in this process for N=1) with the same sampling and pruning, and the counts are merged in unit order,
 so the counts, and so the model, are the same for every N.
 
@@ -15,7 +15,7 @@ Public API:
     uncompressed_size(path) -> int                 bytes of text in a file (.gz: decompressed, exact)
     sample_threshold(total_bytes, max_chars) -> int     the hash threshold of `train.sampled_texts` (2**32: keep all)
     keep_doc(doc, seed, threshold) -> bool
-    work_units(files) -> [Unit]
+    work_units(files) -> [zhllama.units.Unit]
     prune(counter, max_spans) -> Counter
     count_spans(paths, cfg, stats=None, num_proc=0, progress=True, cache_dir=None) -> Counter
                                                    (cfg: vocab.train.TrainConfig; cache_dir: finished units, reused)
@@ -28,11 +28,11 @@ import os
 import pickle
 import zlib
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 from corpora.reader import CorpusStats, iter_documents, list_corpus_files, sniff
 from zhllama.errors import UserError
+from zhllama.units import Unit, decode_lines, plan_units
 
 UNIT_BYTES = 16 << 20  # a fixed unit size (never derived from N) keeps the merge order, and so the result, fixed
 _READ = 1 << 20
@@ -68,30 +68,9 @@ def keep_doc(doc: str, seed: int, threshold: int) -> bool:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{doc}".encode(), digest_size=4).digest(), "little") < threshold
 
 
-@dataclass(frozen=True)
-class Unit:
-    path: str
-    start: int = 0
-    end: int | None = None  # None: the whole file, any format
-
-
-
 def work_units(files) -> list[Unit]:
-    units = []
-    for f in files:
-        size = Path(f).stat().st_size
-        if not Path(f).name.endswith(".txt") or size <= UNIT_BYTES:
-            units.append(Unit(str(f)))
-            continue
-        with open(f, "rb") as fh:
-            pos = 0
-            while pos < size:
-                fh.seek(min(size, pos + UNIT_BYTES))
-                fh.readline()  # to the end of the line the cut falls in
-                end = min(size, fh.tell()) if pos + UNIT_BYTES < size else size
-                units.append(Unit(str(f), pos, end))
-                pos = end
-    return units
+    # cuts at line ends, each UNIT_BYTES past the previous one: the ranges this stage has always counted in
+    return plan_units(files, UNIT_BYTES, splittable=(".txt",), cut="line_end")
 
 
 def prune(counter: Counter, max_spans: int) -> Counter:
@@ -113,26 +92,6 @@ def prune(counter: Counter, max_spans: int) -> Counter:
     return Counter({s: n for s, n in counter.items() if n > cut or s in keep})
 
 
-def _range_documents(unit: Unit, encoding: str):
-    """The non-empty lines of a byte range of a .txt file, decoded strictly like corpora.reader does."""
-    offset = unit.start
-    with open(unit.path, "rb") as f:
-        f.seek(unit.start)
-        while offset < unit.end:
-            raw = f.readline()
-            if not raw:
-                break
-            try:
-                line = raw.decode(encoding)
-            except UnicodeDecodeError as e:
-                raise UserError(f"{unit.path}: byte offset {offset + e.start}: not valid {encoding}. Clean it with "
-                                "`python -m corpora prepare` or pass the right --encoding.") from None
-            offset += len(raw)
-            line = line.rstrip("\r\n")
-            if line.strip():
-                yield line
-
-
 def _unit_documents(unit: Unit, encoding: str, stats: CorpusStats):
     if unit.end is None:
         yield from iter_documents(unit.path, encoding=encoding, stats=stats)
@@ -145,9 +104,10 @@ def _unit_documents(unit: Unit, encoding: str, stats: CorpusStats):
             stats.drop(check)
     if check.binary:
         return
-    for doc in _range_documents(unit, check.encoding):
-        stats.count(doc)
-        yield doc
+    for _, line in decode_lines(unit.path, check.encoding, unit.start, unit.end):
+        if line.strip():
+            stats.count(line)
+            yield line
 
 
 def _unit_key(job) -> str:

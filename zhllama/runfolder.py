@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 from zhllama.errors import UserError
+from zhllama.procs import pid_alive
 
 CONFIG = "resolved_config.json"
 RESULT = "result.json"
@@ -56,16 +57,6 @@ _HELD: dict[str, int] = {}  # folders this process holds the lock of (the CLI lo
 
 def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @contextlib.contextmanager
@@ -105,7 +96,7 @@ def lock(out_dir, log=None):
         os.close(fd)
     old = os.read(fd, 64).decode(errors="replace").strip()
     if old.isdigit() and int(old) != os.getpid():
-        state = "no longer running" if not _pid_alive(int(old)) else "its lock released"
+        state = "no longer running" if not pid_alive(int(old)) else "its lock released"
         (log or (lambda m: print(m, file=sys.stderr)))(f"{out}: taking over the lock of process {old} ({state})")
     os.lseek(fd, 0, os.SEEK_SET)
     os.ftruncate(fd, 0)
