@@ -310,9 +310,14 @@ def _write_complete(cache: Path, content: dict) -> None:
         return
     finally:
         tmp.unlink(missing_ok=True)
-    # the markers of taken-over dead claims are needed only while units are still being claimed
-    for marker in (cache / "units").glob("*.takeover-*"):
+    # the markers of taken-over dead claims are needed only while units are still being claimed; a claim left by a
+    # process killed between finishing its unit and removing the claim names a finished unit: nobody needs it
+    units_dir = cache / "units"
+    for marker in units_dir.glob("*.takeover-*"):
         marker.unlink(missing_ok=True)
+    for claim in units_dir.glob("*.claim"):
+        if _done(units_dir, claim.name[: -len(".claim")]):
+            claim.unlink(missing_ok=True)
 
 
 class PackedBlocks:

@@ -155,7 +155,7 @@ def _progress(log):
 
     def update(done, total, rounds):
         if "bar" not in bar:
-            bar["bar"] = tqdm(total=total, desc="continued BPE", unit="piece")
+            bar["bar"] = tqdm(total=total, desc="continued BPE", unit="piece", disable=None)
         b = bar["bar"]
         b.update(done - b.n)
         b.set_postfix(rounds=rounds)

@@ -193,7 +193,8 @@ def count_spans(paths, cfg, stats: CorpusStats | None = None, num_proc: int = 0,
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(unit_size), desc=f"counting spans ({n} proc)", unit="B", unit_scale=True)
+        # disable=None: no bar when stderr is not a terminal (a log file or a test keeps only the messages)
+        bar = tqdm(total=sum(unit_size), desc=f"counting spans ({n} proc)", unit="B", unit_scale=True, disable=None)
     total: Counter = Counter()
     ndocs = 0
     pool = None
