@@ -18,7 +18,7 @@ Stages (each a fresh output folder, the real command line):
 Every stage runs with TOKENIZERS_PARALLELISM=false (bench.common.bench_env), so --num-proc 1 is one core's
 worth of work and the N=2 / N=1 ratio measures zhllama's own parallelism.
 
-Memory is sampled every 0.2 s over the whole process tree (the stage and its worker processes): "peak tree
+Memory is sampled every 0.5 s over the whole process tree (the stage and its worker processes): "peak tree
 PSS" is the largest sum of proportional set sizes (shared pages counted once), "peak process RSS" the largest
 single process. Outputs of N=1 and N=2 are compared by the SHA-256 of every file they wrote. Results go to
 bench/results/scale.json; the table is what bench/RESULTS.md and the README quote.
@@ -149,7 +149,7 @@ def run_stage(cmd: list, log: Path, kill_after: float | None = None) -> dict:
             while not done.is_set():
                 pss, rss = _tree_memory(p.pid)
                 peak["pss"], peak["rss"] = max(peak["pss"], pss), max(peak["rss"], rss)
-                done.wait(0.2)
+                done.wait(0.5)
 
         th = threading.Thread(target=sample, daemon=True)
         th.start()
@@ -169,15 +169,19 @@ def run_stage(cmd: list, log: Path, kill_after: float | None = None) -> dict:
             "peak_process_rss_mib": round(peak["rss"] / 2**20), "killed": killed}
 
 
-def tree_hash(folder: Path, skip=("manifest.json", "result.json", "resolved_config.json", "stats.json",
-                                  "vocab_report.json", "vocab_report.txt", "merge_report.json", "train_stats.json")) -> str:
-    """SHA-256 over every data file's relative path and bytes (run records hold times and paths: skipped)."""
+# the files that are the stage's output; run records (times, pids, paths) differ between any two runs
+OUTPUT_FILES = {"prepare": ("train/*.jsonl.gz", "heldout/*.jsonl.gz"), "tokenize": ("*/units/*.bin",),
+                "vocab": ("tokenizer.model", "tokenizer.json", "chinese_sp.model")}
+
+
+def tree_hash(folder: Path, stage: str) -> str:
+    """SHA-256 over the relative path and bytes of every output file of the stage."""
     h = hashlib.sha256()
-    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-        rel = f.relative_to(folder)
-        if f.name in skip or any(part.startswith(".") for part in rel.parts) or f.suffix in (".log", ".lock"):
-            continue
-        h.update(str(rel).encode())
+    files = sorted({f for pattern in OUTPUT_FILES[stage] for f in folder.glob(pattern) if f.is_file()})
+    if not files:
+        raise SystemExit(f"{folder}: no output files ({', '.join(OUTPUT_FILES[stage])})")
+    for f in files:
+        h.update(str(f.relative_to(folder)).encode())
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
@@ -246,7 +250,7 @@ def main(argv=None) -> int:
                 shutil.rmtree(out, ignore_errors=True)
                 print(f"-- {stage} {size_s} --num-proc {n}", flush=True)
                 m = run_stage(stage_cmd(stage, files, out, n, tokenizer), args.work / "logs" / f"{out.name}.log")
-                hashes[n] = tree_hash(out)
+                hashes[n] = tree_hash(out, stage)
                 row = {"stage": stage, "size": size_s, "mb": round(mb), "num_proc": n, **m,
                        "mb_per_s": round(mb / m["seconds"], 2), "output_sha256": hashes[n][:16]}
                 rows.append(row)
@@ -295,7 +299,7 @@ def resume_check(args, size: int, tokenizer: Path, rows: list) -> dict:
     print(f"-- resume check: kill -9 after {kill_at} s, then rerun", flush=True)
     first = run_stage(cmd, args.work / "logs" / "resume-killed.log", kill_after=kill_at)
     second = run_stage(cmd, args.work / "logs" / "resume-rerun.log")
-    same = tree_hash(out) == tree_hash(ref)
+    same = tree_hash(out, "tokenize") == tree_hash(ref, "tokenize")
     result = {"size": size_s, "cold_seconds": cold["seconds"], "killed_after_seconds": first["seconds"],
               "killed": first["killed"], "rerun_seconds": second["seconds"], "blocks_identical_to_cold_run": same}
     if not args.keep:

@@ -35,7 +35,8 @@ SEED = 1
 SCHEME = "affine32"
 SHINGLE_CHUNK = 4096   # shingles hashed at once (see signature)
 KEY_RUN = 1 << 18      # rows per sorted run file written by a pass-1 worker (6 MiB, about 4x that while sorting)
-GROUP_ROWS = 1 << 19   # rows per key range in the dedup pass (12 MiB, about 3x that while sorting)
+GROUP_ROWS = 1 << 17   # rows per key range in the dedup pass (3 MiB, about 3x that while sorting): small, so the
+                       # range size (between half and all of this) moves the peak by little (bench/scale.py)
 
 
 def text_key(text: str) -> bytes:
