@@ -154,6 +154,9 @@ def main(argv=None):
 
         import signal
 
+        # A process started in the background of a script (CI under nohup, `cmd &`) inherits SIGINT as ignored, and
+        # Python then installs no KeyboardInterrupt handler: the chat is interactive, so Ctrl-C always ends it.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         # Ctrl-C at the prompt must reach the main thread, which waits in readline: a SIGINT delivered to another
         # thread does not wake it. Threads inherit the creating thread's signal mask, so every thread made while
         # loading and in a first forward pass (weight loaders, the intra-op pool) is made with SIGINT blocked.
