@@ -317,6 +317,8 @@ def summarise(rows: list) -> dict:
             if len(pts) < 2:
                 continue
             a, b = fit(pts)
+            if b <= 0:  # no growth measured: the extrapolation is the largest peak seen, not a falling line
+                a, b = max(y for _, y in pts), 0.0
             small, big = min(pts), max(pts)
             fits[f"{stage}/n{n}"] = {"mib_at_0": round(a), "mib_per_gb": round(b, 1),
                                      "ratio_largest_to_smallest": round(big[1] / max(1, small[1]), 3),
