@@ -133,28 +133,20 @@ def terminal_input(prompt: str) -> str:
 
     A terminal's SIGINT goes to any thread of the process that does not block it; when a library thread takes
     it, a main thread asleep in input() never wakes to raise KeyboardInterrupt. Waking every 0.2 s lets Python
-    run the pending handler in the main thread whichever thread the kernel chose. The line is read from the file
-    descriptor only when select says it is readable (a terminal in canonical mode delivers whole lines), so the
-    main thread is never asleep in a read that a signal taken elsewhere cannot end.
+    run the pending handler in the main thread whichever thread the kernel chose. A terminal in canonical mode
+    makes stdin readable only once a whole line (or Ctrl-D) is typed, so the line is then read at once.
     """
-    import os
     import select
     import sys
 
     sys.stdout.write(prompt)
     sys.stdout.flush()
-    fd = sys.stdin.fileno()
-    data = b""
-    while not data.endswith(b"\n"):
-        if not select.select([fd], [], [], 0.2)[0]:
-            continue
-        chunk = os.read(fd, 65536)
-        if not chunk:  # Ctrl-D on an empty line
-            if not data:
-                raise EOFError
-            break
-        data += chunk
-    return data.decode(sys.stdin.encoding or "utf-8", errors="replace").rstrip("\n")
+    while not select.select([sys.stdin], [], [], 0.2)[0]:
+        pass
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line.rstrip("\n")
 
 
 def chat(model, tok, template: str, preset: str = "paper", max_new_tokens: int = 400, context: int = 2048,
