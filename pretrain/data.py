@@ -23,11 +23,14 @@ build), complete.json once
 every unit is finished. Every process of every rank (torchrun, accelerate, several nodes on a shared filesystem)
 claims units with an O_EXCL claim file (host, pid), builds them in --num-proc worker processes, then waits until
 all are finished: each unit is built exactly once, nothing is deleted by another process, and a build killed at
-any point continues from its finished units when rerun (a dead process's claim on this host is taken over; a
-claim of a dead process on another node must be removed by hand: units/UID.claim).
+any point continues from its finished units when rerun. A dead process's claim on this host is taken over at
+once; a builder touches its claim at least every HEARTBEAT_S seconds, so a claim from another node whose
+modification time has not changed for STALE_S seconds (as seen by the waiting process's own clock, so clocks of
+different nodes need not agree) is taken over too: a node that died mid-build needs no hand clean-up.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -44,6 +47,9 @@ FORMAT_VERSION = 2
 _BATCH = 1000
 _POLL_S = 0.5
 _HOST = socket.gethostname()
+HEARTBEAT_S = 30.0  # a builder touches its claim this often
+STALE_S = 600.0  # a claim of another host that nobody touched for this long belongs to a dead node
+_SEEN: dict = {}  # claim path -> (its mtime_ns, when this process first saw that mtime) for claims of other hosts
 
 
 def tokenizer_hash(tokenizer_dir: str | Path) -> str:
@@ -165,10 +171,24 @@ def _stale_claim(claim: Path) -> dict | None:
         # created but never written: its owner died between open and write (or is writing right now)
         return {"host": _HOST, "pid": f"empty-{int(claim.stat().st_mtime_ns)}"} if age > 60 else None
     if c.get("host") != _HOST:
-        return None
+        return c if _unchanged_for(claim, STALE_S) else None
     if pid_alive(c["pid"]) and process_start(c["pid"]) == c.get("start"):
         return None
     return c
+
+
+def _unchanged_for(claim: Path, seconds: float) -> bool:
+    """True when this process has seen the claim's mtime stay the same for `seconds` of its own clock."""
+    try:
+        mtime = claim.stat().st_mtime_ns
+    except OSError:
+        return False
+    now = time.monotonic()
+    seen = _SEEN.get(str(claim))
+    if seen is None or seen[0] != mtime:
+        _SEEN[str(claim)] = (mtime, now)
+        return False
+    return now - seen[1] >= seconds
 
 
 def _try_claim(units_dir: Path, uid: str) -> bool:
@@ -208,13 +228,17 @@ def _build_unit(unit: Unit, ctx: dict) -> dict | None:
         return None
     tag = f"tmp-{_HOST}-{os.getpid()}"
     tmp = {s: units_dir / f"{uid}.{s}.bin.{tag}" for s in ("train", "eval")}
-    t0 = time.time()
+    t0 = beat = time.time()
     try:
         counts = {"train": 0, "eval": 0}
         with open(tmp["train"], "wb") as ft, open(tmp["eval"], "wb") as fe:
             out = {"train": ft, "eval": fe}
             for split, blocks in _unit_blocks(unit, ctx["tok_dir"], ctx["block_size"], ctx["eval_ratio"],
                                               ctx["max_eval_blocks"]):
+                if time.time() - beat >= HEARTBEAT_S:
+                    beat = time.time()
+                    with contextlib.suppress(OSError):
+                        os.utime(_claim_path(units_dir, uid))
                 if len(blocks):
                     blocks.astype("<i4", copy=False).tofile(out[split])
                     counts[split] += len(blocks)
