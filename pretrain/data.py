@@ -302,6 +302,8 @@ def _build_units(units: list[Unit], ctx: dict, num_proc: int, progress: bool) ->
         while True:
             missing = [u for u in unique if not _done(units_dir, u.uid)]
             bar.n = len(unique) - len(missing)
+            if not missing:
+                bar.set_postfix_str("", refresh=False)
             bar.refresh()
             if not missing:
                 break
@@ -311,6 +313,8 @@ def _build_units(units: list[Unit], ctx: dict, num_proc: int, progress: bool) ->
                     built += 1
                     progressed = True
             if not progressed:
+                # say why the bar stands still: another process (rank, node) is building these units
+                bar.set_postfix_str(f"waiting for {len(missing)} unit(s) claimed by other processes", refresh=False)
                 time.sleep(_POLL_S)
     finally:
         bar.close()
