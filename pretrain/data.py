@@ -26,7 +26,9 @@ all are finished: each unit is built exactly once, nothing is deleted by another
 any point continues from its finished units when rerun. A dead process's claim on this host is taken over at
 once; a builder touches its claim at least every HEARTBEAT_S seconds, so a claim from another node whose
 modification time has not changed for STALE_S seconds (as seen by the waiting process's own clock, so clocks of
-different nodes need not agree) is taken over too: a node that died mid-build needs no hand clean-up.
+different nodes need not agree) is taken over too: a node that died mid-build needs no hand clean-up. A builder
+that was only stalled finds at its next heartbeat that the claim is no longer its own and leaves the unit to
+the new holder (blocks are deterministic, so whoever finishes writes the same bytes).
 """
 from __future__ import annotations
 
@@ -228,6 +230,7 @@ def _build_unit(unit: Unit, ctx: dict) -> dict | None:
         return None
     tag = f"tmp-{_HOST}-{os.getpid()}"
     tmp = {s: units_dir / f"{uid}.{s}.bin.{tag}" for s in ("train", "eval")}
+    claim = _claim_path(units_dir, uid)
     t0 = beat = time.time()
     try:
         counts = {"train": 0, "eval": 0}
@@ -237,13 +240,20 @@ def _build_unit(unit: Unit, ctx: dict) -> dict | None:
                                               ctx["max_eval_blocks"]):
                 if time.time() - beat >= HEARTBEAT_S:
                     beat = time.time()
+                    if not _owns(claim):
+                        return None  # this process stalled and its claim was taken over: the new holder builds it
                     with contextlib.suppress(OSError):
-                        os.utime(_claim_path(units_dir, uid))
+                        os.utime(claim)
                 if len(blocks):
                     blocks.astype("<i4", copy=False).tofile(out[split])
                     counts[split] += len(blocks)
-        for s in tmp:
-            os.replace(tmp[s], units_dir / f"{uid}.{s}.bin")
+        if not _owns(claim):
+            return None
+        try:
+            for s in tmp:
+                os.replace(tmp[s], units_dir / f"{uid}.{s}.bin")
+        except FileNotFoundError:
+            return None  # taken over just now (the taker removed this process's temp files)
         rec = {"unit": {"file": unit.path, "start": unit.start, "end": unit.end, "sha256": unit.sha256},
                "train_blocks": counts["train"], "eval_blocks": counts["eval"], "host": _HOST, "pid": os.getpid(),
                "rank": _rank(), "seconds": round(time.time() - t0, 3)}
@@ -257,7 +267,20 @@ def _build_unit(unit: Unit, ctx: dict) -> dict | None:
     finally:
         for t in tmp.values():
             t.unlink(missing_ok=True)
-        _claim_path(units_dir, uid).unlink(missing_ok=True)
+        if _owns(claim):  # never the claim of a process that took this unit over
+            claim.unlink(missing_ok=True)
+
+
+def _owns(claim: Path) -> bool:
+    """Does this process still hold the claim? Only a claim shown to be gone or someone else's is not ours: an
+    unreadable one (a filesystem hiccup) is, so a builder never abandons a unit it alone holds."""
+    try:
+        c = json.loads(claim.read_text())
+    except (FileNotFoundError, ValueError):
+        return False  # removed by a taker, or a taker's claim being written
+    except OSError:
+        return True
+    return isinstance(c, dict) and c.get("host") == _HOST and c.get("pid") == os.getpid()
 
 
 def _worker_init():

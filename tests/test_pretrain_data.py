@@ -228,6 +228,39 @@ def test_claim_of_another_node_is_taken_over_only_when_its_heartbeat_stops(setup
     assert (dead / f"{uid}.train.bin").read_bytes() == (ref_units / f"{uid}.train.bin").read_bytes()
 
 
+def test_builder_whose_claim_was_taken_over_steps_aside(setup, big_corpus, tmp_path, monkeypatch):
+    """A builder that stalled long enough for its claim to be taken over notices at its next heartbeat: it writes
+    nothing, leaves the new holder's claim alone and removes only its own temp files."""
+    from pretrain import data
+
+    (unit,), cache, _, _ = data._plan([big_corpus / "c.txt"], setup["tok"], 32, tmp_path / "c", 0.02, 1000, "auto")
+    units_dir = cache / "units"
+    units_dir.mkdir(parents=True)
+    claim = units_dir / f"{unit.uid}.claim"
+    taker = json.dumps({"host": "node-b", "pid": 7, "start": "1", "rank": 1})
+    real = data._unit_blocks
+
+    def stalled(*args, **kwargs):
+        for i, chunk in enumerate(real(*args, **kwargs)):
+            if i == 1:
+                claim.write_text(taker)  # node-b judged this process dead and took the unit over
+            yield chunk
+
+    monkeypatch.setattr(data, "_unit_blocks", stalled)
+    monkeypatch.setattr(data, "HEARTBEAT_S", 0.0)
+    ctx = {"cache": str(cache), "tok_dir": str(setup["tok"]), "block_size": 32, "eval_ratio": 0.02,
+           "max_eval_blocks": 1000}
+    assert data._build_unit(unit, ctx) is None
+    assert claim.read_text() == taker
+    assert sorted(p.name for p in units_dir.iterdir()) == [claim.name]
+
+    # not taken over: the same call builds the unit and removes its own claim
+    claim.unlink()
+    monkeypatch.setattr(data, "_unit_blocks", real)
+    rec = data._build_unit(unit, ctx)
+    assert rec["train_blocks"] > 0 and not claim.exists() and (units_dir / f"{unit.uid}.json").is_file()
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_build_a_new_cache_once_and_train(setup, big_corpus, tmp_path):
     cache = tmp_path / "cache"
