@@ -249,17 +249,17 @@ def _build_unit(unit: Unit, ctx: dict) -> dict | None:
                     counts[split] += len(blocks)
         if not _owns(claim):
             return None
-        try:
-            for s in tmp:
-                os.replace(tmp[s], units_dir / f"{uid}.{s}.bin")
-        except FileNotFoundError:
-            return None  # taken over just now (the taker removed this process's temp files)
         rec = {"unit": {"file": unit.path, "start": unit.start, "end": unit.end, "sha256": unit.sha256},
                "train_blocks": counts["train"], "eval_blocks": counts["eval"], "host": _HOST, "pid": os.getpid(),
                "rank": _rank(), "seconds": round(time.time() - t0, 3)}
         rtmp = units_dir / f"{uid}.json.{tag}"
-        rtmp.write_text(json.dumps(rec))
-        os.replace(rtmp, units_dir / f"{uid}.json")  # the unit is finished once this name exists
+        try:
+            for s in tmp:
+                os.replace(tmp[s], units_dir / f"{uid}.{s}.bin")
+            rtmp.write_text(json.dumps(rec))
+            os.replace(rtmp, units_dir / f"{uid}.json")  # the unit is finished once this name exists
+        except FileNotFoundError:
+            return None  # taken over just now (the taker removed this process's temp files)
         # every build appends a line (O_APPEND): a unit built twice would show up twice
         with open(units_dir / "builds.jsonl", "a") as log:
             log.write(json.dumps({"uid": uid, "host": _HOST, "pid": os.getpid(), "rank": _rank()}) + "\n")
