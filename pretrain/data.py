@@ -225,12 +225,12 @@ def _build_unit(unit: Unit, ctx: dict) -> dict | None:
     uid = unit.uid
     if _done(units_dir, uid) or not _try_claim(units_dir, uid):
         return None
+    claim = _claim_path(units_dir, uid)
     if _done(units_dir, uid):  # finished between the check and the claim
-        _claim_path(units_dir, uid).unlink(missing_ok=True)
+        claim.unlink(missing_ok=True)
         return None
     tag = f"tmp-{_HOST}-{os.getpid()}"
     tmp = {s: units_dir / f"{uid}.{s}.bin.{tag}" for s in ("train", "eval")}
-    claim = _claim_path(units_dir, uid)
     t0 = beat = time.time()
     try:
         counts = {"train": 0, "eval": 0}
@@ -487,29 +487,31 @@ def build_cache(corpus, tokenizer_dir, block_size: int, cache_dir, eval_ratio: f
     """Tokenize and pack every unit into CACHE_DIR/KEY (once across processes and ranks); the data info."""
     units, cache, key_info, info = _plan(corpus, tokenizer_dir, block_size, cache_dir, eval_ratio, max_eval_blocks,
                                          encoding)
-    return _ensure_cache(units, cache, key_info, info, tokenizer_dir, block_size, eval_ratio, max_eval_blocks,
-                         num_proc, progress, [str(f) for f in info["files"]])
+    _ensure_cache(units, cache, key_info, info, tokenizer_dir, block_size, eval_ratio, max_eval_blocks, num_proc,
+                  progress, [str(f) for f in info["files"]])
+    return info
 
 
 def _ensure_cache(units, cache, key_info, info, tokenizer_dir, block_size, eval_ratio, max_eval_blocks, num_proc,
-                  progress, files):
+                  progress, files) -> list[dict]:
+    """Build what is missing (info gets how); the record of every unit, in unit order."""
     n = resolve_num_proc(num_proc)
     info["num_proc"] = n
     if (cache / "complete.json").is_file():
         info.update(reused_cache=True, built_units=0)
-    else:
-        t0 = time.time()
-        ctx = {"cache": str(cache), "tok_dir": str(tokenizer_dir), "block_size": block_size, "eval_ratio": eval_ratio,
-               "max_eval_blocks": max_eval_blocks}
-        built = _build_units(units, ctx, n, progress)
-        recs = {u.uid: _unit_record(cache, u.uid) for u in units}
-        if not sum(r["train_blocks"] for r in recs.values()):
-            raise _empty(files, block_size)
-        _write_complete(cache, dict(key_info, train_blocks=sum(recs[u.uid]["train_blocks"] for u in units),
-                                    eval_blocks=sum(recs[u.uid]["eval_blocks"] for u in units),
-                                    units=[u.uid for u in units]))
-        info.update(reused_cache=False, built_units=built, build_seconds=round(time.time() - t0, 2))
-    return info
+        return [_unit_record(cache, u.uid) for u in units]
+    t0 = time.time()
+    ctx = {"cache": str(cache), "tok_dir": str(tokenizer_dir), "block_size": block_size, "eval_ratio": eval_ratio,
+           "max_eval_blocks": max_eval_blocks}
+    built = _build_units(units, ctx, n, progress)
+    recs = [_unit_record(cache, u.uid) for u in units]
+    train_blocks = sum(r["train_blocks"] for r in recs)
+    if not train_blocks:
+        raise _empty(files, block_size)
+    _write_complete(cache, dict(key_info, train_blocks=train_blocks, eval_blocks=sum(r["eval_blocks"] for r in recs),
+                                units=[u.uid for u in units]))
+    info.update(reused_cache=False, built_units=built, build_seconds=round(time.time() - t0, 2))
+    return recs
 
 
 def build_datasets(corpus, tokenizer_dir, block_size: int, cache_dir, eval_ratio: float = 0.01,
@@ -533,9 +535,8 @@ def _build_datasets(corpus, tokenizer_dir, block_size, cache_dir, eval_ratio, ma
     if streaming:
         return _streaming(units, info, str(tokenizer_dir), block_size, eval_ratio, max_eval_blocks, seed,
                           shuffle_buffer, files)
-    _ensure_cache(units, cache, key_info, info, tokenizer_dir, block_size, eval_ratio, max_eval_blocks, num_proc,
-                  progress, files)
-    recs = [_unit_record(cache, u.uid) for u in units]
+    recs = _ensure_cache(units, cache, key_info, info, tokenizer_dir, block_size, eval_ratio, max_eval_blocks,
+                         num_proc, progress, files)
     units_dir = cache / "units"
     train_ds = PackedBlocks([(str(units_dir / f"{u.uid}.train.bin"), r["train_blocks"]) for u, r in zip(units, recs)],
                             block_size)
