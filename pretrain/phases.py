@@ -174,7 +174,10 @@ def _run(stage, model_dir, corpus, out_dir, recipe, settings, resume, cache_dir,
     """The locked run folder around a phase: nothing to do when up to date, else body(prepared inputs)."""
     from zhllama import runfolder
 
+    from zhllama.trainer import check_engine
+
     out_dir = Path(out_dir)
+    check_engine(settings, stage)  # the engine config against the recipe, before any weights load
     with runfolder.lock(out_dir):
         prep = _prepare(stage, model_dir, corpus, out_dir, recipe, settings, resume, cache_dir, tokenizer_dir, extra,
                         artefacts=artefacts)
@@ -213,12 +216,42 @@ def _phase1(prep, model_dir, out_dir, settings, new_rows_only):
     trainer, result = run_training(model, train_ds, eval_ds, settings, out_dir, collate_blocks)
     if is_main_process():
         stage = runfolder.staging(out_dir)
-        final = model.merge_and_unload() if new_rows_only else model
-        final.save_pretrained(stage)
+        sd = trainer.full_state  # gathered from every rank under ZeRO-3/FSDP, else None
+        if sd is None:
+            final = model.merge_and_unload() if new_rows_only else model
+            final.save_pretrained(stage)
+        else:
+            final = model.get_base_model() if new_rows_only else model
+            final.save_pretrained(stage, state_dict=_merged_trainable_tokens(sd, range(base_vocab, n_rows)) if new_rows_only else sd)
         copy_tokenizer(tok_dir, stage)
         check_sizes(final, stage, tokenizer_len(stage), stage)
+        from zhllama.weightcheck import check_weights
+
+        for f in sorted(stage.glob("*.safetensors")):
+            check_weights(f, final.config)
         return _finish("pretrain.phase1", out_dir, model_dir, tok_dir, resolved, inputs, fingerprint, result, summary)
     return result
+
+
+def _merged_trainable_tokens(sd: dict, token_indices) -> dict:
+    """A gathered TrainableTokens (phase 1, new rows only) state dict as the plain model's: the trained rows
+    copied into the base embedding, the PEFT prefixes dropped (what merge_and_unload does to live modules)."""
+    import torch
+
+    prefix = "base_model.model."
+    out = {}
+    for k, v in sd.items():
+        k = k[len(prefix):] if k.startswith(prefix) else k
+        if ".trainable_tokens_" in k:
+            continue
+        out[k.replace(".base_layer.weight", ".weight")] = v
+    for k, delta in sd.items():
+        if ".trainable_tokens_delta." in k:
+            layer = k.split(".trainable_tokens_delta.")[0]
+            name = (layer[len(prefix):] if layer.startswith(prefix) else layer) + ".weight"
+            index = torch.as_tensor(list(token_indices))
+            out[name] = out[name].index_copy(0, index, delta.to(out[name].dtype))
+    return out
 
 
 def lora_config(phase):
@@ -230,18 +263,28 @@ def lora_config(phase):
     )
 
 
-def check_adapter(out_dir: Path) -> dict:
-    """Refuse to call a run finished when the adapter file is empty (the reference's 443-byte adapters)."""
+def check_adapter(out_dir: Path, config=None) -> dict:
+    """Refuse to call a run finished when the adapter file is empty (the reference's 443-byte adapters), holds a
+    zero-size tensor (a save over partitioned ZeRO-3/FSDP parameters) or, given the base's config, a tensor
+    whose shape is not the base's."""
     from safetensors import safe_open
 
     f = out_dir / "adapter_model.safetensors"
     if not f.is_file():
-        raise RuntimeError(f"{f}: adapter was not written")
+        raise UserError(f"{f}: adapter was not written")
     with safe_open(str(f), "pt") as sf:
         keys = list(sf.keys())
+        empty = [k for k in keys if 0 in tuple(sf.get_slice(k).get_shape())]
     lora = [k for k in keys if "lora_" in k]
     if not lora:
-        raise RuntimeError(f"{f}: adapter holds no LoRA weights ({len(keys)} tensors, {f.stat().st_size} bytes)")
+        raise UserError(f"{f}: adapter holds no LoRA weights ({len(keys)} tensors, {f.stat().st_size} bytes)")
+    if empty:
+        raise UserError(f"{f}: {len(empty)} tensor(s) are empty, e.g. {empty[0]} (a save over partitioned "
+                        "ZeRO-3/FSDP parameters?); the run is not finished, rerun it")
+    if config is not None:
+        from zhllama.weightcheck import check_weights
+
+        check_weights(f, config)
     return {"tensors": len(keys), "lora_tensors": len(lora), "bytes": f.stat().st_size,
             "full_modules": sorted({k.split(".")[-2] for k in keys if "lora_" not in k})}
 
@@ -276,13 +319,14 @@ def _phase2(prep, model_dir, out_dir, phase, settings):
     trainer, result = run_training(model, train_ds, eval_ds, settings, out_dir, collate_blocks)
     if is_main_process():
         stage = runfolder.staging(out_dir)
-        model.save_pretrained(stage)
+        # under ZeRO-3/FSDP the weights were gathered from every rank (trainer.full_state); else None
+        model.save_pretrained(stage, state_dict=trainer.full_state)
         # vanilla PeftModel.from_pretrained(base, DIR) reads the base path from here
         acfg = json.loads((stage / "adapter_config.json").read_text())
         acfg["base_model_name_or_path"] = str(Path(model_dir).resolve())
         (stage / "adapter_config.json").write_text(json.dumps(acfg, indent=2) + "\n")
         copy_tokenizer(tok_dir, stage)
-        result["adapter"] = check_adapter(stage)
+        result["adapter"] = check_adapter(stage, model.get_base_model().config)
         from zhllama.lineage import record_lineage
 
         record_lineage(stage, model_dir, final_dir=out_dir)

@@ -180,10 +180,15 @@ def _fit(model, tok, cfg, train_set, eval_set, out):
 def _save_adapter(trainer, stage: Path, model_dir: Path, tmpl_name: str) -> None:
     from sft.template import save_name
 
-    # modules_to_save already holds the full embed/head; save_embedding_layers would add two more copies
-    trainer.model.save_pretrained(str(stage), save_embedding_layers=False)
-    if not (stage / "adapter_model.safetensors").is_file() or (stage / "adapter_model.safetensors").stat().st_size < 1024:
+    from zhllama.weightcheck import check_weights
+
+    # modules_to_save already holds the full embed/head; save_embedding_layers would add two more copies.
+    # Under ZeRO-3/FSDP the weights were gathered from every rank (trainer.full_state); else None.
+    trainer.model.save_pretrained(str(stage), save_embedding_layers=False, state_dict=trainer.full_state)
+    f = stage / "adapter_model.safetensors"
+    if not f.is_file() or f.stat().st_size < 1024:
         raise UserError(f"{stage}: the saved adapter is empty; nothing was trained")
+    check_weights(f, trainer.model.get_base_model().config)
     # the adapter records the folder it applies to; with --adapter that is base + pretrain adapter
     acfg = json.loads((stage / "adapter_config.json").read_text(encoding="utf-8"))
     acfg["base_model_name_or_path"] = str(model_dir.resolve())
@@ -215,6 +220,9 @@ def train(model_dir, data, out, adapter=None, template=None, max_steps=None, rec
         train_set, eval_set = _encode(tok, tmpl, cfg, train_recs, eval_recs, log)
         if cfg.num_epochs > 0:
             cfg.max_steps = max(1, math.ceil(cfg.num_epochs * len(train_set.examples) / cfg.global_batch_size))
+        from zhllama.trainer import check_engine, settings_from
+
+        check_engine(settings_from(cfg), "sft")  # the engine config against the recipe, before weights load
         inputs = {
             "model_config": runfolder.input_entry(model_dir / "config.json"),
             "data": [runfolder.input_entry(d) for d in data],

@@ -114,12 +114,15 @@ def lock(out_dir, log=None):
 
 def ensure_writable(out_dir) -> None:
     """mkdir OUT and prove it can be written, or UserError naming it."""
+    import tempfile
+
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        # a probe of its own: the ranks of one launch check the same new folder at the same moment
+        fd, probe = tempfile.mkstemp(prefix=".write_test-", dir=out_dir)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
         raise UserError(f"{out_dir}: output folder is not writable ({e.strerror}); choose another --out or fix its "
                         "permissions") from None

@@ -19,10 +19,19 @@ Public API (stable; every training stage uses it):
         eval_loss_after, train_loss, global_step, resumed_from, tokens_seen, and the effective settings.
     last_complete_checkpoint(out_dir) -> Path | None
     plain_eval_loss(model, dataset, collate, batch_size, precision="fp32") -> float   mean loss per predicted token, no Trainer
+    eval_loss(model, dataset, collate, batch_size, precision="fp32") -> float   the same over every rank of a
+        distributed run (each rank evaluates its share, the sums are all-reduced): any process count gives the
+        same figure, and under ZeRO-3 the forward gathers the partitioned weights
+    check_engine(settings, where) -> Engine    the launcher's engine config against the recipe, before weights load
     world_size() -> int, is_main_process() -> bool
 
 Distributed runs come from the launcher (torchrun / accelerate launch with a DDP, DeepSpeed or FSDP config):
-the Trainer reads them from the environment; nothing here is specific to one backend.
+the Trainer reads them from the environment. What depends on the engine: the engine config may not contradict
+the recipe (zhllama.engine), and the final weights are gathered from every rank (`trainer.full_state`, None
+when every rank holds them whole) before the main process saves them.
+Any process count trains the same model for one global batch: transformers normalises the loss by the trained
+tokens of the whole global batch (average_tokens_across_devices), accelerate hands micro-batch k of a step to
+rank k mod N, and the random state of each micro-batch (dropout) is seeded by its index in the global batch.
 """
 from __future__ import annotations
 
@@ -114,6 +123,11 @@ def _callbacks(out_dir: Path):
             self.tokens0 = state.num_input_tokens_seen or 0
 
         def on_save(self, args, state, control, **kw):
+            import torch.distributed as dist
+
+            # every rank has written its part (ZeRO/FSDP shards) before the checkpoint is called whole
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()
             if state.is_world_process_zero:
                 ck = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if ck.is_dir():
@@ -143,6 +157,22 @@ def _trainer_class():
 
         prior = {"loss_sum": 0.0, "seconds": 0.0}
         started = 0.0
+        full_state = None
+        _seed_at = (-1, 0)
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            # Micro-batch i of a step on rank r is batch i*N + r of the global batch (accelerate's sharding),
+            # so seeding its random state (dropout) by that index gives every process count the same masks.
+            import torch
+
+            step, i = self._seed_at
+            i = i + 1 if step == self.state.global_step else 0
+            self._seed_at = (self.state.global_step, i)
+            index = i * self.args.world_size + self.args.process_index
+            devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(_micro_batch_seed(self.args.seed, self.state.global_step, index))
+                return super().training_step(model, inputs, num_items_in_batch)
 
         def _save_checkpoint(self, model, trial):
             super()._save_checkpoint(model, trial)
@@ -157,6 +187,25 @@ def _trainer_class():
                     "seconds": round(self.prior["seconds"] + time.time() - self.started, 2)}))
 
     return TotalsTrainer
+
+
+def _eval_before(measure, result, path, is_main):
+    """A callback measuring the held-out loss before the first step, once the engine has prepared the model."""
+    from transformers import TrainerCallback
+
+    from zhllama.manifest import write_json
+
+    class EvalBefore(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            result["eval_loss_before"] = measure()
+            if is_main():
+                write_json(path, {"eval_loss": result["eval_loss_before"]})
+
+    return EvalBefore()
+
+
+def _micro_batch_seed(seed: int, step: int, index: int) -> int:
+    return ((seed * 1_000_003 + step) * 65_537 + index) % (2**63)
 
 
 def _read_totals(ckpt) -> dict:
@@ -200,10 +249,7 @@ def plot_loss(log_history: list, path: Path) -> None:
     plt.close(fig)
 
 
-def training_arguments(settings: TrainSettings, out_dir: Path, has_eval: bool):
-    import torch
-    from transformers import TrainingArguments
-
+def _accumulation(settings: TrainSettings) -> int:
     ws = world_size()
     per = settings.per_device_batch_size * ws
     if settings.global_batch_size % per:
@@ -211,9 +257,30 @@ def training_arguments(settings: TrainSettings, out_dir: Path, has_eval: bool):
             f"global batch {settings.global_batch_size} is not a multiple of per-device batch "
             f"{settings.per_device_batch_size} x {ws} processes; change --batch-size or --per-device-batch-size"
         )
-    accum = settings.global_batch_size // per
+    return settings.global_batch_size // per
+
+
+def check_engine(settings: TrainSettings, where: str):
+    """Everything about the launch that can be wrong, checked before any weights load."""
+    from zhllama import engine
+
+    eng = engine.detect(settings.deepspeed)
+    engine.check(eng, settings.precision, _accumulation(settings), settings.max_grad_norm,
+                 settings.per_device_batch_size, where)
+    return eng
+
+
+def training_arguments(settings: TrainSettings, out_dir: Path, has_eval: bool):
+    import torch
+    from transformers import TrainingArguments
+
+    from zhllama.engine import effective_precision, sync_launcher_precision
+
+    ws = world_size()
+    accum = _accumulation(settings)
     cuda = torch.cuda.is_available()
-    precision = settings.precision if cuda else "fp32"  # CPU: fp16 AMP is GPU-only, bf16 autocast is slow
+    precision = effective_precision(settings.precision)  # CPU: fp16 AMP is GPU-only, bf16 autocast is slow
+    sync_launcher_precision(settings.precision)
     kw = dict(
         output_dir=str(out_dir / "checkpoints"),
         per_device_train_batch_size=settings.per_device_batch_size,
@@ -240,6 +307,8 @@ def training_arguments(settings: TrainSettings, out_dir: Path, has_eval: bool):
         include_num_input_tokens_seen=settings.count_tokens,
         prediction_loss_only=True,  # only the loss is used; gathering logits of a 50k vocabulary costs memory
         dataloader_num_workers=settings.dataloader_num_workers,
+        # the loss of a step is normalised by the trained tokens of the whole global batch, on every rank
+        average_tokens_across_devices=True,
         use_cpu=not cuda,
         ddp_backend=None if cuda else ("gloo" if ws > 1 else None),
         ddp_find_unused_parameters=False if ws > 1 else None,
@@ -279,6 +348,54 @@ def plain_eval_loss(model, dataset, collate, batch_size: int, precision: str = "
     return total / max(1, count)
 
 
+def eval_loss(model, dataset, collate, batch_size: int, precision: str = "fp32") -> float:
+    """Mean loss per predicted token over `dataset`, over every rank of a distributed run.
+
+    Rank r evaluates rows r, r+N, ...; every rank runs the same number of forwards (a rank out of rows repeats
+    one with weight 0), because under ZeRO-3 and FSDP each forward is a collective that gathers weights."""
+    import contextlib
+
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return plain_eval_loss(model, dataset, collate, batch_size, precision)
+    ws, rank = dist.get_world_size(), dist.get_rank()
+    rows = list(dataset)
+    mine = rows[rank::ws]
+    bs = max(1, batch_size)
+    n_batches = -(-len(rows[0::ws]) // bs)  # rank 0 has the most rows
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    amp = torch.autocast(device.type, dtype=half) if half is not None and device.type == "cuda" else contextlib.nullcontext()
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.no_grad(), amp:
+        for b in range(n_batches):
+            chunk = mine[b * bs:(b + 1) * bs]
+            weight = 1.0 if chunk else 0.0
+            batch = {k: v.to(device) for k, v in collate(chunk or rows[:1]).items()}
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            if n:
+                sums[0] += float(model(**batch).loss) * n * weight
+                sums[1] += n * weight
+    model.train(was_training)
+    if dist.get_backend() == "nccl" and device.type != "cuda":
+        sums = sums.cuda()
+    dist.all_reduce(sums)
+    return float(sums[0] / max(1.0, float(sums[1])))
+
+
+def _gathered_state(trainer, shards: bool):
+    """The full state dict on the main process (None elsewhere), gathered from every rank under ZeRO-3/FSDP;
+    None everywhere when each rank holds the whole model (the model's own state_dict is right then)."""
+    if not shards:
+        return None
+    sd = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    return sd if trainer.is_world_process_zero() else None
+
+
 def run_training(model, train_dataset, eval_dataset, settings: TrainSettings, out_dir, data_collator, resume=True,
                  processing_class=None, callbacks=(), compute_loss_func=None, eval_collator=None):
     from transformers import set_seed
@@ -303,20 +420,25 @@ def run_training(model, train_dataset, eval_dataset, settings: TrainSettings, ou
         callbacks=_callbacks(out_dir) + list(callbacks), compute_loss_func=compute_loss_func,
     )
     result = {"settings": dataclasses.asdict(settings), **derived, "resumed_from": str(ckpt) if ckpt else None}
+    from zhllama.engine import detect
+
+    eng = detect(settings.deepspeed)
+    result["engine"] = {"kind": eng.kind, "zero_stage": eng.zero_stage}
     before_path = out_dir / "eval_before.json"
-    # Trainer.evaluate() before train() prepares the model for evaluation; under DDP the training
-    # wrapper then never all-reduces gradients (each process silently trains on its own shard). So
-    # the held-out loss is measured by a plain forward loop, before and after, the same way.
-    sharded = bool(settings.deepspeed) or trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
+    # Trainer.evaluate() before train() prepares the model for evaluation; under DDP the training wrapper then
+    # never all-reduces gradients (each process silently trains on its own shard). So the held-out loss is
+    # measured by zhllama's own forward loop over every rank, before (once the engine has wrapped the model,
+    # so ZeRO-3 gathers its partitioned weights) and after training, the same way under every engine.
     collate = eval_collator or data_collator
-    if eval_dataset is not None and settings.eval_before and not sharded:
+
+    def measure():
+        return eval_loss(trainer.model, eval_dataset, collate, settings.per_device_batch_size, derived["precision_used"])
+
+    if eval_dataset is not None and settings.eval_before:
         if ckpt is not None and before_path.is_file():
             result["eval_loss_before"] = json.loads(before_path.read_text())["eval_loss"]
         else:
-            result["eval_loss_before"] = plain_eval_loss(model, eval_dataset, collate, settings.per_device_batch_size,
-                                                         derived["precision_used"])
-            if trainer.is_world_process_zero():
-                write_json(before_path, {"eval_loss": result["eval_loss_before"]})
+            trainer.add_callback(_eval_before(measure, result, before_path, trainer.is_world_process_zero))
     t0 = time.time()
     trainer.prior, trainer.started = _read_totals(ckpt), t0
     first = int(ckpt.name.split("-")[1]) if ckpt else 0
@@ -328,10 +450,12 @@ def run_training(model, train_dataset, eval_dataset, settings: TrainSettings, ou
                   train_seconds=round(trainer.prior["seconds"] + time.time() - t0, 2),
                   tokens_seen=trainer.state.num_input_tokens_seen)
     if eval_dataset is not None:
-        result["eval_loss_after"] = (
-            trainer.evaluate()["eval_loss"] if sharded
-            else plain_eval_loss(model, eval_dataset, collate, settings.per_device_batch_size, derived["precision_used"])
-        )
+        result["eval_loss_after"] = measure()
+    for key in ("eval_loss_before", "eval_loss_after"):
+        if key in result and not math.isfinite(result[key]):
+            raise RuntimeError(f"held-out loss {key.split('_')[-1]} training is {result[key]}: the model or the "
+                               "data is broken (with ZeRO-3/FSDP: were the weights gathered?)")
+    trainer.full_state = _gathered_state(trainer, eng.shards_parameters)
     if trainer.is_world_process_zero():
         plot_loss(trainer.state.log_history, out_dir / "loss.png")
         write_json(out_dir / "log_history.json", trainer.state.log_history)
