@@ -46,7 +46,8 @@ help:
 	@echo "  make report       greedy answers before/after SFT and RUN/report.{md,html}"
 	@echo "  make export       GGUF (GGUF_TYPES) of RUN/sft/merged into RUN/gguf, each verified in llama.cpp (needs make setup-integration)"
 	@echo "  make serve        OpenAI-compatible API + browser chat for RUN/sft/merged on http://127.0.0.1:PORT"
-	@echo "  make setup-integration  build llama-cpp-python from source (~4 min, cached by pip), selenium, llama.cpp's converter"
+	@echo "  make setup-integration  build llama-cpp-python from source (~4 min, cached by pip), selenium, llama.cpp's converter,"
+	@echo "                   DeepSpeed for CPU (no CUDA ops)"
 	@echo "  make bench        CPU benchmarks: tokenizers, generation, pretrain and SFT throughput (vs HF, TRL, LLaMA-Factory), C-Eval scoring time"
 	@echo "  make test         core + reference tests (reference tests need ../shared/data or ZHLLAMA_DATA)"
 	@echo "  make test-core    core tests only (repository + PyPI)"
@@ -211,6 +212,7 @@ serve: | setup
 LLAMA_SRC ?= $(SAMPLE)/llama.cpp-src
 setup-integration: setup
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install -q torch==2.13.0 -e '.[test,integration]'
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation torch==2.13.0 -e '.[deepspeed]'
 	test -f $(LLAMA_SRC)/convert_hf_to_gguf.py || { \
 	  $(PY) -m pip download -q --no-deps --no-binary :all: -d $(SAMPLE)/sdist llama-cpp-python==0.3.36 && \
 	  $(PY) -c "import sys, tarfile, pathlib; t = tarfile.open(sys.argv[1]); d = pathlib.Path(sys.argv[2]); \

@@ -181,7 +181,13 @@ def _run(stage, model_dir, corpus, out_dir, recipe, settings, resume, cache_dir,
     with runfolder.lock(out_dir):
         prep = _prepare(stage, model_dir, corpus, out_dir, recipe, settings, resume, cache_dir, tokenizer_dir, extra,
                         artefacts=artefacts)
-        return runfolder.read_result(out_dir) if prep is None else body(prep)
+        if prep is None:
+            return runfolder.read_result(out_dir)
+        from zhllama.trainer import end_of_run
+
+        result = body(prep)
+        end_of_run()
+        return result
 
 
 def _phase1(prep, model_dir, out_dir, settings, new_rows_only):
@@ -224,11 +230,12 @@ def _phase1(prep, model_dir, out_dir, settings, new_rows_only):
             final = model.get_base_model() if new_rows_only else model
             final.save_pretrained(stage, state_dict=_merged_trainable_tokens(sd, range(base_vocab, n_rows)) if new_rows_only else sd)
         copy_tokenizer(tok_dir, stage)
-        check_sizes(final, stage, tokenizer_len(stage), stage)
+        if sd is None:  # the live model is whole only when it was not sharded
+            check_sizes(final, stage, tokenizer_len(stage), stage)
         from zhllama.weightcheck import check_weights
 
         for f in sorted(stage.glob("*.safetensors")):
-            check_weights(f, final.config)
+            check_weights(f, final.config, vocab_rows=tokenizer_len(stage))
         return _finish("pretrain.phase1", out_dir, model_dir, tok_dir, resolved, inputs, fingerprint, result, summary)
     return result
 

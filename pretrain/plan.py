@@ -59,11 +59,21 @@ def _module_params(model, names) -> int:
     return n
 
 
-def _memory(recipe, phase, total: int, trainable: int, num_gpus: int, vocab: int) -> dict:
+# the engines `plan` compares: (ZeRO stage, optimizer states on CPU, parameters on CPU). FSDP full sharding
+# shards weights, gradients and optimizer states like ZeRO-3.
+ENGINES = {"ddp": (0, False, False), "zero2": (2, False, False), "zero3": (3, False, False),
+           "zero3-offload": (3, True, True), "fsdp": (3, False, False)}
+
+
+def _memory(recipe, phase, total: int, trainable: int, num_gpus: int, vocab: int, engine: str | None = None) -> dict:
+    """Per-GPU bytes after the ZeRO paper (Rajbhandari et al. 2020, section 5): with mixed precision, 2 bytes of
+    weights per parameter, 2 of gradient and K = 12 of optimizer state (fp32 master + Adam's two moments) per
+    trainable one; ZeRO-1 divides the states by the GPU count, ZeRO-2 the gradients too, ZeRO-3 and FSDP full
+    sharding the weights too; offload moves states (and parameters) to CPU memory."""
     pre, m = recipe.pretrain, recipe.model
     half = pre.precision in ("fp16", "bf16")
     wbytes = 2 if half else 4
-    zero = pre.zero_stage
+    zero, offload_states, offload_params = ENGINES[engine] if engine else (pre.zero_stage, False, False)
     frozen = total - trainable
     # trainable params: fp32 master copy (if mixed precision) + gradient + AdamW's two fp32 moments
     master = 4 if half else 0
@@ -78,6 +88,11 @@ def _memory(recipe, phase, total: int, trainable: int, num_gpus: int, vocab: int
         grads /= num_gpus
     if zero >= 3:
         weights /= num_gpus
+    if offload_states:
+        states = 0
+    if offload_params:
+        # only the layer being computed is gathered onto the GPU
+        weights = (frozen + trainable) * wbytes / max(1, m.num_hidden_layers)
     b, s, h, L = phase.per_device_batch_size, pre.block_size, m.hidden_size, m.num_hidden_layers
     a = m.num_attention_heads
     if pre.gradient_checkpointing:
@@ -128,6 +143,8 @@ def plan(recipe, vocab_size: int | None = None, num_gpus: int | None = None) -> 
             "tokens_per_step": per_step_tokens, "max_steps": ph.max_steps,
             "total_tokens": per_step_tokens * ph.max_steps, "learning_rate": ph.learning_rate,
             "memory_per_gpu": _memory(recipe, ph, total, trainable, num_gpus, vocab_size),
+            "memory_per_gpu_by_engine": {e: round(_memory(recipe, ph, total, trainable, num_gpus, vocab_size, e)
+                                                  ["total_gib"], 1) for e in ENGINES},
         })
     return {"recipe": recipe.name, "vocab_size": vocab_size, "base_parameters": base_total,
             "precision": pre.precision, "zero_stage": pre.zero_stage, "num_gpus": num_gpus,
@@ -152,6 +169,7 @@ def format_plan(p: dict) -> str:
             f"{ph['gradient_accumulation']} accumulation; {ph['tokens_per_step']:,} tokens/step; "
             f"{ph['max_steps']:,} steps = {ph['total_tokens'] / 1e9:.2f}B tokens; lr {ph['learning_rate']:g}\n"
             f"    memory per GPU ~{mem['total_gib']:.1f} GiB (weights {mem['weights_gib']:.1f}, optimizer {mem['optimizer_gib']:.1f}, "
-            f"gradients {mem['gradients_gib']:.1f}, activations+logits {mem['activations_gib']:.1f})"
+            f"gradients {mem['gradients_gib']:.1f}, activations+logits {mem['activations_gib']:.1f})\n"
+            "    by engine (GiB per GPU): " + ", ".join(f"{e} {v:.1f}" for e, v in ph["memory_per_gpu_by_engine"].items())
         )
     return "\n".join(lines)

@@ -240,7 +240,10 @@ def train(model_dir, data, out, adapter=None, template=None, max_steps=None, rec
         runfolder.begin(out, resolved, fingerprint, clear_checkpoints=decision == "start-over")
         model, n_train, n_all = _peft_model(model_dir, adapter, tok, pad_added, tok_src, cfg, log)
         trainer, result = _fit(model, tok, cfg, train_set, eval_set, out)
+        from zhllama.trainer import end_of_run
+
         if not trainer.is_world_process_zero():
+            end_of_run()
             return result
         _save_adapter(trainer, stage, model_dir, tmpl.name)
         from zhllama.lineage import record_lineage
@@ -251,6 +254,7 @@ def train(model_dir, data, out, adapter=None, template=None, max_steps=None, rec
                       template=tmpl.name, vocab_size=len(tok))
         parents = [runfolder.parent_entry(model_dir)] + ([runfolder.parent_entry(adapter)] if adapter else [])
         result = runfolder.finish(out, "sft", result, inputs, parents, seed=cfg.seed, fingerprint=fingerprint)
+        end_of_run()
         before, after = result.get("eval_loss_before"), result.get("eval_loss_after")
         if before is not None:
             log(f"held-out SFT loss: {before:.4f} -> {after:.4f} after {result['global_step']} steps")

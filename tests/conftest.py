@@ -27,6 +27,9 @@ def _integration_missing(tool: str) -> str | None:
     if tool == "llama_src":
         return None if (LLAMA_SRC / "convert_hf_to_gguf.py").is_file() else \
             f"llama.cpp's converter not found in {LLAMA_SRC} (make setup-integration, or set ZHLLAMA_LLAMA_CPP_SRC)"
+    if tool == "deepspeed":
+        return None if importlib.util.find_spec("deepspeed") else \
+            "deepspeed is not installed (make setup-integration: DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed)"
     if tool == "chromium":
         if importlib.util.find_spec("selenium") is None:
             return "selenium is not installed (make setup-integration)"

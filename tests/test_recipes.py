@@ -62,7 +62,8 @@ def test_accelerate_config_loads(path):
     from accelerate.commands.config.config_args import load_config_from_file
 
     cfg = load_config_from_file(str(path))  # unknown top-level keys raise here
-    assert cfg.num_processes >= 1 and cfg.mixed_precision in ("no", "fp16", "bf16")
+    # precision comes from the recipe, never from the engine config (tests/test_engines.py runs each config)
+    assert cfg.num_processes >= 1 and cfg.mixed_precision in (None, "no")
     if cfg.deepspeed_config:
         assert cfg.deepspeed_config["zero_stage"] in (2, 3) and str(cfg.deepspeed_config["zero_stage"]) in path.stem
     if cfg.fsdp_config:

@@ -13,6 +13,8 @@ Public API:
     check(engine, precision, accumulation, max_grad_norm, micro_batch, where) -> None   UserError on a contradiction
     effective_precision(precision) -> str     the recipe's precision as this machine runs it (CPU: fp32)
     sync_launcher_precision(precision)        tell accelerate's engine plugins the recipe's precision
+    allow_fsdp_on_cpu()                       FSDP2 for real on CPU (gloo) where accelerate would fall back to DDP
+    untie_frozen_copies(model) -> int         FSDP2: frozen tied copies (PEFT modules_to_save) get their own tensor
 """
 from __future__ import annotations
 
@@ -133,13 +135,36 @@ def check(engine: Engine, precision: str, accumulation: int, max_grad_norm: floa
         raise UserError(f"{engine.source}: ZeRO-3 without gathering the weights on save would write partitioned "
                         "(empty) tensors; set zero3_save_16bit_model: true (accelerate YAML) or "
                         "stage3_gather_16bit_weights_on_model_save: true (DeepSpeed JSON)")
-    if engine.kind == "fsdp":
-        import torch
+    if engine.kind == "fsdp" and os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "").lower() == "true":
+        raise UserError(f"{engine.source}: fsdp_cpu_ram_efficient_loading: true has no use here (zhllama loads "
+                        "the weights before the engine starts) and breaks tied embeddings with modules_to_save "
+                        "(KeyError in tie_weights); set it to false")
+    if engine.kind == "fsdp" and engine.world_size > 1 and not cpu_fsdp_possible():
+        raise UserError(f"{engine.source}: FSDP cannot shard on this machine (no GPU, and torch's gloo backend "
+                        "is missing); launch with recipes/accelerate/deepspeed_zero3.yaml or ddp.yaml instead")
 
-        if not torch.cuda.is_available():
-            raise UserError(f"{engine.source}: FSDP needs GPUs here (accelerate refuses FSDP on CPU and the "
-                            "Trainer would silently fall back to DDP); on CPU launch with "
-                            "recipes/accelerate/deepspeed_zero3.yaml (parameters sharded) or ddp.yaml")
+
+def cpu_fsdp_possible() -> bool:
+    import torch
+    import torch.distributed as dist
+
+    return torch.cuda.is_available() or (dist.is_available() and dist.is_gloo_available())
+
+
+def allow_fsdp_on_cpu() -> None:
+    """accelerate takes its FSDP branch only for accelerator devices and on CPU silently runs DDP instead;
+    torch's FSDP2 (fully_shard) itself shards over gloo on CPU. After TrainingArguments has set up the CPU
+    process group, present it to accelerate as a multi-device one, so the FSDP plugin is applied for real
+    (CPU FSDP serves tests of the sharded code paths; it is never faster than DDP)."""
+    import torch
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    if torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
+        return
+    state = PartialState()
+    if state.distributed_type == DistributedType.MULTI_CPU:
+        PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
 
 
 def sync_launcher_precision(precision: str) -> None:
@@ -148,3 +173,21 @@ def sync_launcher_precision(precision: str) -> None:
     if "ACCELERATE_MIXED_PRECISION" in os.environ:
         used = effective_precision(precision)
         os.environ["ACCELERATE_MIXED_PRECISION"] = used if used in ("fp16", "bf16") else "no"
+
+
+def untie_frozen_copies(model) -> int:
+    """FSDP2 refuses a parameter visible to two of its groups. A tied model under PEFT's modules_to_save keeps
+    its frozen original embedding and head tied to each other, while the trained copies live in different
+    groups; the frozen originals are never used in the forward then, so the head's gets a copy of its own.
+    A trainable tied parameter is left alone (accelerate groups a plain tied embedding and head together)."""
+    import torch
+
+    seen, untied = {}, 0
+    for name, module in model.named_modules():
+        for pname, param in list(module.named_parameters(recurse=False)):
+            if id(param) in seen and not param.requires_grad:
+                setattr(module, pname, torch.nn.Parameter(param.detach().clone(), requires_grad=False))
+                untied += 1
+            else:
+                seen[id(param)] = f"{name}.{pname}"
+    return untied

@@ -23,6 +23,7 @@ Public API (stable; every training stage uses it):
         distributed run (each rank evaluates its share, the sums are all-reduced): any process count gives the
         same figure, and under ZeRO-3 the forward gathers the partitioned weights
     check_engine(settings, where) -> Engine    the launcher's engine config against the recipe, before weights load
+    end_of_run()                               every rank, after the main process saved: barrier, then tear down
     world_size() -> int, is_main_process() -> bool
 
 Distributed runs come from the launcher (torchrun / accelerate launch with a DDP, DeepSpeed or FSDP config):
@@ -318,7 +319,11 @@ def training_arguments(settings: TrainSettings, out_dir: Path, has_eval: bool):
         kw.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
     if settings.deepspeed:
         kw["deepspeed"] = settings.deepspeed
-    return TrainingArguments(**kw), dict(gradient_accumulation_steps=accum, world_size=ws, precision_used=precision)
+    args = TrainingArguments(**kw)
+    from zhllama.engine import allow_fsdp_on_cpu
+
+    allow_fsdp_on_cpu()
+    return args, dict(gradient_accumulation_steps=accum, world_size=ws, precision_used=precision)
 
 
 def plain_eval_loss(model, dataset, collate, batch_size: int, precision: str = "fp32") -> float:
@@ -387,6 +392,24 @@ def eval_loss(model, dataset, collate, batch_size: int, precision: str = "fp32")
     return float(sums[0] / max(1.0, float(sums[1])))
 
 
+def end_of_run() -> None:
+    """Every rank waits here until the main process has written the results, then the process group is taken
+    down: a rank that leaves while another still talks to it can abort in gloo ('terminate called ...')."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _check_engine_applied(eng, trainer) -> None:
+    """Never train on another engine than the one launched without a word (accelerate falls back to DDP)."""
+    want = {"deepspeed": trainer.is_deepspeed_enabled, "fsdp": trainer.is_fsdp_enabled}.get(eng.kind, True)
+    if not want:
+        raise UserError(f"{eng.source} asks for {eng.kind}, but the Trainer set up "
+                        f"{trainer.accelerator.distributed_type.value}; nothing was trained")
+
+
 def _gathered_state(trainer, shards: bool):
     """The full state dict on the main process (None elsewhere), gathered from every rank under ZeRO-3/FSDP;
     None everywhere when each rank holds the whole model (the model's own state_dict is right then)."""
@@ -414,15 +437,17 @@ def run_training(model, train_dataset, eval_dataset, settings: TrainSettings, ou
             (out_dir / "metrics.jsonl").unlink(missing_ok=True)
         else:
             _trim_metrics(out_dir / "metrics.jsonl", int(ckpt.name.split("-")[1]))
+    from zhllama.engine import detect, untie_frozen_copies
+
+    eng = detect(settings.deepspeed)
+    if eng.kind == "fsdp":
+        untie_frozen_copies(model)
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         data_collator=data_collator, processing_class=processing_class,
         callbacks=_callbacks(out_dir) + list(callbacks), compute_loss_func=compute_loss_func,
     )
     result = {"settings": dataclasses.asdict(settings), **derived, "resumed_from": str(ckpt) if ckpt else None}
-    from zhllama.engine import detect
-
-    eng = detect(settings.deepspeed)
     result["engine"] = {"kind": eng.kind, "zero_stage": eng.zero_stage}
     before_path = out_dir / "eval_before.json"
     # Trainer.evaluate() before train() prepares the model for evaluation; under DDP the training wrapper then
@@ -439,6 +464,8 @@ def run_training(model, train_dataset, eval_dataset, settings: TrainSettings, ou
             result["eval_loss_before"] = json.loads(before_path.read_text())["eval_loss"]
         else:
             trainer.add_callback(_eval_before(measure, result, before_path, trainer.is_world_process_zero))
+    _check_engine_applied(eng, trainer)
+    result["engine"]["applied"] = str(trainer.accelerator.distributed_type.value)
     t0 = time.time()
     trainer.prior, trainer.started = _read_totals(ckpt), t0
     first = int(ckpt.name.split("-")[1]) if ckpt else 0
