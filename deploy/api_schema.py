@@ -6,7 +6,6 @@ refusal is an ApiError(400) whose `param` names the field ("messages.0.content")
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -39,9 +38,6 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-StopStr = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
-
-
 class _Common(_Strict):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -51,7 +47,7 @@ class _Common(_Strict):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: StopStr | Annotated[list[StopStr], Field(max_length=MAX_STOP)] | None = None
+    stop: str | list[str] | None = None
     top_logprobs: None = None     # not computed by this server: any value is refused
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
@@ -66,6 +62,16 @@ class _Common(_Strict):
     def _temperature(cls, v):
         if v is not None and 0 < v < MIN_TEMPERATURE:
             raise ValueError(f"must be 0 (greedy) or between {MIN_TEMPERATURE} and 2")
+        return v
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, v):
+        items = [v] if isinstance(v, str) else v
+        if v is not None and not (isinstance(items, list) and 1 <= len(items) <= MAX_STOP and all(
+                isinstance(x, str) and 1 <= len(x) <= MAX_STOP_CHARS for x in items)):
+            raise ValueError(f"must be a string or a list of 1 to {MAX_STOP} strings, each 1 to {MAX_STOP_CHARS} "
+                             "characters")
         return v
 
     @field_validator("n")
@@ -128,7 +134,8 @@ class CompletionRequest(_Common):
 
 
 def _param(loc) -> str:
-    return ".".join(str(p) for p in loc)
+    # pydantic adds the tried member of a union ("constrained-str", "list[str]"): not a field
+    return ".".join(str(p) for p in loc if isinstance(p, int) or p.isidentifier())
 
 
 def parse(raw: bytes, chat: bool) -> ChatRequest | CompletionRequest:
