@@ -178,7 +178,7 @@ def create_app(backend, limits: Limits | None = None, api_key: str | None = None
         try:
             ids, s, req = await prepare(request, chat)
         except ApiError as e:
-            return err(e, close=e.status in (408, 413))
+            return err(e, close=e.status in (401, 408, 413, 415))   # the body may be unread: end the connection
         except UserError as e:
             return err(ApiError(400, str(e)))
         if state["pending"] >= limits.max_queue:

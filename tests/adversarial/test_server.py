@@ -113,8 +113,8 @@ def stream(srv, body, path=CHAT, timeout=60):
     return 200, [json.loads(d) for d in data]
 
 
-def request_bytes(port, body: bytes, path=CHAT, length: int | None = None) -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+def request_bytes(port, body: bytes, path=CHAT, length: int | None = None, extra: str = "") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n{extra}"
             f"Content-Length: {len(body) if length is None else length}\r\n\r\n").encode() + body
 
 
@@ -496,7 +496,7 @@ def test_stop_text_holds_back_only_possible_starts():
 # ---------------------------------------------------------------------------------------------- concurrent clients
 
 def test_concurrent_hostile_and_normal_clients(srv):
-    """8 threads, 48 requests: hostile bodies, valid answers (plain and streamed), dropped streams.
+    """8 threads, 32 requests: hostile bodies, valid answers (plain and streamed), dropped streams.
     Every one gets 200/400/404/429 and the server is idle and answering afterwards."""
     cases = HOSTILE[8:20] + HOSTILE[-6:]
 
@@ -506,9 +506,9 @@ def test_concurrent_hostile_and_normal_clients(srv):
             _, path, raw, status, _ = cases[i % len(cases)]
             return post(srv, None, path=path, raw=raw.encode()).status_code
         if k == 1:
-            return post(srv, SHORT).status_code
+            return post(srv, dict(SHORT, max_tokens=2)).status_code
         if k == 2:
-            return stream(srv, SHORT)[0]
+            return stream(srv, dict(SHORT, max_tokens=2))[0]
         s = connect(srv)
         s.sendall(request_bytes(srv.port, json.dumps(dict(SHORT, max_tokens=32, stream=True)).encode()))
         status = int(s.recv(12)[9:12])    # "HTTP/1.1 200": then leave without reading the answer
@@ -517,14 +517,59 @@ def test_concurrent_hostile_and_normal_clients(srv):
         return status
 
     with ThreadPoolExecutor(8) as ex:
-        codes = list(ex.map(one, range(48)))
+        codes = list(ex.map(one, range(32)))
     assert set(codes) <= {200, 400, 404, 429}, codes
-    assert codes.count(200) >= 12
+    assert codes.count(200) >= 8
     srv.wait_health(lambda h: h["pending"] == 0 and h["generating"] == 0, timeout=10)
     assert post(srv, SHORT).status_code == 200
 
 
+def test_cli_serve_uses_these_settings(chat_model):
+    """`python -m deploy serve` itself: loopback names and --allowed-host answered, other Hosts refused,
+    the key required, stalled bodies cut at --body-timeout."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import httpx
+
+    port = free_port()
+    root = Path(__file__).resolve().parents[2]
+    p = subprocess.Popen([sys.executable, "-m", "deploy", "serve", "--model", str(chat_model), "--port", str(port),
+                          "--device", "cpu", "--api-key", "k", "--allowed-host", "chat.example", "--body-timeout", "1"],
+                         cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(root)))
+    try:
+        url, t0 = f"http://127.0.0.1:{port}", time.monotonic()
+        while True:
+            assert p.poll() is None, p.stdout.read()
+            try:
+                httpx.get(url + "/health", timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() - t0 < 120, "deploy serve did not start"
+                time.sleep(0.3)
+        key = {"Authorization": "Bearer k"}
+        for headers, want in [(key, 200), ({}, 401), (dict(key, Host="chat.example"), 200),
+                              (dict(key, Host="evil.example"), 400), (dict(key, Host=f"localhost:{port}"), 200)]:
+            r = httpx.get(url + "/v1/models", headers=headers, timeout=10)
+            STATUSES.append(r.status_code)
+            assert r.status_code == want, headers
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        s.sendall(request_bytes(port, b'{"messa', length=100, extra="Authorization: Bearer k\r\n"))
+        got = closed_by_peer(s, 10)
+        assert got is not None and got.startswith(b"HTTP/1.1 408")
+        s.close()
+    finally:
+        p.terminate()
+        p.wait(timeout=30)
+    out = p.stdout.read()
+    assert "answering Host: 127.0.0.1, localhost, [::1], chat.example" in out, out
+    assert "warning" not in out
+
+
 def test_zz_no_500_over_the_hostile_suite():
     """Runs last (file order): no request of this suite got a 500."""
-    assert len(STATUSES) >= 100, len(STATUSES)
+    assert len(STATUSES) >= 90, len(STATUSES)
     assert 500 not in STATUSES and not [s for s in STATUSES if s >= 500 and s != 503], sorted(set(STATUSES))
