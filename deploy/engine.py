@@ -54,9 +54,11 @@ class ModelRunner:
         self.backend = backend
         self._gate = asyncio.Lock()
         self.generating = 0
+        self.released_at = 0.0   # time.monotonic() of the last release of the model
 
     def _free(self):
         self.generating -= 1
+        self.released_at = time.monotonic()
         self._gate.release()
 
     async def generate(self, ids: list[int], s, stops: list[str], deadline: float):

@@ -47,9 +47,14 @@ class Limits:
     max_connections: int = 64       # open connections; more get 503 (uvicorn's limit_concurrency)
 
 
-def sampling_from(body: dict, limits: Limits, chat: bool = True):
-    """Decoding settings for a request body (a dict), validated; ApiError(400) names a bad field."""
-    return sampling(parse(json.dumps(body).encode(), chat), limits.max_tokens)
+def sampling_from(body: dict, limits: Limits):
+    """Decoding settings from a request body's sampling fields (a dict), validated; ApiError(400) names a
+    bad field. The server itself validates whole requests with deploy.api_schema.parse."""
+    from deploy.api_schema import ChatRequest
+
+    fields = {k: v for k, v in body.items() if k != "messages" and k in ChatRequest.model_fields}
+    fields["messages"] = [{"role": "user", "content": "-"}]
+    return sampling(parse(json.dumps(fields).encode(), chat=True), limits.max_tokens)
 
 
 def is_loopback(host: str) -> bool:
@@ -103,6 +108,7 @@ def create_app(backend, limits: Limits | None = None, api_key: str | None = None
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from starlette.middleware.trustedhost import TrustedHostMiddleware
+    from starlette.requests import ClientDisconnect
 
     from deploy.engine import ModelRunner
     from sft.template import check_messages
@@ -143,6 +149,8 @@ def create_app(backend, limits: Limits | None = None, api_key: str | None = None
                         raise ApiError(413, f"request body is over the {limits.max_body}-byte limit")
         except TimeoutError:
             raise ApiError(408, f"request body not received within {limits.body_timeout:g} s") from None
+        except ClientDisconnect:
+            raise ApiError(499, "the client closed the connection before sending its whole body") from None
         return bytes(buf)
 
     async def client_gone(request: Request):
@@ -178,7 +186,7 @@ def create_app(backend, limits: Limits | None = None, api_key: str | None = None
         try:
             ids, s, req = await prepare(request, chat)
         except ApiError as e:
-            return err(e, close=e.status in (401, 408, 413, 415))   # the body may be unread: end the connection
+            return err(e, close=e.status in (401, 408, 413, 415, 499))   # the body may be unread: end the connection
         except UserError as e:
             return err(ApiError(400, str(e)))
         if state["pending"] >= limits.max_queue:
