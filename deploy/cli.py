@@ -36,6 +36,17 @@ def _serve_args(p):
                         "check off). Always allowed: 127.0.0.1, localhost, [::1] and the --host address")
 
 
+def serve_kwargs(args) -> dict:
+    """deploy.server.serve's arguments from `serve`/`web` command-line arguments."""
+    from deploy.server import Limits
+
+    limits = Limits(max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens, max_body=args.max_body,
+                    max_queue=args.max_queue, timeout=args.timeout, body_timeout=args.body_timeout,
+                    head_timeout=args.body_timeout, max_connections=args.max_connections)
+    return dict(model=args.model, host=args.host, port=args.port, api_key=args.api_key, limits=limits,
+                device=args.device, allowed_hosts=args.allowed_host)
+
+
 def _parser() -> argparse.ArgumentParser:
     from deploy.gguf_export import LLAMA_QUANT, TYPES
 
@@ -76,13 +87,9 @@ def main(argv=None):
 
             verify(args.out, args.model, args.type)
     elif args.cmd in ("serve", "web"):
-        from deploy.server import Limits, serve
+        from deploy.server import serve
 
-        limits = Limits(max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens, max_body=args.max_body,
-                        max_queue=args.max_queue, timeout=args.timeout, body_timeout=args.body_timeout,
-                        head_timeout=args.body_timeout, max_connections=args.max_connections)
-        serve(args.model, args.host, args.port, args.api_key, limits, device=args.device,
-              allowed_hosts=args.allowed_host)
+        serve(**serve_kwargs(args))
     elif args.cmd == "template":
         from pathlib import Path
 

@@ -308,8 +308,9 @@ def create_app(backend, limits: Limits | None = None, api_key: str | None = None
     return app
 
 
-def serve(model, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, limits: Limits | None = None,
-          device: str = "auto", log=print, allowed_hosts=()):
+def make_server(model, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+                limits: Limits | None = None, device: str = "auto", log=print, allowed_hosts=()):
+    """The uvicorn.Server `deploy serve` runs: the model loaded, the app, deploy.transport's settings."""
     import uvicorn
 
     from deploy.backends import load_backend
@@ -324,4 +325,9 @@ def serve(model, host: str = "127.0.0.1", port: int = 8000, api_key: str | None 
     app = create_app(backend, limits, api_key, hosts)
     log(f"serving {backend.name} on http://{host}:{port} (OpenAI API under /v1, chat page at /); "
         f"answering Host: {', '.join(hosts)}")
-    uvicorn.Server(uvicorn_config(app, host, port, limits)).run()
+    return uvicorn.Server(uvicorn_config(app, host, port, limits))
+
+
+def serve(model, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, limits: Limits | None = None,
+          device: str = "auto", log=print, allowed_hosts=()):
+    make_server(model, host, port, api_key, limits, device, log, allowed_hosts).run()
