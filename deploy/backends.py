@@ -144,7 +144,7 @@ class LlamaCppBackend:
 
     def stream(self, ids: list[int], s: Sampling, should_stop: Callable[[], bool], outcome: Outcome) -> Iterator[str]:
         kw = dict(max_tokens=s.max_tokens, repeat_penalty=s.repetition_penalty, stream=True,
-                  seed=s.seed if s.seed is not None else 0)
+                  seed=(s.seed & 0xFFFFFFFF) if s.seed is not None else 0)   # llama.cpp seeds are 32-bit
         if s.do_sample:
             kw.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or 0)
         else:

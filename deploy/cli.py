@@ -26,6 +26,25 @@ def _serve_args(p):
     p.add_argument("--max-queue", type=int, default=d.max_queue,
                    help=f"requests waiting or running; more get 429 ({d.max_queue})")
     p.add_argument("--timeout", type=float, default=d.timeout, help=f"seconds per request, waiting included ({d.timeout:g})")
+    p.add_argument("--body-timeout", type=float, default=d.body_timeout,
+                   help=f"seconds to receive a request's headers, and again its body; slower clients are cut off "
+                        f"(408 for a body) ({d.body_timeout:g})")
+    p.add_argument("--max-connections", type=int, default=d.max_connections,
+                   help=f"open connections; more get 503 ({d.max_connections})")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests whose Host header is NAME (repeatable; '*' turns the DNS-rebinding "
+                        "check off). Always allowed: 127.0.0.1, localhost, [::1] and the --host address")
+
+
+def serve_kwargs(args) -> dict:
+    """deploy.server.serve's arguments from `serve`/`web` command-line arguments."""
+    from deploy.server import Limits
+
+    limits = Limits(max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens, max_body=args.max_body,
+                    max_queue=args.max_queue, timeout=args.timeout, body_timeout=args.body_timeout,
+                    head_timeout=args.body_timeout, max_connections=args.max_connections)
+    return dict(model=args.model, host=args.host, port=args.port, api_key=args.api_key, limits=limits,
+                device=args.device, allowed_hosts=args.allowed_host)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,11 +87,9 @@ def main(argv=None):
 
             verify(args.out, args.model, args.type)
     elif args.cmd in ("serve", "web"):
-        from deploy.server import Limits, serve
+        from deploy.server import serve
 
-        limits = Limits(max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens, max_body=args.max_body,
-                        max_queue=args.max_queue, timeout=args.timeout)
-        serve(args.model, args.host, args.port, args.api_key, limits, device=args.device)
+        serve(**serve_kwargs(args))
     elif args.cmd == "template":
         from pathlib import Path
 
