@@ -312,3 +312,22 @@ def test_plan_memory_by_engine_follows_the_zero_formulas():
         assert mem["zero2"] - mem["zero3"] == pytest.approx(2 * total * (1 - 1 / n) / GiB, rel=1e-9)
         assert mem["fsdp"] == mem["zero3"]
         assert ph["memory_per_gpu_by_engine"]["zero3"] == round(mem["zero3"], 1)
+
+
+def test_rerun_after_a_failure_past_the_final_checkpoint_trains_no_extra_step(eng, tmp_path):
+    """A run that saved its last checkpoint and then failed (say, writing the model) is rerun: transformers,
+    resumed from a checkpoint at max_steps, trains one step more (global_step 5 of 4 before)."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "p1"
+    cmd = [sys.executable] + [str(x) for x in _stage_args(eng, "phase1", out)] + ["--save-steps", "2"]
+    _run(cmd)
+    first = load_file(str(out / "model.safetensors"))
+    assert (out / "checkpoints" / "checkpoint-4" / "zhllama_complete").is_file()
+    for name in ("result.json", "manifest.json", "model.safetensors", "config.json"):
+        (out / name).unlink()
+    _run(cmd)
+    res = json.loads((out / "result.json").read_text())
+    assert res["global_step"] == 4 and res["resumed_from"].endswith("checkpoint-2")
+    again = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(first[k], again[k]) for k in first)

@@ -96,13 +96,16 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def last_complete_checkpoint(out_dir) -> Path | None:
+def last_complete_checkpoint(out_dir, below: int | None = None) -> Path | None:
+    """The newest checkpoint marked whole (with `below`: only those before that step)."""
     d = Path(out_dir) / "checkpoints"
     best = None
     for c in d.glob("checkpoint-*") if d.is_dir() else []:
         try:
             step = int(c.name.split("-")[1])
         except (IndexError, ValueError):
+            continue
+        if below is not None and step >= below:
             continue
         if (c / COMPLETE).is_file() and (best is None or step > best[0]):
             best = (step, c)
@@ -431,7 +434,9 @@ def run_training(model, train_dataset, eval_dataset, settings: TrainSettings, ou
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out_dir / "tensorboard")
     set_seed(settings.seed)
     args, derived = training_arguments(settings, out_dir, eval_dataset is not None)
-    ckpt = last_complete_checkpoint(out_dir) if resume else None
+    # transformers resumed from a checkpoint at max_steps trains one step more (its stop check comes after a
+    # step): continue from the last one before it instead; the seeded steps in between come out the same
+    ckpt = last_complete_checkpoint(out_dir, below=settings.max_steps) if resume else None
     if is_main_process():
         if ckpt is None:
             (out_dir / "metrics.jsonl").unlink(missing_ok=True)
