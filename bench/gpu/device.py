@@ -9,6 +9,9 @@ only records torch.cuda.max_memory_allocated and the peak RSS at exit):
     python -m pretrain phase2  --recipe llama-7b --precision bf16       (micro-batch 1, 4, 16, ... until OOM)
     python -m sft train        --recipe llama-7b --set sft.precision=bf16   (same; and once without the chunked loss)
     python bench/peers/hf_peft.py --bf16 --gradient-checkpointing ...   (plain transformers Trainer + PEFT)
+    accelerate launch --config_file recipes/accelerate/{fsdp,deepspeed_zero3}.yaml --num_processes 1 -m sft train
+                                                                        (the engine path, micro-batch 1; ZeRO-3 only
+                                                                         where deepspeed is installed)
 
 Before them, a check of the packed-batch attention kernels on the GPU (loss and gradients against the padded
 batch; host synchronisations counted with torch.cuda.set_sync_debug_mode). Each training run takes a few
@@ -431,7 +434,32 @@ def main(argv=None) -> int:
             stopped.add(kind)
         elif kind == "sft":
             best_sft = m
-    # 4. FlexAttention (the CUDA fallback without a varlen kernel) on this GPU, if time is left
+    # 4. the engine path: SFT at micro-batch 1 under FSDP2 and DeepSpeed ZeRO-3 (1 process), launched with the
+    # shipped engine configs as a user launches them; on the CPU smoke run tests/test_engines.py covers them
+    if cuda:
+        import importlib.util
+
+        for engine in ("fsdp", "deepspeed_zero3"):
+            if engine.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+                record({"stage": f"sft train ({engine})", "micro_batch": 1, "status": "skipped (no deepspeed)"})
+                continue
+            if not runner.fits("sft", defaults["sft"]):
+                record({"stage": f"sft train ({engine})", "micro_batch": 1, "status": "skipped (time)"})
+                continue
+            name = f"sft-{engine}"
+            sets = {"per_device_batch_size": 1, "global_batch_size": 1, "precision": precision, "eval_ratio": 0,
+                    "logging_steps": 1, "save_steps": 100000, "warmup_ratio": 0}
+            r = runner.run(name, "sft", ["-m", "accelerate.commands.launch", "--config_file",
+                                         ROOT / "recipes" / "accelerate" / f"{engine}.yaml", "--num_processes", 1,
+                                         "-m", "sft", "train", "--recipe", recipe, "--model", work / "resized",
+                                         "--data", inputs / "alpaca.json", "--out", work / name, "--max-steps", steps,
+                                         "--no-resume", *[x for k, v in sets.items() for x in ("--set", f"sft.{k}={v}")]])
+            res = json.loads((work / name / "result.json").read_text()) if (work / name / "result.json").is_file() else {}
+            rate, loss = steady_rate(read_metrics(work / name / "metrics.jsonl"), warmup)
+            keep(work / name, name)
+            record({"stage": f"sft train ({engine})", "micro_batch": 1, **r, "tokens_per_s": rate, "loss": loss,
+                    "engine": res.get("engine")})
+    # 5. FlexAttention (the CUDA fallback without a varlen kernel) on this GPU, if time is left
     if cuda and "flex" in kernels_available("cuda"):
         if runner.left() > 90:
             results["packed_check"] += packed_check(["flex"], "cuda")
