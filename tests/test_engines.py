@@ -209,14 +209,17 @@ def test_kill9_of_one_rank_then_rerun_equals_uninterrupted(eng, engine, tmp_path
 
 
 @pytest.mark.slow
-def test_two_node_launch_trains_the_single_process_adapter(eng, single, tmp_path):
-    """2 machine ranks of 1 process each, rendezvous on 127.0.0.1, as two nodes would be started."""
+@pytest.mark.parametrize("engine", ["ddp", pytest.param("deepspeed_zero2", marks=DS)])
+def test_two_node_launch_trains_the_single_process_adapter(eng, single, engine, tmp_path):
+    """2 machine ranks of 1 process each, rendezvous on 127.0.0.1, as two nodes are started (the README's command)."""
     out, port = tmp_path / "two-node", _port()
     procs = []
     for rank in (0, 1):
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
-               "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
-               "--num_processes", "2"] + [str(x) for x in _stage_args(eng, "sft", out)]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(_config(eng, engine)),
+               "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+               "--main_process_port", port, "--num_processes", "2"] + \
+            (["--deepspeed_multinode_launcher", "standard"] if engine.startswith("deepspeed") else []) + \
+            [str(x) for x in _stage_args(eng, "sft", out)]
         procs.append(subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
     for p in procs:

@@ -419,7 +419,15 @@ def _gathered_state(trainer, shards: bool):
     if not shards:
         return None
     sd = trainer.accelerator.get_state_dict(trainer.model_wrapped)
-    return sd if trainer.is_world_process_zero() else None
+    if not trainer.is_world_process_zero():
+        return None
+    # a tied parameter is saved once, under its first name, as save_pretrained does with the live model
+    seen = set()
+    for name, param in trainer.model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            sd.pop(name, None)
+        seen.add(id(param))
+    return sd
 
 
 def run_training(model, train_dataset, eval_dataset, settings: TrainSettings, out_dir, data_collator, resume=True,
