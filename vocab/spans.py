@@ -30,9 +30,9 @@ import zlib
 from collections import Counter
 from pathlib import Path
 
-from corpora.reader import CorpusStats, iter_documents, list_corpus_files, sniff
+from corpora.reader import CorpusStats, iter_documents, iter_range_lines, list_corpus_files, sniff
 from zhllama.errors import UserError
-from zhllama.units import Unit, decode_lines, plan_units
+from zhllama.units import Unit, plan_units
 
 UNIT_BYTES = 16 << 20  # a fixed unit size (never derived from N) keeps the merge order, and so the result, fixed
 _READ = 1 << 20
@@ -104,7 +104,7 @@ def _unit_documents(unit: Unit, encoding: str, stats: CorpusStats):
             stats.drop(check)
     if check.binary:
         return
-    for _, line in decode_lines(unit.path, check.encoding, unit.start, unit.end):
+    for _, line in iter_range_lines(unit.path, encoding, unit.start, unit.end, stats, check):
         if line.strip():
             stats.count(line)
             yield line
@@ -157,6 +157,14 @@ def _merge_stats(into: CorpusStats, part: CorpusStats) -> None:
     into.chars += part.chars
     into.han_chars += part.han_chars
     into.encodings.update(part.encodings)
+    for f, codecs in part.line_encodings.items():
+        mine = into.line_encodings.setdefault(f, {})
+        for enc, n in codecs.items():
+            mine[enc] = mine.get(enc, 0) + n
+    for f, u in part.undecodable.items():
+        mine = into.undecodable.setdefault(f, {"lines": 0, "first_line": u["first_line"], "bytes": 0})
+        mine["lines"] += u["lines"]
+        mine["bytes"] += u["bytes"]
     for why, items in part.dropped_files.items():
         into.dropped_files.setdefault(why, []).extend(items)
 
