@@ -80,6 +80,12 @@ class PrepareConfig(CorporaConfig):
         return d
 
 
+def _names(files, n: int = 3) -> str:
+    """The first n file names of a list, and how many more."""
+    files = [str(f) for f in files]
+    return ", ".join(files[:n]) + (f" (and {len(files) - n} more)" if len(files) > n else "")
+
+
 def _num_proc(cfg: PrepareConfig) -> int:
     return cfg.num_proc or os.cpu_count() or 1
 
@@ -730,6 +736,13 @@ def prepare(inputs, out_dir, cfg: PrepareConfig | None = None, progress: bool = 
         t0 = time.time()
         results = _pass1(units, cfg, work, progress)
         took = {"clean": time.time() - t0}
+        if not any(r["stats"]["docs_in"] for r in results):
+            # nothing to shard: an output of 0 documents with exit 0 would only fail a later stage
+            shutil.rmtree(out / ".work", ignore_errors=True)
+            binary = [str(u.path) for u, r in zip(units, results) if r["stats"].get("dropped_file")]
+            raise UserError(f"{_names(files)}: no text in any input: every file is empty or holds only whitespace"
+                            + (f" ({len(binary)} dropped as binary)" if binary else "") + "; nothing was written to "
+                            f"{out}. Point the inputs at your text")
         # shards state: if the inputs or options differ from the run that wrote the shards, start over
         partial = any((out / d).is_dir() for d in ("train", "heldout")) or (out / "stats.json").is_file()
         if runfolder.decide(out, plan, "auto", log=log, partial=partial) == "start-over":

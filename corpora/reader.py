@@ -202,6 +202,7 @@ class CorpusStats:
     warn: bool = True
     line_encodings: dict = field(default_factory=dict)  # file decoded line by line -> {codec: lines}
     undecodable: dict = field(default_factory=dict)     # file -> {"lines": dropped lines, "first_line", "bytes"}
+    split_lines: int = 0  # lines a stage cut into pieces because they were overlong (vocab.spans.MAX_LINE_CHARS)
 
     def add_decoded(self, dec: "LineDecoder") -> None:
         """What one file's (or one range's) line decoder saw: codecs used and lines dropped."""
@@ -242,6 +243,8 @@ class CorpusStats:
             d["line_encodings"] = mixed
         if self.undecodable:
             d["undecodable_lines"] = self.undecodable
+        if self.split_lines:
+            d["split_lines"] = self.split_lines
         return d
 
 
