@@ -303,14 +303,15 @@ class LineDecoder:
             utf8 = raw.decode("utf-8")
         except UnicodeDecodeError:
             utf8 = None
+        if utf8 is not None and (self.check.encoding == "utf-8" or _CJKISH.search(utf8)):
+            return utf8, "utf-8"  # a mostly-UTF-8 file, or Chinese as UTF-8: the legacy reading is never better
         try:
             other = raw.decode(legacy)
         except UnicodeDecodeError:
             other = None
         if utf8 is not None:
             # GBK text that happens to be valid UTF-8 (a few short lines) reads as Latin/Cyrillic/Arabic letters
-            if other is not None and self.check.encoding != "utf-8" and not _CJKISH.search(utf8) and all(
-                    c.isascii() or _CJKISH.match(c) for c in other):
+            if other is not None and all(c.isascii() or _CJKISH.match(c) for c in other):
                 return other, legacy
             return utf8, "utf-8"
         if other is None:

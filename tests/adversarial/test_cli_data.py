@@ -320,3 +320,17 @@ def test_overlong_lines_are_cut_and_normal_lines_untouched():
     pieces = list(split_overlong([long], stats, max_chars=10))
     assert "".join(pieces) == long and [len(p) for p in pieces] == [10, 10, 10, 4]
     assert stats.split_lines == 1 and stats.as_dict()["split_lines"] == 1
+
+
+def test_short_gbk_lines_that_are_valid_utf8_still_read_as_gbk(bad, tmp_path):
+    """"一为之也" in GBK is the valid UTF-8 "һΪ֮Ҳ" (Cyrillic, Greek, Hebrew): in a GBK file it stays Chinese, while a
+    UTF-8 line of a mostly-GBK file stays UTF-8."""
+    from corpora.reader import CorpusStats, iter_corpus
+
+    lines = bad.lines[:200] + ["一为之也", "时要说"]
+    raw = b"".join(s.encode("gb18030") + b"\n" for s in lines) + "中文的UTF-8行".encode() + b"\n"
+    assert "一为之也".encode("gb18030").decode("utf-8") == "һΪ֮Ҳ"
+    (tmp_path / "g.txt").write_bytes(raw)
+    stats = CorpusStats(warn=False)
+    assert list(iter_corpus([tmp_path / "g.txt"], stats=stats)) == lines + ["中文的UTF-8行"]
+    assert stats.as_dict()["line_encodings"] == {str(tmp_path / "g.txt"): {"gb18030": 202, "utf-8": 1}}
