@@ -56,7 +56,7 @@ REASONS = ("empty", "malformed_json", "missing_field", "too_short", "low_cjk_rat
 SAMPLE_BYTES = 1 << 20
 META = struct.Struct("<QI")  # per piece in <uid>.meta: held-out hash value (dedup.heldout_value), characters
 UNIT_BYTES = 32 << 20  # uncompressed .txt/.jsonl inputs are cut into line-aligned work units of this size
-FORMAT_VERSION = 4  # bump when pass 1's output changes meaning, so old work folders are redone
+FORMAT_VERSION = 5  # bump when pass 1's output changes meaning, so old work folders are redone
 
 
 @dataclass
@@ -78,6 +78,12 @@ class PrepareConfig(CorporaConfig):
         d = asdict(self)
         d.pop("num_proc")  # does not change the output; keeps stats.json identical across machines
         return d
+
+
+def _names(files, n: int = 3) -> str:
+    """The first n file names of a list, and how many more."""
+    files = [str(f) for f in files]
+    return ", ".join(files[:n]) + (f" (and {len(files) - n} more)" if len(files) > n else "")
 
 
 def _num_proc(cfg: PrepareConfig) -> int:
@@ -111,10 +117,43 @@ def _sample(path: Path) -> tuple[bytes, bool]:
     return data[:SAMPLE_BYTES], len(data) <= SAMPLE_BYTES
 
 
+class _RepairingDecoder:
+    """Lines of a .txt/.jsonl: with --encoding auto, each line in UTF-8 or the legacy codec like corpora.reader's
+    LineDecoder (a file mixing UTF-8 and GBK lines keeps both readable); a line neither decodes, or any line under
+    a given --encoding, is decoded in the file's codec with its bad bytes replaced, which `normalize` removes and
+    counts (invalid_bytes). `codecs` counts the lines taken in each codec, `repaired` the lines with bad bytes."""
+
+    def __init__(self, check, auto: bool):
+        self.check = check
+        self.inner = None
+        if auto and check is not None:
+            from .reader import FileCheck, LineDecoder
+
+            legacy = check.legacy or "gb18030"
+            self.inner = LineDecoder(FileCheck(check.path, check.encoding, "scored", None, legacy))
+        self.codecs: dict[str, int] = {}
+        self.repaired = 0
+
+    def __call__(self, raw: bytes, enc: str) -> str:
+        if self.inner is not None:
+            if raw.isascii():
+                return raw.decode("ascii")
+            line = self.inner.decode(raw, None, 0)
+            if line is not None:
+                self.codecs[self.inner.last] = self.codecs.get(self.inner.last, 0) + 1
+                return line + raw[len(raw.rstrip(b"\r\n")):].decode("ascii")  # keep the ending as the caller expects
+        try:
+            return raw.decode(enc)
+        except UnicodeDecodeError:
+            self.repaired += 1
+            return raw.decode(enc, errors="replace")  # bad bytes become U+FFFD, removed and counted by normalize
+
+
 def _raw_docs(path: Path, kind: str, enc: str, fld: str, start: int = 0, end: int | None = None,
-              count: list | None = None) -> Iterator[tuple[str | None, str | None, str]]:
+              count: list | None = None, decode=None) -> Iterator[tuple[str | None, str | None, str]]:
     """(text, None, where) for each document, or (raw, reason, where) for a record that is unusable.
-    For .txt/.jsonl only the lines that start in the byte range [start, end); line numbers count from start."""
+    For .txt/.jsonl only the lines that start in the byte range [start, end); line numbers count from start.
+    decode(raw, enc): how a line's bytes become text (default: enc with bad bytes replaced)."""
     if kind == "parquet":
         import pyarrow.parquet as pq
 
@@ -155,7 +194,8 @@ def _raw_docs(path: Path, kind: str, enc: str, fld: str, start: int = 0, end: in
     with _open(path) as f:
         for lineno, (_, raw) in enumerate(range_lines(f, start, end), 1):
             count[0] += 1
-            line = raw.decode(enc, errors="replace")  # bad bytes become U+FFFD, removed and counted by normalize
+            # bad bytes become U+FFFD, removed and counted by normalize
+            line = decode(raw, enc) if decode is not None else raw.decode(enc, errors="replace")
             if kind == "txt":
                 line = line.rstrip("\n")
                 if line.endswith("\r"):
@@ -202,6 +242,10 @@ class FileStats:
     chars_kept: int = 0
     train: dict = field(default_factory=_counts)
     heldout: dict = field(default_factory=_counts)
+    # written only when not empty (clean inputs keep the stats they always had): lines per codec of a file whose
+    # lines are not all in its own codec, and lines that neither codec decodes (their bad bytes removed)
+    line_encodings: dict = field(default_factory=dict)
+    lines_with_bad_bytes: int = 0
 
     def drop(self, reason: str, chars: int, where: str) -> None:
         self.dropped[reason]["docs"] += 1
@@ -286,6 +330,7 @@ def clean_unit(unit: Unit, cfg: PrepareConfig, work: Path) -> dict:
         return done
     kind = _kind(path)
     st = FileStats()
+    check = None
     if kind == "parquet":
         st.encoding, st.encoding_detected_by = "utf-8", "parquet"
     else:
@@ -308,7 +353,9 @@ def clean_unit(unit: Unit, cfg: PrepareConfig, work: Path) -> dict:
     meta = open(meta_tmp, "wb")
     try:
         w = io.TextIOWrapper(gz, encoding="utf-8", newline="\n")
-        docs = _raw_docs(path, kind, st.encoding, cfg.field, unit.start, unit.end, lines) if not st.dropped_file else ()
+        decode = _RepairingDecoder(check, cfg.encoding == "auto") if kind in ("txt", "jsonl") else None
+        docs = (_raw_docs(path, kind, st.encoding, cfg.field, unit.start, unit.end, lines, decode)
+                if not st.dropped_file else ())
         for text, bad, where in docs:
             st.docs_in += 1
             st.chars_in += len(text)
@@ -347,7 +394,15 @@ def clean_unit(unit: Unit, cfg: PrepareConfig, work: Path) -> dict:
     runs = {"exact": exact_keys.close(), "near": near_keys.close() if near_keys else []}
     st.empty_file = st.docs_in == 0
     st.normalisation = fixes.as_dict()
-    result = {"fingerprint": fp, "stats": asdict(st), "lines": lines[0], "runs": runs,
+    if decode is not None:
+        if check.per_line or set(decode.codecs) - {st.encoding}:
+            st.line_encodings = decode.codecs
+        st.lines_with_bad_bytes = decode.repaired
+    stats_d = asdict(st)
+    for k in ("line_encodings", "lines_with_bad_bytes"):
+        if not stats_d[k]:
+            del stats_d[k]
+    result = {"fingerprint": fp, "stats": stats_d, "lines": lines[0], "runs": runs,
               "rows": {"exact": exact_keys.rows, "near": near_keys.rows if near_keys else 0}}
     _write_json_atomic(stats_path, result)
     return result
@@ -647,9 +702,14 @@ def _log_summary(total: dict, per_file: dict, names: dict, skipped: int, out: Pa
     for name, st in per_file.items():
         if st.get("dropped_file"):
             log(f"  {name}: dropped as {st['dropped_file']['reason']} ({st['dropped_file']['why']}); none of its text is used")
-        elif st["encoding"] != "utf-8" or st["normalisation"].get("invalid_bytes"):
-            log(f"  {name}: {st['encoding']} ({st['encoding_detected_by']}), "
-                f"{st['normalisation'].get('invalid_bytes', 0)} undecodable bytes removed")
+        elif st["encoding"] != "utf-8" or st["normalisation"].get("invalid_bytes") or len(st.get("line_encodings", {})) > 1:
+            mixed = st.get("line_encodings", {})
+            codecs = (", lines by codec: " + ", ".join(f"{k} {v:,}" for k, v in sorted(mixed.items()))
+                      if len(mixed) > 1 else "")
+            bad = st.get("lines_with_bad_bytes", 0)
+            log(f"  {name}: {st['encoding']} ({st['encoding_detected_by']}){codecs}, "
+                f"{st['normalisation'].get('invalid_bytes', 0)} undecodable bytes removed"
+                + (f" from {bad:,} line(s)" if bad else ""))
 
 
 def prepare(inputs, out_dir, cfg: PrepareConfig | None = None, progress: bool = True, log=print) -> dict:
@@ -676,6 +736,13 @@ def prepare(inputs, out_dir, cfg: PrepareConfig | None = None, progress: bool = 
         t0 = time.time()
         results = _pass1(units, cfg, work, progress)
         took = {"clean": time.time() - t0}
+        if not any(r["stats"]["docs_in"] for r in results):
+            # nothing to shard: an output of 0 documents with exit 0 would only fail a later stage
+            shutil.rmtree(out / ".work", ignore_errors=True)
+            binary = [str(u.path) for u, r in zip(units, results) if r["stats"].get("dropped_file")]
+            raise UserError(f"{_names(files)}: no text in any input: every file is empty or holds only whitespace"
+                            + (f" ({len(binary)} dropped as binary)" if binary else "") + "; nothing was written to "
+                            f"{out}. Point the inputs at your text")
         # shards state: if the inputs or options differ from the run that wrote the shards, start over
         partial = any((out / d).is_dir() for d in ("train", "heldout")) or (out / "stats.json").is_file()
         if runfolder.decide(out, plan, "auto", log=log, partial=partial) == "start-over":

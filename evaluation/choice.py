@@ -55,18 +55,40 @@ class Question:
     options: tuple[str, str, str, str]
     answer: str | None
     explanation: str = ""
+    line: int = 0  # the CSV line the record ends on (0: not read from a file)
 
 
 # ------------------------------------------------------------------ data
-def _read_csv(path: Path, fmt: str) -> list[Question]:
+CSV_FIELD_LIMIT = csv.field_size_limit()  # 131,072 characters: no real question or option comes near it
+
+
+def _csv_rows(path: Path) -> list[tuple[int, list[str]]]:
+    """(line the record ends on, cells) of every record; a malformed record is a UserError naming the line."""
+    rows = []
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
-            rows = list(csv.reader(f))
+            reader = csv.reader(f)
+            while True:
+                try:
+                    r = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as e:
+                    why = (f"a cell longer than {CSV_FIELD_LIMIT:,} characters (Python's csv field limit); a "
+                           "question or option that long is not a C-Eval/CMMLU row, so check the file's quoting"
+                           if "field larger than field limit" in str(e) else f"malformed CSV ({e})")
+                    raise UserError(f"{path}: line {reader.line_num}: {why}") from None
+                rows.append((reader.line_num, r))
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    return rows
+
+
+def _read_csv(path: Path, fmt: str) -> list[Question]:
+    rows = _csv_rows(path)
     if not rows:
         raise UserError(f"{path}: empty file; expected a header row")
-    head = [h.strip() for h in rows[0]]
+    head = [h.strip() for h in rows[0][1]]
     if fmt == "ceval":
         need, expected = ["id", "question", "A", "B", "C", "D"], "columns id,question,A,B,C,D,answer[,explanation]"
     else:
@@ -79,7 +101,7 @@ def _read_csv(path: Path, fmt: str) -> list[Question]:
     q_col = col["question" if fmt == "ceval" else "Question"]
     id_col = col["id"] if fmt == "ceval" else 0
     out = []
-    for lineno, r in enumerate(rows[1:], 2):
+    for lineno, r in rows[1:]:
         if not any(c.strip() for c in r):
             continue
         if len(r) < len(head):
@@ -88,8 +110,27 @@ def _read_csv(path: Path, fmt: str) -> list[Question]:
         if ans and ans not in LETTERS:
             raise UserError(f"{path}: record ending on line {lineno}: answer {ans!r} is not one of A, B, C, D")
         out.append(Question(row_id=r[id_col].strip(), question=r[q_col], options=tuple(r[col[x]] for x in LETTERS),
-                            answer=ans or None, explanation=r[col["explanation"]] if "explanation" in col else ""))
+                            answer=ans or None, explanation=r[col["explanation"]] if "explanation" in col else "",
+                            line=lineno))
+    if not out:
+        raise UserError(f"{path}: a header but no question rows; expected {expected}, one question per row")
     return out
+
+
+def check_answers(path: Path, questions: list[Question], fmt: str, split: str) -> None:
+    """Scored splits (C-Eval val, CMMLU test, and dev examples) need every answer. C-Eval's test split has none
+    (it is scored by its submission file): there all or none may be given, not some, which would score a subset."""
+    missing = [q for q in questions if q.answer is None]
+    if not missing:
+        return
+    if fmt == "ceval" and split == "test":
+        if len(missing) == len(questions):
+            return
+        raise UserError(f"{path}: record ending on line {missing[0].line}: no answer, while {len(questions) - len(missing)} "
+                        f"other row(s) have one; give every answer or none (C-Eval's test split has none)")
+    what = "C-Eval's val split" if fmt == "ceval" and split == "val" else "CMMLU's test split" if split == "test" else "a dev file"
+    raise UserError(f"{path}: record ending on line {missing[0].line}: no answer ({len(missing)} of {len(questions)} rows "
+                    f"lack one); {what} is scored, so every row needs an answer A, B, C or D")
 
 
 def split_file(data: Path, fmt: str, split: str, subject: str) -> Path:
@@ -320,7 +361,11 @@ def load_benchmark(data, cfg: ChoiceConfig, log=print) -> Benchmark:
     unknown = [s for s in subjects if s not in tab]
     if unknown and cfg.subject_names == "zh":
         raise UserError(f"--subject-names zh: no Chinese name for {', '.join(unknown[:5])}")
-    questions = {s: _read_csv(split_file(data, cfg.format, cfg.split, s), cfg.format) for s in subjects}
+    questions = {}
+    for s in subjects:
+        p = split_file(data, cfg.format, cfg.split, s)
+        questions[s] = _read_csv(p, cfg.format)
+        check_answers(p, questions[s], cfg.format, cfg.split)
     if unknown:
         log(f"note: {len(unknown)} subject(s) not in the {cfg.format} table, counted in the average only: {', '.join(unknown[:5])}")
     dev = {}
@@ -331,8 +376,7 @@ def load_benchmark(data, cfg: ChoiceConfig, log=print) -> Benchmark:
             if not p.is_file():
                 raise UserError(f"{p}: missing dev file for {cfg.shots}-shot prompts (or pass --shots 0)")
             dev[s] = _read_csv(p, cfg.format)
-            if any(d.answer is None for d in dev[s][:cfg.shots]):
-                raise UserError(f"{p}: dev examples need an answer")
+            check_answers(p, dev[s][:cfg.shots], cfg.format, "dev")
     return Benchmark(subjects, questions, dev)
 
 

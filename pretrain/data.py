@@ -451,9 +451,15 @@ def _user_error_inside(e: BaseException):
 
 def readable_files(corpus, encoding: str = "auto") -> tuple[list, dict, dict]:
     """(text files, file -> encoding, dropped files) through the shared corpus reader's checks."""
+    files, encodings, dropped, _ = _readable(corpus, encoding)
+    return files, encodings, dropped
+
+
+def _readable(corpus, encoding: str):
+    """readable_files and the set of files decoded line by line (corpora.reader.LineDecoder: mixed encodings)."""
     from corpora.reader import CorpusStats, list_corpus_files, sniff
 
-    files, encodings, stats = [], {}, CorpusStats()
+    files, encodings, stats, per_line = [], {}, CorpusStats(), set()
     for f in list_corpus_files(corpus):
         check = sniff(f, encoding)
         if check.binary:
@@ -461,22 +467,25 @@ def readable_files(corpus, encoding: str = "auto") -> tuple[list, dict, dict]:
             continue
         files.append(f)
         encodings[f] = check.encoding
+        if check.per_line:
+            per_line.add(f)
     if not files:
         raise UserError(f"corpus {', '.join(map(str, corpus))}: no text files left (all dropped as binary)")
-    return files, encodings, stats.dropped_files
+    return files, encodings, stats.dropped_files, per_line
 
 
 def _plan(corpus, tokenizer_dir, block_size, cache_dir, eval_ratio, max_eval_blocks, encoding):
     from zhllama.hashing import sha256_file
 
-    files, encodings, dropped = readable_files(corpus, encoding)
+    files, encodings, dropped, per_line = _readable(corpus, encoding)
     tok = _tokenizer(str(tokenizer_dir))
     if tok.eos_token_id is None:
         raise UserError(f"{tokenizer_dir}: tokenizer has no EOS token; documents need one between them")
     hashes = {f: sha256_file(f) for f in files}
     key, key_info = cache_key(files, tokenizer_hash(tokenizer_dir), block_size, eval_ratio, max_eval_blocks, hashes)
     cache = Path(cache_dir) / key
-    units = plan_units(files, encodings, hashes)
+    # a file decoded line by line (mixed encodings) is read with "auto", so each unit decodes it the same way
+    units = plan_units(files, {f: "auto" if f in per_line else e for f, e in encodings.items()}, hashes)
     info = {"cache_key": key, "cache_dir": str(cache), "key": key_info, "files": [str(f) for f in files],
             "encodings": {str(f): e for f, e in encodings.items()}, "dropped_files": dropped, "units": len(units)}
     return units, cache, key_info, info

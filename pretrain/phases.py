@@ -73,6 +73,14 @@ def check_chinese(corpus, encoding: str = "auto", min_share: float = MIN_HAN_SHA
     from corpora.reader import corpus_profile
 
     prof = corpus_profile(corpus, encoding)
+    if prof.docs == 0:
+        from corpora.reader import list_corpus_files
+
+        names = [str(f) for f in list_corpus_files(corpus)]
+        dropped = sum(len(v) for v in prof.dropped_files.values())
+        raise UserError(f"corpus {', '.join(names[:3])}{f' (and {len(names) - 3} more)' if len(names) > 3 else ''}: "
+                        "no text: every file is empty or holds only whitespace"
+                        + (f" ({dropped} dropped as binary)" if dropped else "") + "; point --corpus at your text")
     share = prof.han_share
     found = (f"{prof.han_chars:,} Chinese characters in {prof.chars:,} sampled ({100 * share:.1f}%, "
              f"first documents of {prof.files} file(s))")

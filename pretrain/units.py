@@ -8,8 +8,9 @@ Public API:
 
 Units (zhllama.units, fixed cuts) depend on the corpus alone (never on the number of processes), so the packed
 blocks do too. A range [start, end) owns every line whose first byte lies in it; .gz and .json files cannot be
-split and are one unit each. Decoding is strict like corpora.reader: a bad byte is a one-line error naming file
-and byte offset.
+split and are one unit each. Decoding is corpora.reader's: strict (a bad byte is a one-line error naming file and
+byte offset) for a UTF-8 file or a given --encoding; line by line for a file whose start is not pure UTF-8 (the unit's
+encoding is then "auto" and each unit sniffs the file again: the same answer for every unit).
 """
 from __future__ import annotations
 
@@ -55,8 +56,10 @@ def unit_documents(unit: Unit) -> Iterator[str]:
 
         yield from iter_documents(unit.path, encoding=unit.encoding)
         return
+    from corpora.reader import iter_range_lines
+
     jsonl = unit.path.lower().endswith(".jsonl")
-    for pos, line in units.decode_lines(unit.path, unit.encoding, unit.start, unit.end):
+    for pos, line in iter_range_lines(unit.path, unit.encoding, unit.start, unit.end):
         if not jsonl:
             if line.strip():
                 yield line

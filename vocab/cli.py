@@ -5,6 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
+from vocab.report import REPORT_MAX_CHARS
+from vocab.spans import MAX_LINE_CHARS
 from vocab.train import TrainConfig
 from zhllama.cli import add_recipe_args
 from zhllama.errors import UserError, cli_entry
@@ -75,7 +77,13 @@ def parser() -> argparse.ArgumentParser:
     add_recipe_args(p, [], recipe_help="recipe whose vocab.pad to use (name under recipes/ or a .yaml path; "
                                        "default: the built-in defaults); --pad or --set vocab.pad=true sets it")
 
-    p = sub.add_parser("build", help="train + merge + report in one go (what `make vocab` runs)")
+    p = sub.add_parser("build", help="train + merge + report in one go (what `make vocab` runs)",
+                       description="Train the Chinese pieces on --corpus, merge them into --base and write the tokenizer "
+                                   "folder with its report. A line longer than MAX_LINE_CHARS "
+                                   f"({MAX_LINE_CHARS:,} characters, vocab.spans) is cut at sentence ends into pieces of "
+                                   "at most that size before sampling and counting (counted as split_lines in "
+                                   "train_stats.json and warned about); the report measures at most 2,000 lines and "
+                                   f"{REPORT_MAX_CHARS:,} characters per file.")
     p.add_argument("--base", required=True, help="base tokenizer.model")
     p.add_argument("--out", required=True, help="output tokenizer folder")
     p.add_argument("--report-text", nargs="*", metavar="PATH", help="texts for the report (default: the corpus)")

@@ -8,11 +8,15 @@ from pathlib import Path
 
 from corpora.probes import ENGLISH, TABLE1, probe_set
 from corpora.reader import iter_documents, list_corpus_files
+from vocab.spans import split_overlong
 from vocab.audit import dead_pieces
 from vocab.spmodel import BYTE, HAN_RE, NORMAL, load_model, processor, without_dummy_prefix
 from zhllama.manifest import write_json
 
 HAN_RUN_RE = re.compile(r"[\u4e00-\u9fff]{2,}")
+# With max_lines (vocab build: 2,000), also at most this many characters per file: the first 2,000 lines of every
+# file of the shared corpus hold at most 586,512, so its report is unchanged; one huge line is not measured whole.
+REPORT_MAX_CHARS = 1_000_000
 
 
 def _stats(m, lines: list[str], enc: list[list[int]]) -> dict:
@@ -89,8 +93,15 @@ def build_report(
     per_file: dict[str, list[str]] = {}
     lines: list[str] = []
     for f in files:
-        # read only the lines used: a report on a large corpus must not hold whole files in memory
-        docs = list(islice(iter_documents(f), max_lines or None))
+        # read only the lines used: a report on a large corpus must not hold whole files in memory, nor measure
+        # (jieba: ~30 s per M characters) more than REPORT_MAX_CHARS of one file when a sample was asked for
+        docs = []
+        chars = 0
+        for doc in islice(split_overlong(iter_documents(f)), max_lines or None):
+            if max_lines and docs and chars + len(doc) > REPORT_MAX_CHARS:
+                break
+            docs.append(doc)
+            chars += len(doc)
         per_file[str(f)] = docs
         lines.extend(docs)
     models = {"base": base_m, "extended": ext}

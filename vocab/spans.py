@@ -11,7 +11,8 @@ counts; training then keeps at most max_spans. With fewer distinct spans than ma
 the counts are exact.
 
 Public API:
-    UNIT_BYTES
+    UNIT_BYTES, MAX_LINE_CHARS
+    split_overlong(docs, stats=None, max_chars=MAX_LINE_CHARS) -> Iterator[str]   lines over the limit cut in pieces
     uncompressed_size(path) -> int                 bytes of text in a file (.gz: decompressed, exact)
     sample_threshold(total_bytes, max_chars) -> int     the hash threshold of `train.sampled_texts` (2**32: keep all)
     keep_doc(doc, seed, threshold) -> bool
@@ -26,15 +27,22 @@ import gzip
 import hashlib
 import os
 import pickle
+import sys
 import zlib
 from collections import Counter
 from pathlib import Path
 
-from corpora.reader import CorpusStats, iter_documents, list_corpus_files, sniff
+from corpora.reader import CorpusStats, iter_documents, iter_range_lines, list_corpus_files, sniff
 from zhllama.errors import UserError
-from zhllama.units import Unit, decode_lines, plan_units
+from zhllama.units import Unit, plan_units
 
 UNIT_BYTES = 16 << 20  # a fixed unit size (never derived from N) keeps the merge order, and so the result, fixed
+# A line (document) longer than this many characters is cut at sentence ends (corpora.clean.split_long, hard cuts
+# where a sentence is longer) into pieces of at most this size, each sampled and counted as a document. One 50 MB
+# line without a newline was otherwise a single document, and without punctuation a single span of 17 M
+# characters that sentencepiece re-encodes on every merge round: vocab build never finished. The longest line of
+# the shared corpus is 17,020 characters, so the vocabulary of normal corpora is unchanged.
+MAX_LINE_CHARS = 100_000
 _READ = 1 << 20
 
 
@@ -92,7 +100,24 @@ def prune(counter: Counter, max_spans: int) -> Counter:
     return Counter({s: n for s, n in counter.items() if n > cut or s in keep})
 
 
+def split_overlong(docs, stats: CorpusStats | None = None, max_chars: int = MAX_LINE_CHARS):
+    """The documents with each one longer than max_chars cut into pieces (counted in stats.split_lines)."""
+    from corpora.clean import split_long
+
+    for doc in docs:
+        if len(doc) <= max_chars:
+            yield doc
+            continue
+        if stats is not None:
+            stats.split_lines += 1
+        yield from split_long(doc, max_chars)
+
+
 def _unit_documents(unit: Unit, encoding: str, stats: CorpusStats):
+    yield from split_overlong(_unit_lines(unit, encoding, stats), stats)
+
+
+def _unit_lines(unit: Unit, encoding: str, stats: CorpusStats):
     if unit.end is None:
         yield from iter_documents(unit.path, encoding=encoding, stats=stats)
         return
@@ -104,7 +129,7 @@ def _unit_documents(unit: Unit, encoding: str, stats: CorpusStats):
             stats.drop(check)
     if check.binary:
         return
-    for _, line in decode_lines(unit.path, check.encoding, unit.start, unit.end):
+    for _, line in iter_range_lines(unit.path, encoding, unit.start, unit.end, stats, check):
         if line.strip():
             stats.count(line)
             yield line
@@ -114,7 +139,7 @@ def _unit_key(job) -> str:
     """What a unit's counts depend on: the settings and the file's identity (size, mtime) and byte range."""
     unit = job[0]
     st = Path(unit.path).stat()
-    ident = [str(Path(unit.path).resolve()), st.st_size, st.st_mtime_ns, unit.start, unit.end, *job[1:]]
+    ident = [str(Path(unit.path).resolve()), st.st_size, st.st_mtime_ns, unit.start, unit.end, *job[1:], MAX_LINE_CHARS]
     return hashlib.sha256(repr(ident).encode()).hexdigest()[:32]
 
 
@@ -157,6 +182,15 @@ def _merge_stats(into: CorpusStats, part: CorpusStats) -> None:
     into.chars += part.chars
     into.han_chars += part.han_chars
     into.encodings.update(part.encodings)
+    into.split_lines += part.split_lines
+    for f, codecs in part.line_encodings.items():
+        mine = into.line_encodings.setdefault(f, {})
+        for enc, n in codecs.items():
+            mine[enc] = mine.get(enc, 0) + n
+    for f, u in part.undecodable.items():
+        mine = into.undecodable.setdefault(f, {"lines": 0, "first_line": u["first_line"], "bytes": 0})
+        mine["lines"] += u["lines"]
+        mine["bytes"] += u["bytes"]
     for why, items in part.dropped_files.items():
         into.dropped_files.setdefault(why, []).extend(items)
 
@@ -189,6 +223,10 @@ def count_spans(paths, cfg, stats: CorpusStats | None = None, num_proc: int = 0,
     jobs = [(u, cfg.encoding, cfg.seed, threshold, cfg.word_aware, digits, space_prefix, cfg.max_spans,
              str(cache_dir) if cache_dir is not None else None) for u in units]
     n = min(resolve_num_proc(num_proc), len(jobs))
+    if progress:
+        # the bar below moves once per finished unit (and only on a terminal): say what is being done first
+        print(f"[vocab] counting Chinese spans in {len(files)} file(s), {sum(unit_size) / 1e6:,.1f} MB in {len(units)} "
+              f"unit(s), {n} process(es)", flush=True)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -227,6 +265,11 @@ def count_spans(paths, cfg, stats: CorpusStats | None = None, num_proc: int = 0,
             pool.terminate()
         if bar is not None:
             bar.close()
+    if progress and stats.split_lines:
+        print(f"warning: {stats.split_lines:,} line(s) longer than {MAX_LINE_CHARS:,} characters were cut into pieces "
+              f"of at most {MAX_LINE_CHARS:,} (vocab.spans.MAX_LINE_CHARS)", file=sys.stderr, flush=True)
     if ndocs == 0:
-        raise UserError(f"empty corpus: no text lines in {', '.join(str(p) for p in paths)}")
+        from vocab.train import empty_corpus
+
+        raise UserError(empty_corpus(files))
     return prune(total, cfg.max_spans)

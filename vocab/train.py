@@ -41,6 +41,13 @@ class TrainConfig:
     num_proc: int = 0  # extend: processes counting spans (0 = all cores); the result does not depend on it
 
 
+def empty_corpus(files) -> str:
+    """The error for a corpus without one non-blank line, naming its files."""
+    files = [str(f) for f in files]
+    names = ", ".join(files[:3]) + (f" (and {len(files) - 3} more)" if len(files) > 3 else "")
+    return f"empty corpus: no text lines in {names} (every file is empty or holds only whitespace); point --corpus at your text"
+
+
 def sampled_texts(paths, cfg: TrainConfig, stats: CorpusStats | None = None) -> Iterable[str]:
     """Deterministic sample of about cfg.max_chars characters of uncompressed text, streamed (no corpus-sized memory).
 
@@ -49,14 +56,16 @@ def sampled_texts(paths, cfg: TrainConfig, stats: CorpusStats | None = None) -> 
     files = list_corpus_files(paths)
     # the uncompressed size: a .gz holds several times more text than its size on disk
     threshold = sample_threshold(sum(uncompressed_size(f) for f in files), cfg.max_chars)
+    from vocab.spans import split_overlong
+
     n = 0
-    for doc in iter_corpus(files, encoding=cfg.encoding, stats=stats):
+    for doc in split_overlong(iter_corpus(files, encoding=cfg.encoding, stats=stats), stats):
         if not keep_doc(doc, cfg.seed, threshold):
             continue
         n += 1
         yield doc
     if n == 0:
-        raise UserError(f"empty corpus: no text lines in {', '.join(str(p) for p in paths)}")
+        raise UserError(empty_corpus(files))
 
 
 def _merge_ready_model(base: "ModelProto", pieces: list[str]) -> "ModelProto":
