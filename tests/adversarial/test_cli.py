@@ -436,8 +436,8 @@ def test_sft_generate_to_a_full_stdout_is_a_named_error(work):
                            text=True, timeout=240)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr
-    assert [ln for ln in r.stderr.splitlines() if ln.startswith("error:")] == \
-        ["error: standard output: No space left on device"], r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: standard output: No space left on device"), r.stderr
 
 
 # ------------------------------------------------------------------------------------------------ reruns
@@ -458,7 +458,8 @@ def test_unchanged_merge_rerun_does_nothing_and_says_so(work, tmp_path, capsys):
     (out / "model.safetensors").write_bytes(b"spoiled")
     rc, err = run_cli(capsys, argv)
     assert rc == 0, err
-    assert hashes(out / "model.safetensors") == first and "up to date" not in err
+    assert hashes(out / "model.safetensors") == {k: v for k, v in first.items() if k.endswith("/model.safetensors")}
+    assert "up to date" not in err
 
 
 @pytest.mark.parametrize("cmd", ["sft merge", "pretrain resize"])
