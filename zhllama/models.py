@@ -6,6 +6,7 @@ Public API:
     check_sizes(model, model_dir, tok_len=None, tok_dir=None)     config.vocab_size == embedding rows == LM-head rows
                                                                   (== len(tokenizer) when given), else UserError
     tokenizer_len(tok_dir) -> int                                 len(AutoTokenizer) of a tokenizer folder
+    (from zhllama.modelfiles, torch-free:)
     read_config(model_dir) -> dict                                config.json, UserError (one line naming it) when it
                                                                   is not UTF-8 JSON of an object with sane sizes
     check_weights(model_dir) -> {tensor name: shape}              every safetensors file's header read and checked
@@ -29,13 +30,15 @@ Public API:
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import torch
 
 from zhllama.errors import UserError
+from zhllama.modelfiles import (  # noqa: F401 - part of this module's public API
+    MAX_SIZE, check_model_dir, check_tokenizer_files, check_weights, read_config,
+)
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 INITS = ("subword-mean", "mean", "normal")
@@ -53,107 +56,6 @@ def tokenizer_len(tok_dir: str | Path) -> int:
     if not tok_dir.is_dir() or not ((tok_dir / "tokenizer.json").is_file() or (tok_dir / "tokenizer.model").is_file()):
         raise UserError(f"{tok_dir}: not a tokenizer folder (needs tokenizer.json or tokenizer.model; `make vocab` writes one to RUN/vocab)")
     return len(load_tokenizer(tok_dir))
-
-
-# config.json fields that size tensors: a string or a huge number there would fail deep inside transformers or try to
-# allocate it; 2**24 rows/columns is far beyond any LLaMA-family model
-_SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "max_position_embeddings", "head_dim")
-MAX_SIZE = 1 << 24
-
-
-def _json_object(path: Path, what: str) -> dict:
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read it ({e.strerror})") from None
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); {what} must be UTF-8 JSON") from None
-    except ValueError as e:
-        why = "empty file" if not raw.strip() else f"{e}"
-        raise UserError(f"{path}: not valid JSON ({why}); {what} must be a JSON object (truncated or corrupt?)") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{path}: holds a JSON {type(obj).__name__}; {what} must be a JSON object")
-    return obj
-
-
-def read_config(model_dir: str | Path) -> dict:
-    p = Path(model_dir) / "config.json"
-    cfg = _json_object(p, "a model's config.json")
-    for sub in (cfg, cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}):
-        for k in _SIZE_FIELDS:
-            v = sub.get(k)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= MAX_SIZE):
-                raise UserError(f"{p}: {k} is {v!r}; expected a positive integer up to {MAX_SIZE:,}")
-    return cfg
-
-
-def _weight_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        wm = _json_object(index, "a safetensors index").get("weight_map")
-        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
-            raise UserError(f"{index}: no weight_map of tensor name -> file; the index is corrupt")
-        files = [model_dir / f for f in sorted(set(wm.values()))]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise UserError(f"{index}: lists {', '.join(missing[:3])}, which {'is' if len(missing) == 1 else 'are'} "
-                            "not in the folder (an incomplete download or copy?)")
-        return files
-    return sorted(model_dir.glob("*.safetensors"))
-
-
-def check_weights(model_dir: str | Path) -> dict:
-    """{tensor name: shape} over the folder's safetensors files, every header checked (never a tensor read)."""
-    from safetensors import SafetensorError, safe_open
-
-    shapes = {}
-    for f in _weight_files(Path(model_dir)):
-        try:
-            with safe_open(str(f), "pt") as sf:
-                for k in sf.keys():
-                    shapes[k] = tuple(sf.get_slice(k).get_shape())
-        except (SafetensorError, OSError, ValueError) as e:
-            why = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise UserError(f"{f}: not a complete safetensors file ({why}); it is truncated or corrupt - copy or "
-                            "export it again") from None
-    return shapes
-
-
-def check_tokenizer_files(tok_dir: str | Path) -> None:
-    from sentencepiece import sentencepiece_model_pb2
-
-    tok_dir = Path(tok_dir)
-    tj = tok_dir / "tokenizer.json"
-    if tj.is_file():
-        obj = _json_object(tj, "tokenizer.json")
-        if not isinstance(obj.get("model"), dict):
-            raise UserError(f"{tj}: no 'model' object; not a Hugging Face tokenizers file")
-    tc = tok_dir / "tokenizer_config.json"
-    if tc.is_file():
-        _json_object(tc, "tokenizer_config.json")
-    tm = tok_dir / "tokenizer.model"
-    if tm.is_file():
-        m = sentencepiece_model_pb2.ModelProto()
-        try:
-            m.ParseFromString(tm.read_bytes())
-        except Exception:  # protobuf's DecodeError and its C implementation's own types
-            m = None
-        if m is None or not len(m.pieces):
-            raise UserError(f"{tm}: not a SentencePiece model (truncated, empty or another kind of file)")
-
-
-def check_model_dir(model_dir: str | Path) -> dict:
-    """config.json, the safetensors headers and the tokenizer files of a model folder, before anything is written."""
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise UserError(f"{model_dir}: not a Hugging Face model folder (no config.json)")
-    cfg = read_config(model_dir)
-    check_weights(model_dir)
-    check_tokenizer_files(model_dir)
-    return cfg
 
 
 def load_tokenizer(tok_dir: str | Path):

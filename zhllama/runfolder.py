@@ -160,6 +160,13 @@ def _abandon(out: Path) -> None:
     shutil.rmtree(out / STAGING, ignore_errors=True)
     if key not in _STAGED or key in _PUBLISHED or (out / RESULT).exists():
         return
+    if (out / "checkpoints").is_dir():
+        from zhllama.trainer import last_complete_checkpoint
+
+        if last_complete_checkpoint(out) is not None:
+            # a training run got as far as a checkpoint (begin() cleared any of another fingerprint): its settings
+            # stay, so the rerun resumes; the previous result waits in PREVIOUS until a run finishes
+            return
     prev = out / PREVIOUS
     if prev.is_dir():
         for f in (CONFIG, RESULT):
