@@ -63,11 +63,11 @@ def _weights(model_dir: Path):
     """(name, shape, loader) for every tensor of the folder's safetensors, in file order; never loads all."""
     from safetensors import safe_open
 
-    from zhllama.models import check_weights
+    from zhllama.models import check_weight_files
 
     index = model_dir / "model.safetensors.index.json"
     if index.is_file() or (model_dir / "model.safetensors").is_file():
-        check_weights(model_dir)  # every header, against the file sizes: a truncated file is named here
+        check_weight_files(model_dir)  # every header, against the file sizes: a truncated file is named here
         files = (sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())) if index.is_file()
                  else ["model.safetensors"])
     else:

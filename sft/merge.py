@@ -280,7 +280,7 @@ def merge(base, adapters, out, dtype: str = "float16", log=print, verify: bool =
     from sft.template import get, save_name
     from zhllama import runfolder
     from zhllama.lineage import resolve_chain
-    from zhllama.models import check_weights, read_config
+    from zhllama.models import check_weight_files, read_config
 
     out = Path(out)
     if dtype not in TOLERANCE:
@@ -296,7 +296,7 @@ def merge(base, adapters, out, dtype: str = "float16", log=print, verify: bool =
     tname = recorded or get(None).name  # the default only renders the verification probes
     get(tname)  # an unknown template fails here, before anything is written
     cfg = read_config(base)
-    check_weights(base)  # a truncated or corrupt shard is named now, not after half the merge is written
+    check_weight_files(base)  # a truncated or corrupt shard is named now, not after half the merge is written
     base_vocab = cfg.get("vocab_size")
     vocab, tok_src = _target_vocab(base, cfg, ads)
     tied = bool(cfg.get("tie_word_embeddings", False))

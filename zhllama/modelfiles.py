@@ -5,7 +5,7 @@ safetensors, transformers, tokenizers or protobuf; sizes in config.json are chec
 
 Public API (also re-exported by zhllama.models):
     read_config(model_dir) -> dict        config.json: UTF-8 JSON of an object, sizes positive integers <= MAX_SIZE
-    check_weights(model_dir) -> {tensor name: shape}
+    check_weight_files(model_dir) -> {tensor name: shape}
                                           every safetensors file's header (listed by the index when there is one) read
                                           and checked against the file's size; never a tensor read
     check_tokenizer_files(tok_dir)        tokenizer.json / tokenizer_config.json are JSON objects, tokenizer.model a
@@ -69,7 +69,7 @@ def _weight_files(model_dir: Path) -> list[Path]:
     return sorted(model_dir.glob("*.safetensors"))
 
 
-def check_weights(model_dir: str | Path) -> dict:
+def check_weight_files(model_dir: str | Path) -> dict:
     """{tensor name: shape} over the folder's safetensors files, every header checked (never a tensor read)."""
     from safetensors import SafetensorError, safe_open
 
@@ -115,6 +115,6 @@ def check_model_dir(model_dir: str | Path) -> dict:
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir}: not a Hugging Face model folder (no config.json)")
     cfg = read_config(model_dir)
-    check_weights(model_dir)
+    check_weight_files(model_dir)
     check_tokenizer_files(model_dir)
     return cfg

@@ -9,12 +9,13 @@ Public API:
     (from zhllama.modelfiles, torch-free:)
     read_config(model_dir) -> dict                                config.json, UserError (one line naming it) when it
                                                                   is not UTF-8 JSON of an object with sane sizes
-    check_weights(model_dir) -> {tensor name: shape}              every safetensors file's header read and checked
+    check_weight_files(model_dir) -> {tensor name: shape}         every safetensors file's header read and checked
                                                                   against its size (truncated, empty, not safetensors)
     check_tokenizer_files(tok_dir)                                tokenizer.json / tokenizer_config.json parse as JSON
                                                                   objects and tokenizer.model as SentencePiece, else
                                                                   UserError naming the file
-    check_model_dir(model_dir) -> dict                            read_config + check_weights + check_tokenizer_files
+    check_model_dir(model_dir) -> dict                            read_config + check_weight_files +
+                                                                  check_tokenizer_files
     load_tokenizer(tok_dir) -> tokenizer                          AutoTokenizer after check_tokenizer_files; any other
                                                                   failure is a UserError naming the folder
     copy_tokenizer(tok_dir, out_dir)                              the tokenizer files (TOKENIZER_FILES) that exist
@@ -37,7 +38,7 @@ import torch
 
 from zhllama.errors import UserError
 from zhllama.modelfiles import (  # noqa: F401 - part of this module's public API
-    MAX_SIZE, check_model_dir, check_tokenizer_files, check_weights, read_config,
+    MAX_SIZE, check_model_dir, check_tokenizer_files, check_weight_files, read_config,
 )
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -130,7 +131,7 @@ def resize_model(model, new_size: int, init: str, sources: list[list[int]] | Non
 
 def checkpoint_vocab_rows(model_dir: Path) -> dict:
     """Row counts of embed_tokens / lm_head as stored in the safetensors files, read from their headers only."""
-    return {k: shape[0] for k, shape in check_weights(model_dir).items()
+    return {k: shape[0] for k, shape in check_weight_files(model_dir).items()
             if k.endswith("embed_tokens.weight") or k.endswith("lm_head.weight")}
 
 

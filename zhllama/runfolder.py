@@ -74,7 +74,7 @@ _PUBLISHED: set[str] = set()  # folders whose artefacts this process has started
 _STAGED: set[str] = set()     # folders whose run stages its artefacts (nothing final is touched before publish)
 _BEGUN: dict[str, bool] = {}  # folders begin() wrote a resolved_config.json into -> whether one was there before
 _UMASK = os.umask(0o022)
-os.umask(_UMASK)  # folders whose artefacts this process has started to replace
+os.umask(_UMASK)
 
 
 def _is_main() -> bool:
