@@ -63,6 +63,9 @@ def main(argv=None) -> int:
     _prepare_parser(sub)
     _instructions_parser(sub)
     a = ap.parse_args(argv)
+    from zhllama.overlap import refuse_overlap
+
+    refuse_overlap({"--out": a.out}, {"--input": (getattr(a, "inputs", None) or []) + (a.input or [])})
     if a.cmd == "prepare":
         from corpora.prepare import PrepareConfig, prepare
         from zhllama.cli import resolve_recipe

@@ -48,6 +48,9 @@ class TransformersBackend:
             raise UserError(f"{d}: no .safetensors weights (pickled .bin weights are never loaded)")
         if not (d / "chat_template.jinja").is_file():
             raise UserError(f"{d}: no chat_template.jinja; write it with `python -m deploy template --model {d}`")
+        from zhllama.models import check_model_dir
+
+        check_model_dir(d)  # a truncated or corrupt file is named before the server starts
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         td = getattr(torch, dtype) if dtype else (torch.float32 if device == "cpu" else torch.float16)

@@ -80,7 +80,9 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     if args.cmd == "gguf":
         from deploy.gguf_export import export
+        from zhllama.overlap import refuse_overlap
 
+        refuse_overlap({"--out": args.out}, {"--model": args.model})
         export(args.model, args.out, args.type, name=args.name)
         if args.verify:
             from deploy.gguf_verify import verify

@@ -10,11 +10,13 @@ pad unless one is named: EOS is named), and `general.name`.
 Types: f32, f16, q8_0 and q4_0 (round-to-nearest, the paper's 4-bit deployment). Tensors are converted
 and written one at a time (a 7B model never sits in memory twice); rows that are not a multiple of the
 32-value quantization block stay f16, and q4_0 keeps the output head at q8_0 (llama.cpp's own quantize
-keeps it at 6 bits or more, since the head dominates the quality loss). The file is written to
-FILE.tmp and renamed when complete.
+keeps it at 6 bits or more, since the head dominates the quality loss). The file is written to a
+unique temporary file beside FILE and renamed when complete, under a lock on FILE (.FILE.lock), so two
+exports to one FILE never mix and a failed one (full disk, read-only folder) leaves nothing behind.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -61,11 +63,13 @@ def _weights(model_dir: Path):
     """(name, shape, loader) for every tensor of the folder's safetensors, in file order; never loads all."""
     from safetensors import safe_open
 
+    from zhllama.models import check_weight_files
+
     index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-    elif (model_dir / "model.safetensors").is_file():
-        files = ["model.safetensors"]
+    if index.is_file() or (model_dir / "model.safetensors").is_file():
+        check_weight_files(model_dir)  # every header, against the file sizes: a truncated file is named here
+        files = (sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())) if index.is_file()
+                 else ["model.safetensors"])
     else:
         bins = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt")]
         hint = f" (found {', '.join(bins)}: pickled weights are not loaded, convert them to safetensors)" if bins else ""
@@ -95,7 +99,12 @@ def read_vocab(model_dir: Path, n_rows: int):
         raise UserError(f"{model_dir}: no tokenizer.model (the SentencePiece model that `sft merge` copies beside "
                         "the weights); llama.cpp needs its scores and piece types")
     m = sentencepiece_model_pb2.ModelProto()
-    m.ParseFromString(p.read_bytes())
+    try:
+        m.ParseFromString(p.read_bytes())
+    except Exception:  # protobuf's DecodeError and its C implementation's own types
+        m.Clear()
+    if not len(m.pieces):
+        raise UserError(f"{p}: not a SentencePiece model (truncated, empty or another kind of file)")
     if m.trainer_spec.model_type != m.trainer_spec.BPE and m.trainer_spec.model_type != m.trainer_spec.UNIGRAM:
         raise UserError(f"{p}: model type {m.trainer_spec.model_type} is not BPE or unigram")
     pieces = [x.piece for x in m.pieces]
@@ -148,7 +157,11 @@ def export(model_dir, out, ftype: str = "f16", name: str | None = None, log=prin
     from gguf import GGMLQuantizationType as Q
     from tqdm import tqdm
 
+    from zhllama.models import read_config
+
     model_dir, out = Path(model_dir), Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; deploy gguf writes one file: pass FILE.gguf (e.g. {out / 'model.gguf'})")
     if ftype in LLAMA_QUANT:
         return _llama_quantize(model_dir, out, ftype, name, log)
     if ftype not in TYPES:
@@ -158,18 +171,24 @@ def export(model_dir, out, ftype: str = "f16", name: str | None = None, log=prin
         raise UserError(f"{model_dir}: not a model folder (no config.json); pass RUN/sft/merged")
     if (model_dir / "adapter_config.json").is_file():
         raise UserError(f"{model_dir} is a PEFT adapter; merge it first (`python -m sft merge`) and export the merged folder")
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg = read_config(model_dir)
     if cfg.get("model_type") != "llama":
         raise UserError(f"{cfg_path}: model_type {cfg.get('model_type')!r}; only LLaMA models are exported")
     if cfg.get("rope_scaling"):
         raise UserError(f"{cfg_path}: rope_scaling {cfg['rope_scaling']} is not exported (plain RoPE only)")
+    missing = [k for k in ("num_attention_heads", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+               if k not in cfg]
+    if missing:
+        raise UserError(f"{cfg_path}: no {', '.join(missing)}; not the config.json of a LLaMA model")
     n_head = cfg["num_attention_heads"]
     n_kv = cfg.get("num_key_value_heads") or n_head
     hidden = cfg["hidden_size"]
     head_dim = cfg.get("head_dim") or hidden // n_head
     weights = _weights(model_dir)
     names = {w[0] for w in weights}
-    rows = next(s for n, s, _ in weights if n == "model.embed_tokens.weight")[0]
+    rows = next((s for n, s, _ in weights if n == "model.embed_tokens.weight"), (None,))[0]
+    if rows is None:
+        raise UserError(f"{model_dir}: the weights have no model.embed_tokens.weight; not a LlamaForCausalLM checkpoint")
     if rows != cfg["vocab_size"]:
         raise UserError(f"{cfg_path}: vocab_size {cfg['vocab_size']:,} but embed_tokens has {rows:,} rows")
     pieces, scores, types, dummy_prefix = read_vocab(model_dir, rows)
@@ -234,27 +253,30 @@ def export(model_dir, out, ftype: str = "f16", name: str | None = None, log=prin
     if "lm_head.weight" not in names and not cfg.get("tie_word_embeddings", False):
         raise UserError(f"{model_dir}: no lm_head.weight and tie_word_embeddings is false")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    w.path = tmp
-    w.write_header_to_file(tmp)
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    for hf, g, shape, path, qt in tqdm(plan, desc=f"gguf {ftype}", unit="tensor", disable=len(plan) < 50):
-        t = _load(path, hf)
-        if g.endswith("attn_q.weight"):
-            t = permute_qk(t, n_head)
-        elif g.endswith("attn_k.weight"):
-            t = permute_qk(t, n_kv)
-        if qt == Q.F32:
-            data = t.astype(np.float32)
-        elif qt == Q.F16:
-            data = t.astype(np.float16)
-        else:
-            data = quants.quantize(t.astype(np.float32), qt)
-        w.write_tensor_data(np.ascontiguousarray(data))
-    w.close()
-    tmp.replace(out)
+    from zhllama.runfolder import atomic_file, lock_file
+
+    with lock_file(out), atomic_file(out) as tmp:
+        w.path = tmp
+        try:
+            w.write_header_to_file(tmp)
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            for hf, g, shape, path, qt in tqdm(plan, desc=f"gguf {ftype}", unit="tensor", disable=len(plan) < 50):
+                t = _load(path, hf)
+                if g.endswith("attn_q.weight"):
+                    t = permute_qk(t, n_head)
+                elif g.endswith("attn_k.weight"):
+                    t = permute_qk(t, n_kv)
+                if qt == Q.F32:
+                    data = t.astype(np.float32)
+                elif qt == Q.F16:
+                    data = t.astype(np.float16)
+                else:
+                    data = quants.quantize(t.astype(np.float32), qt)
+                w.write_tensor_data(np.ascontiguousarray(data))
+        finally:
+            with contextlib.suppress(OSError):  # a full disk also fails the final flush: the write's error counts
+                w.close()
     info = {"gguf": str(out), "type": ftype, "name": name, "tensors": len(plan), "vocab": rows,
             "bytes": out.stat().st_size, "chat_template": template is not None}
     log(f"wrote {out} ({ftype}, {len(plan)} tensors, vocab {rows:,}, {out.stat().st_size / 2**20:.1f} MiB, "
@@ -270,19 +292,20 @@ def _llama_quantize(model_dir: Path, out: Path, ftype: str, name: str | None, lo
     except ImportError:
         raise UserError(f"--type {ftype} uses llama.cpp's quantize: install llama-cpp-python "
                         "(make setup-integration)") from None
-    src = out.with_name(out.name + ".f32.tmp")
-    tmp = out.with_name(out.name + ".tmp")
-    info = export(model_dir, src, "f32", name=name, log=lambda *_: None)
-    try:
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = LLAMA_QUANT[ftype]
-        params.nthread = os.cpu_count() or 1
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
-        if rc != 0:
-            raise UserError(f"llama.cpp's quantize to {ftype} failed (code {rc}) for {model_dir}")
-    finally:
-        src.unlink(missing_ok=True)
-    tmp.replace(out)
+    from zhllama.runfolder import atomic_file, lock_file
+
+    with lock_file(out), atomic_file(out) as tmp:
+        src = tmp.with_name(tmp.name + ".f32")  # unique because tmp is
+        try:
+            info = export(model_dir, src, "f32", name=name, log=lambda *_: None)
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = LLAMA_QUANT[ftype]
+            params.nthread = os.cpu_count() or 1
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+            if rc != 0:
+                raise UserError(f"llama.cpp's quantize to {ftype} failed (code {rc}) for {model_dir}")
+        finally:
+            src.unlink(missing_ok=True)
     info.update(gguf=str(out), type=ftype, bytes=out.stat().st_size)
     log(f"wrote {out} ({ftype} by llama.cpp's quantize, {out.stat().st_size / 2**20:.1f} MiB, name {info['name']!r})")
     return info

@@ -100,7 +100,9 @@ def verify(gguf_path, model_dir, ftype: str, log=print) -> dict:
     del llm
     out = gguf_path.with_name(gguf_path.name + ".verify.json") if not gguf_path.name.endswith(".gguf") else \
         gguf_path.with_suffix(".verify.json")
-    out.write_text(json.dumps(res, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    from zhllama.manifest import write_json
+
+    write_json(out, res)
     tl = sum(v["lines"] for v in tok_res.values())
     td = sum(v["differ"] for v in tok_res.values())
     log(f"verify {gguf_path.name}: tokenization {tl - td}/{tl} probe lines equal to sentencepiece; "

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from evaluation.models import add_model_args
 from zhllama.errors import UserError, cli_entry
+from zhllama.overlap import refuse_overlap
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -248,6 +249,14 @@ def run_bpc(a) -> int:
 @cli_entry
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
+    models = getattr(a, "models", None) or []
+    refuse_overlap({"--json": getattr(a, "json", None), "--out": getattr(a, "out", None),
+                    "--chart": getattr(a, "chart", None), "--submission": getattr(a, "submission", None),
+                    "--cache": getattr(a, "cache", None)},
+                   {"--model": [s.path for s in models], "--adapter": [x for s in models for x in s.adapters],
+                    "--text": getattr(a, "text", None), "--data": getattr(a, "data", None),
+                    "--prompts": getattr(a, "prompts", None), "--answers": getattr(a, "answers", None),
+                    "--against": getattr(a, "against", None)})
     if a.cmd == "bpc":
         return run_bpc(a)
     if a.cmd == "choice":

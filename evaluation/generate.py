@@ -54,10 +54,8 @@ def _done(out: Path, model: str, preset: str) -> dict[str, dict]:
 
 def run(model, tok, template: str, prompts: list[dict], out, model_name: str, preset: str, max_new_tokens: int = 400,
         seed: int = 0, progress: bool = True) -> list[dict]:
-    from tqdm import tqdm
-
-    from sft.generate import generate
     from sft.template import get
+    from zhllama.runfolder import writing
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -65,6 +63,25 @@ def run(model, tok, template: str, prompts: list[dict], out, model_name: str, pr
     done = _done(out, model_name, preset) | _done(partial, model_name, preset)   # an interrupted run left .partial
     rows = []
     t = get(template)
+    try:
+        with writing(out):  # a full disk or read-only folder: one line naming OUT
+            _answer_all(model, tok, t, prompts, partial, done, rows, model_name, preset, template, max_new_tokens,
+                        seed, progress)
+            partial.replace(out)
+    except BaseException:
+        # finished answers stay in OUT.partial for the rerun to resume from; an empty one is no progress
+        if partial.is_file() and partial.stat().st_size == 0:
+            partial.unlink()
+        raise
+    return rows
+
+
+def _answer_all(model, tok, t, prompts, partial, done, rows, model_name, preset, template, max_new_tokens, seed,
+                progress):
+    from tqdm import tqdm
+
+    from sft.generate import generate
+
     with open(partial, "w", encoding="utf-8") as f:
         for r in tqdm(prompts, desc="generate", unit="prompt", disable=not progress):
             if r["id"] in done:
@@ -82,5 +99,3 @@ def run(model, tok, template: str, prompts: list[dict], out, model_name: str, pr
             rows.append(row)
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
-    partial.replace(out)
-    return rows

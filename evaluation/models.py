@@ -86,9 +86,7 @@ def load(spec: ModelSpec, dtype: str = "float32", device: str = "cpu"):
     if not spec.adapters:
         model, tok, template = load_folder(spec.path, dtype=dtype)
     else:
-        from transformers import AutoTokenizer
-
-        from zhllama.models import check_sizes, load_adapter_chain
+        from zhllama.models import check_sizes, load_adapter_chain, load_tokenizer
 
         for p in [spec.path, *spec.adapters]:
             if not Path(p).is_dir():
@@ -99,7 +97,7 @@ def load(spec: ModelSpec, dtype: str = "float32", device: str = "cpu"):
         tdir = _tokenizer_dir(spec)
         if not any((tdir / f).is_file() for f in TOKENIZER_FILES):
             raise UserError(f"{tdir}: no tokenizer (tokenizer.json) in the model folder or its adapters")
-        tok = AutoTokenizer.from_pretrained(str(tdir))
+        tok = load_tokenizer(tdir)
         # the adapters' lineage records: order, gaps, duplicates and the base's weights are checked; merged, as
         # evaluation only runs plain forward passes
         model, _ = load_adapter_chain(spec.path, spec.adapters, dtype=getattr(torch, dtype),

@@ -6,6 +6,7 @@ import json
 import sys
 from zhllama.cli import add_recipe_args
 from zhllama.errors import UserError, cli_entry
+from zhllama.overlap import refuse_overlap
 from zhllama.recipe import PhaseConfig, PretrainConfig
 
 _EPILOG = """examples:
@@ -124,6 +125,11 @@ def resize_settings(a) -> tuple[str, int]:
 @cli_entry
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
+    # before anything is locked or created: a lock file is already a write into the input
+    refuse_overlap({"--out": getattr(a, "out", None), "--cache-dir": getattr(a, "cache_dir", None)},
+                   {"--model": getattr(a, "model", None), "--tokenizer": getattr(a, "tokenizer", None),
+                    "--corpus": getattr(a, "corpus", None), "--checkpoint": getattr(a, "checkpoint", None),
+                    "--deepspeed": getattr(a, "deepspeed", None)})
     if a.cmd == "resize":
         init, seed = resize_settings(a)
         from pretrain.embeddings import resize_folder

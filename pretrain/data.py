@@ -121,9 +121,9 @@ _TOKENIZERS: dict = {}
 
 def _tokenizer(tok_dir: str):
     if tok_dir not in _TOKENIZERS:
-        from transformers import AutoTokenizer
+        from zhllama.models import load_tokenizer
 
-        _TOKENIZERS[tok_dir] = AutoTokenizer.from_pretrained(tok_dir)
+        _TOKENIZERS[tok_dir] = load_tokenizer(tok_dir)
     return _TOKENIZERS[tok_dir]
 
 

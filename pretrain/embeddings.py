@@ -14,7 +14,9 @@ from pathlib import Path
 
 
 from zhllama.errors import UserError
-from zhllama.models import INITS, check_sizes, copy_tokenizer, load_model_dir, resize_model, tokenizer_len
+from zhllama.models import (
+    INITS, check_model_dir, check_sizes, copy_tokenizer, load_model_dir, resize_model, tokenizer_len,
+)
 from zhllama.runfolder import ensure_writable
 
 def _piece_list(proto) -> list[str]:
@@ -28,9 +30,9 @@ def _model_vocab(model_dir: Path) -> tuple[list[str] | None, str]:
 
         return _piece_list(load_model(model_dir / "tokenizer.model")), str(model_dir / "tokenizer.model")
     if (model_dir / "tokenizer.json").is_file():
-        from transformers import AutoTokenizer
+        from zhllama.models import load_tokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        tok = load_tokenizer(model_dir)
         inv = {i: t for t, i in tok.get_vocab().items()}
         return [inv.get(i, "") for i in range(len(inv))], str(model_dir / "tokenizer.json")
     return None, ""
@@ -82,6 +84,7 @@ def resize_folder(model_dir, tokenizer_dir, out_dir, init: str = "subword-mean",
     model_dir, tokenizer_dir, out_dir = Path(model_dir), Path(tokenizer_dir), Path(out_dir)
     if init not in INITS:
         raise UserError(f"--init {init!r}: choose one of {', '.join(INITS)}")
+    check_model_dir(model_dir)  # a corrupt input is named before the output folder is touched
     new_size = tokenizer_len(tokenizer_dir)
     if not (tokenizer_dir / "tokenizer.model").is_file():
         raise UserError(f"{tokenizer_dir}: no tokenizer.model; the extended tokenizer folder from `python -m vocab build` has one")
@@ -95,19 +98,21 @@ def resize_folder(model_dir, tokenizer_dir, out_dir, init: str = "subword-mean",
         if runfolder.decide(out_dir, fingerprint, "auto", artefacts=("config.json",)) == "up-to-date":
             print(f"{out_dir} is up to date with its inputs; nothing to do")
             return runfolder.read_result(out_dir)
-        runfolder.begin(out_dir, {"stage": "pretrain.resize", "init": init, "seed": seed}, fingerprint)
-        summary, sources, new_pieces, model = _resize(model_dir, tokenizer_dir, ext, new_size, init, seed)
-        stage = runfolder.staging(out_dir)
-        check_sizes(model, out_dir, new_size, tokenizer_dir)
-        model.save_pretrained(stage)
-        copy_tokenizer(tokenizer_dir, stage)
-        if sources is not None:
-            from zhllama.manifest import write_json
+        # a full disk: one line naming OUT; lock() removes the staged part and puts the previous result back
+        with runfolder.writing(out_dir):
+            stage = runfolder.staging(out_dir)  # first: from here on a failure puts the previous result back
+            runfolder.begin(out_dir, {"stage": "pretrain.resize", "init": init, "seed": seed}, fingerprint)
+            summary, sources, new_pieces, model = _resize(model_dir, tokenizer_dir, ext, new_size, init, seed)
+            check_sizes(model, out_dir, new_size, tokenizer_dir)
+            model.save_pretrained(stage)
+            copy_tokenizer(tokenizer_dir, stage)
+            if sources is not None:
+                from zhllama.manifest import write_json
 
-            write_json(stage / "init_sources.json", {p: s for p, s in zip(new_pieces, sources)})
-        parents = [runfolder.parent_entry(model_dir), runfolder.parent_entry(tokenizer_dir)]
-        runfolder.finish(out_dir, "pretrain.resize", summary, inputs, parents, seed=seed, fingerprint=fingerprint,
-                         config={"stage": "pretrain.resize", **summary})
+                write_json(stage / "init_sources.json", {p: s for p, s in zip(new_pieces, sources)})
+            parents = [runfolder.parent_entry(model_dir), runfolder.parent_entry(tokenizer_dir)]
+            runfolder.finish(out_dir, "pretrain.resize", summary, inputs, parents, seed=seed, fingerprint=fingerprint,
+                             config={"stage": "pretrain.resize", **summary})
         return summary
 
 

@@ -6,7 +6,8 @@ import json
 import os
 
 from zhllama.cli import add_recipe_args
-from zhllama.errors import UserError, cli_entry
+from zhllama.errors import UserError, cli_entry, emit
+from zhllama.overlap import refuse_overlap
 from zhllama.recipe import SFTConfig
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -97,6 +98,11 @@ def _parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv=None):
     args = _parser().parse_args(argv)
+    # before anything is locked or created: a lock file is already a write into the input
+    refuse_overlap({"--out": getattr(args, "out", None)},
+                   {"--model": getattr(args, "model", None), "--base": getattr(args, "base", None),
+                    "--adapter": getattr(args, "adapter", None), "--data": getattr(args, "data", None),
+                    "--eval-data": getattr(args, "eval_data", None)})
     if args.cmd == "train":
         from sft.config import template_problems
         from sft.train import train
@@ -141,9 +147,9 @@ def main(argv=None):
                            seed=args.seed)
             rows.append({"instruction": q, "answer": a})
             if not args.json:
-                print(f"### {q}\n{a}\n", flush=True)
+                emit(f"### {q}\n{a}\n")
         if args.json:
-            print(json.dumps(rows, ensure_ascii=False, indent=1))
+            emit(json.dumps(rows, ensure_ascii=False, indent=1))
     elif args.cmd == "chat":
         import sys
         from pathlib import Path

@@ -24,17 +24,16 @@ PRESETS = {
 def load(model_dir, base=None, dtype: str = "float32"):
     """(model, tokenizer, template name). An adapter folder is applied on its base (--base or its config)."""
     import torch
-    from transformers import AutoTokenizer
 
     from sft.template import load_name
-    from zhllama.models import check_sizes, load_adapter_chain, load_model_dir
+    from zhllama.models import check_sizes, load_adapter_chain, load_model_dir, load_tokenizer
 
     d = Path(model_dir)
     if not d.is_dir():
         raise UserError(f"{d}: no such model folder")
     if not (d / "tokenizer.json").is_file() and not (d / "tokenizer.model").is_file():
         raise UserError(f"{d}: no tokenizer (tokenizer.json) in the model folder; `sft merge` copies it there")
-    tok = AutoTokenizer.from_pretrained(str(d))
+    tok = load_tokenizer(d)
     td = getattr(torch, dtype)
     if (d / "adapter_config.json").is_file():
         # the adapter's recorded chain (parents + base), checked by hash; --base must be the recorded weights

@@ -127,9 +127,9 @@ def load_adapter(path) -> Adapter:
 
 
 def tokenizer_length(folder) -> int:
-    from transformers import AutoTokenizer
+    from zhllama.models import load_tokenizer
 
-    return len(AutoTokenizer.from_pretrained(str(folder)))
+    return len(load_tokenizer(folder))
 
 
 def _base_shards(base: Path) -> list[Path]:
@@ -280,6 +280,7 @@ def merge(base, adapters, out, dtype: str = "float16", log=print, verify: bool =
     from sft.template import get, save_name
     from zhllama import runfolder
     from zhllama.lineage import resolve_chain
+    from zhllama.models import check_weight_files, read_config
 
     out = Path(out)
     if dtype not in TOLERANCE:
@@ -294,7 +295,8 @@ def merge(base, adapters, out, dtype: str = "float16", log=print, verify: bool =
     recorded = template or next((ad.template for ad in reversed(ads) if ad.template), None)
     tname = recorded or get(None).name  # the default only renders the verification probes
     get(tname)  # an unknown template fails here, before anything is written
-    cfg = json.loads((base / "config.json").read_text(encoding="utf-8"))
+    cfg = read_config(base)
+    check_weight_files(base)  # a truncated or corrupt shard is named now, not after half the merge is written
     base_vocab = cfg.get("vocab_size")
     vocab, tok_src = _target_vocab(base, cfg, ads)
     tied = bool(cfg.get("tie_word_embeddings", False))
@@ -304,12 +306,18 @@ def merge(base, adapters, out, dtype: str = "float16", log=print, verify: bool =
     with runfolder.lock(out, log=log):
         inputs = {"base": runfolder.input_entry(base), "adapters": [runfolder.input_entry(a.path) for a in ads]}
         config = {"stage": "sft.merge", "dtype": dtype, "template": tname, "verify": verify, "atol": atol}
-        runfolder.begin(out, config, {"inputs": inputs, **config})
-        stage = runfolder.staging(out)
-        n_shards = _write_shards(base, ads, stage, getattr(torch, dtype), tied, untie, head_from_adapter)
-        _write_config(base, cfg, stage, vocab, dtype, untie, tok_src)
-        if recorded:
-            save_name(stage, tname)
+        # same inputs and settings, and the merged files untouched since: nothing to redo
+        if runfolder.decide(out, {"inputs": inputs, **config}, "auto", log=log, artefacts=("config.json",),
+                            partial=False) == "up-to-date":
+            log(f"{out} is up to date with its base and adapters; nothing to do")
+            return runfolder.read_result(out)
+        with runfolder.writing(out):  # a full disk: one line naming OUT; lock() removes the staged part
+            stage = runfolder.staging(out)  # first: from here on a failure puts the previous result back
+            runfolder.begin(out, config, {"inputs": inputs, **config})
+            n_shards = _write_shards(base, ads, stage, getattr(torch, dtype), tied, untie, head_from_adapter)
+            _write_config(base, cfg, stage, vocab, dtype, untie, tok_src)
+            if recorded:
+                save_name(stage, tname)
         log(f"merged {len(ads)} adapter(s) into {out}: vocab {base_vocab:,} -> {vocab:,}, dtype {dtype}, "
             f"{n_shards} shard(s), template {tname}")
         result = {"vocab_size": vocab, "base_vocab_size": base_vocab, "dtype": dtype, "template": tname,
@@ -318,7 +326,8 @@ def merge(base, adapters, out, dtype: str = "float16", log=print, verify: bool =
             result["verify"] = verify_merge(base, [a.path for a in ads], stage, dtype, atol=atol, template=tname, log=log,
                                             chain=chain.to_json())
         parents = [runfolder.parent_entry(base)] + [runfolder.parent_entry(a.path) for a in ads]
-        return runfolder.finish(out, "sft.merge", result, inputs, parents, fingerprint={"inputs": inputs, **config})
+        with runfolder.writing(out):
+            return runfolder.finish(out, "sft.merge", result, inputs, parents, fingerprint={"inputs": inputs, **config})
 
 
 def _probe_batch(tok, template_name: str):

@@ -8,11 +8,10 @@ from sft.data import IGNORE_INDEX, ExampleEncoder, load_records
 
 def preview(data, tokenizer_dir, template: str | None = None, n: int = 3, as_json: bool = False,
             max_length: int = 512, reference: bool = False, out=print) -> list[dict]:
-    from transformers import AutoTokenizer
-
     from sft.template import get
+    from zhllama.models import load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok = load_tokenizer(tokenizer_dir)
     enc = ExampleEncoder(tok, get(template), max_length=max_length, reference=reference)
     records = load_records(data, drop_invalid=False, log=lambda *_: None)[:n]
     rows = []

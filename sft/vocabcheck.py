@@ -15,11 +15,10 @@ def prepare_tokenizer(src_dir, out_dir, log=print):
     """Copy the tokenizer from src_dir to out_dir, adding [PAD] if it has none; returns (tokenizer, added)."""
     from transformers import AutoTokenizer
 
+    from zhllama.models import load_tokenizer
+
     src, out = Path(src_dir), Path(out_dir)
-    try:
-        tok = AutoTokenizer.from_pretrained(str(src))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{src}: no loadable tokenizer ({e})") from None
+    tok = load_tokenizer(src)
     out.mkdir(parents=True, exist_ok=True)
     if tok.pad_token_id is not None:
         tok.save_pretrained(str(out))

@@ -171,8 +171,9 @@ def test_second_run_into_a_busy_folder_fails_at_once_and_stale_lock_is_taken_ove
             with runfolder.lock(out):
                 pass
         assert time.time() - t0 < 1
-        # the stage commands take the lock before any check or import of the training stack
-        r = _run("sft", "train", "--model", out, "--data", out, "--out", out)
+        # the stage commands take the lock before any check or import of the training stack (inputs that do not
+        # exist: only the refusal of an --out inside an input comes before the lock, as it writes nothing)
+        r = _run("sft", "train", "--model", tmp_path / "no_model", "--data", tmp_path / "no_data", "--out", out)
         assert r.returncode == 2 and f"{out} is in use by process {holder.pid} " in r.stderr
     finally:
         holder.kill()

@@ -92,6 +92,9 @@ def build(
     from zhllama import runfolder
 
     out = Path(out_dir)
+    from vocab.spmodel import load_model
+
+    load_model(base_path, "--base")  # a corrupt base is named before OUT is touched
     with runfolder.lock(out, log=log):
         stamp = {
             # num_proc changes nothing in the result (tests/test_vocab_core.py), so a rerun with another N is up to date

@@ -10,6 +10,7 @@ from vocab.spans import MAX_LINE_CHARS
 from vocab.train import TrainConfig
 from zhllama.cli import add_recipe_args
 from zhllama.errors import UserError, cli_entry
+from zhllama.overlap import refuse_overlap
 from zhllama.recipe import Recipe, VocabConfig
 
 _EPILOG = """examples:
@@ -103,6 +104,15 @@ def parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
+    compare = list(_parse_compare(getattr(a, "compare", None)).values())
+    if a.cmd == "report":
+        refuse_overlap({"--json": a.json}, {"--tokenizer": a.tokenizer, "--base": a.base, "--text": a.text,
+                                            "--compare": compare})
+    else:
+        refuse_overlap({"--out": a.out}, {"--base": a.base, "--add": getattr(a, "add", None),
+                                          "--corpus": getattr(a, "corpus", None),
+                                          "--check-text": getattr(a, "check_text", None),
+                                          "--report-text": getattr(a, "report_text", None), "--compare": compare})
     if a.cmd == "train":
         from vocab.train import train
 

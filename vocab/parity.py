@@ -4,12 +4,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from vocab.spmodel import ModelProto, processor
+from zhllama.errors import UserError
 
 
 def hf_tokenizer(folder: str | Path):
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+    from zhllama.models import check_tokenizer_files
+
+    check_tokenizer_files(folder)  # a truncated or foreign tokenizer.json is named, not a Rust parse error
+    try:
+        return Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+    except Exception as e:  # tokenizers raises a bare Exception for a file it cannot build a tokenizer from
+        raise UserError(f"{Path(folder) / 'tokenizer.json'}: not a tokenizer the tokenizers library can load "
+                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
 def disagreements(m: "ModelProto", tok, lines: list[str], limit: int = 5) -> tuple[int, list[dict]]:

@@ -9,7 +9,12 @@ stages' public names only (tests/test_import_rules.py). Modules, each with its p
                        argparse parser; resolve_recipe checks everything (ranges, recipe/model shape, LoRA module
                        names on the meta device) before weights load and reports every problem at once
     zhllama.runfolder  the run-folder contract: resolved_config.json / result.json / manifest.json (with parents),
-                       lock, decide (up to date / resume / start over / refuse), staging + publish, finish
+                       lock, decide (up to date / resume / start over / refuse), staging + publish, finish; a failed
+                       run leaves no partial output and the previous result in place; lock_file / atomic_file /
+                       writing for single output files (unique temp names, full disk = a named error)
+    zhllama.overlap    refuse_overlap: no stage writes its output over, into, or around one of its inputs
+    zhllama.modelfiles config.json, safetensors headers and tokenizer files checked (torch-free) before a library
+                       loads them: a truncated or corrupt file is one named error
     zhllama.trainer    run_training: the Trainer wrapper (collator required; resumable, seeded, whole-run loss)
     zhllama.models     load/check/resize Hugging Face model folders, copy tokenizers; load_adapter_chain: the one
                        loader of base + adapters (lineage-checked) for sft and evaluation

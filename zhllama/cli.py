@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -76,13 +75,11 @@ def overrides_from_flags(args) -> dict:
 
 
 def model_config(model_dir) -> dict | None:
-    p = Path(model_dir) / "config.json"
-    if not p.is_file():
+    from zhllama.modelfiles import read_config
+
+    if not (Path(model_dir) / "config.json").is_file():
         return None
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise UserError(f"{p}: not valid JSON ({e})") from None
+    return read_config(model_dir)  # a config.json that is not a JSON object of sane sizes is named here
 
 
 # Module names of the architectures whose layout is the LLaMA decoder (embed_tokens, layers of self_attn q/k/v/o_proj +

@@ -4,7 +4,7 @@ Public API:
     write_manifest(out_dir, stage, config, inputs, parents=(), seed=None) -> dict   OUT/manifest.json
         {"stage", "created", "command", "config", "inputs", "parents", "seed", "versions"}; `parents` are the run
         folders (zhllama.runfolder.parent_entry) this one was made from, `inputs` the files with their hashes
-    write_json(path, obj)        atomic (temporary file + rename)
+    write_json(path, obj)        atomic (unique temporary file + rename)
     library_versions() -> dict
 """
 from __future__ import annotations
@@ -34,11 +34,13 @@ def library_versions() -> dict:
 
 
 def write_json(path: str | Path, obj) -> None:
-    """Write JSON atomically so an interrupted run never leaves a half-written file."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    """Write JSON atomically so an interrupted run never leaves a half-written file (a unique temporary name:
+    two writers of one file never share one; a full disk is a UserError naming the file)."""
+    from zhllama.runfolder import atomic_file
+
+    text = json.dumps(obj, ensure_ascii=False, indent=2) + "\n"
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_manifest(out_dir: str | Path, stage: str, config: dict, inputs: dict, parents=(), seed=None) -> dict:

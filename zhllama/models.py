@@ -6,6 +6,18 @@ Public API:
     check_sizes(model, model_dir, tok_len=None, tok_dir=None)     config.vocab_size == embedding rows == LM-head rows
                                                                   (== len(tokenizer) when given), else UserError
     tokenizer_len(tok_dir) -> int                                 len(AutoTokenizer) of a tokenizer folder
+    (from zhllama.modelfiles, torch-free:)
+    read_config(model_dir) -> dict                                config.json, UserError (one line naming it) when it
+                                                                  is not UTF-8 JSON of an object with sane sizes
+    check_weight_files(model_dir) -> {tensor name: shape}         every safetensors file's header read and checked
+                                                                  against its size (truncated, empty, not safetensors)
+    check_tokenizer_files(tok_dir)                                tokenizer.json / tokenizer_config.json parse as JSON
+                                                                  objects and tokenizer.model as SentencePiece, else
+                                                                  UserError naming the file
+    check_model_dir(model_dir) -> dict                            read_config + check_weight_files +
+                                                                  check_tokenizer_files
+    load_tokenizer(tok_dir) -> tokenizer                          AutoTokenizer after check_tokenizer_files; any other
+                                                                  failure is a UserError naming the folder
     copy_tokenizer(tok_dir, out_dir)                              the tokenizer files (TOKENIZER_FILES) that exist
     resize_model(model, new_size, init, sources=None, seed=0)    grow embed/head in place; old rows bit-identical;
                                                                   init in INITS ("subword-mean" needs sources)
@@ -25,6 +37,9 @@ from pathlib import Path
 import torch
 
 from zhllama.errors import UserError
+from zhllama.modelfiles import (  # noqa: F401 - part of this module's public API
+    MAX_SIZE, check_model_dir, check_tokenizer_files, check_weight_files, read_config,
+)
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 INITS = ("subword-mean", "mean", "normal")
@@ -38,12 +53,23 @@ def copy_tokenizer(tok_dir: str | Path, out_dir: str | Path) -> None:
 
 
 def tokenizer_len(tok_dir: str | Path) -> int:
-    from transformers import AutoTokenizer
-
     tok_dir = Path(tok_dir)
     if not tok_dir.is_dir() or not ((tok_dir / "tokenizer.json").is_file() or (tok_dir / "tokenizer.model").is_file()):
         raise UserError(f"{tok_dir}: not a tokenizer folder (needs tokenizer.json or tokenizer.model; `make vocab` writes one to RUN/vocab)")
-    return len(AutoTokenizer.from_pretrained(str(tok_dir)))
+    return len(load_tokenizer(tok_dir))
+
+
+def load_tokenizer(tok_dir: str | Path):
+    from transformers import AutoTokenizer
+
+    check_tokenizer_files(tok_dir)
+    if (Path(tok_dir) / "config.json").is_file():
+        read_config(tok_dir)  # AutoTokenizer reads a model folder's config.json too
+    try:
+        return AutoTokenizer.from_pretrained(str(tok_dir))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{tok_dir}: no loadable tokenizer (tokenizer.json / tokenizer.model: {why})") from None
 
 
 def check_sizes(model, model_dir, tok_len: int | None = None, tok_dir=None) -> None:
@@ -105,23 +131,14 @@ def resize_model(model, new_size: int, init: str, sources: list[list[int]] | Non
 
 def checkpoint_vocab_rows(model_dir: Path) -> dict:
     """Row counts of embed_tokens / lm_head as stored in the safetensors files, read from their headers only."""
-    from safetensors import safe_open
-
-    rows = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as sf:
-            for k in sf.keys():
-                if k.endswith("embed_tokens.weight") or k.endswith("lm_head.weight"):
-                    rows[k] = sf.get_slice(k).get_shape()[0]
-    return rows
+    return {k: shape[0] for k, shape in check_weight_files(model_dir).items()
+            if k.endswith("embed_tokens.weight") or k.endswith("lm_head.weight")}
 
 
 def _precheck_config(model_dir: Path) -> None:
     """transformers v5 re-initialises mismatched rows with only a warning; a stale vocab_size must stop us instead."""
-    import json
-
-    cfg = json.loads((model_dir / "config.json").read_text())
-    vs = cfg.get("vocab_size", cfg.get("text_config", {}).get("vocab_size"))
+    cfg = read_config(model_dir)
+    vs = cfg.get("vocab_size", (cfg.get("text_config") or {}).get("vocab_size"))
     for key, n in checkpoint_vocab_rows(model_dir).items():
         if vs is not None and n != vs:
             raise UserError(
@@ -139,7 +156,7 @@ def load_model_dir(model_dir: str | Path, dtype=torch.float32):
     _precheck_config(model_dir)
     try:
         return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "size mismatch" in str(e):
             raise UserError(f"{model_dir}: weights do not match config.json ({msg}); config.vocab_size is probably stale") from None
@@ -151,6 +168,7 @@ def load_peft_chain(base, adapters, dtype=None):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    _precheck_config(Path(base))
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype or torch.float32)
     for j, ap in enumerate(adapters):
         ad_vocab = adapter_vocab_rows(ap)

@@ -50,9 +50,15 @@ def setting(default=None, doc: str = "", *, factory=None, choices=None, ge=None,
     return field(default=default, metadata=meta)
 
 
+# Sizes above these are typos (1e12), not models: refused before anything allocates them (a 1e12-piece vocabulary
+# asked for 931 GiB). No LLaMA-family model comes near either bound.
+MAX_DIM = 1 << 24
+MAX_VOCAB = 1_000_000
+
+
 def dim(default: int, doc: str):
     """A model dimension: a whole number of at least 1."""
-    return setting(default, doc, ge=1)
+    return setting(default, doc, ge=1, le=MAX_DIM)
 
 
 @dataclass
@@ -74,8 +80,10 @@ class ModelShape:
 class VocabConfig:
     model_type: str = setting("extend", "extend: continued BPE over the base's segmentation; bpe/unigram: a standalone "
                                         "SentencePiece model like the reference", choices=("extend", "bpe", "unigram"))
-    num_added: int = setting(17953, "extend: pieces appended to the base (32,000 + 17,953 = 49,953)", ge=1)
-    vocab_size: int = setting(20000, "bpe/unigram: size of the Chinese SentencePiece model", ge=100)
+    num_added: int = setting(17953, "extend: pieces appended to the base (32,000 + 17,953 = 49,953)", ge=1,
+                             le=MAX_VOCAB)
+    vocab_size: int = setting(20000, "bpe/unigram: size of the Chinese SentencePiece model", ge=100,
+                              le=MAX_VOCAB)
     character_coverage: float = setting(0.9995, "share of characters the model must cover", gt=0, le=1)
     max_chars: int = setting(200_000_000, "sample larger corpora down to about this many characters", ge=1)
     word_aware: bool = setting(False, "jieba word boundaries: no piece spans two words")

@@ -12,20 +12,35 @@ Public API:
     lock(out_dir) -> context manager                     exclusive lock on OUT: a second run into a folder in use
                                                          fails at once (UserError naming the other PID); a lock
                                                          left by a killed process is taken over; re-entrant
-                                                         within a process (a CLI locks first, its stage again)
+                                                         within a process (a CLI locks first, its stage again).
+                                                         A run that fails leaves no staged output behind and,
+                                                         when it never published, the previous finished result
+                                                         back in place
+    lock_file(path) -> context manager                   the same for a single output file (PATH's folder,
+                                                         lock file .NAME.lock)
+    writing(path) -> context manager                     around writes into PATH: OSError (full disk, read-only)
+                                                         and safetensors' wrapped I/O errors become a UserError
+                                                         naming PATH
+    atomic_file(path) -> context manager -> Path          a unique temporary path beside PATH, renamed onto PATH
+                                                         when the block ends without error, removed otherwise;
+                                                         an OSError (full disk, read-only) becomes a UserError
+                                                         naming PATH
     ensure_writable(out_dir)                             mkdir + write probe, UserError if not writable
     decide(out_dir, fingerprint, mode, log=print, artefacts=(), partial=None) -> "up-to-date" | "resume" | "start-over"
         (UserError = refuse). partial: whether OUT holds work to continue (default: a complete training checkpoint). mode True: resume checkpoints made with the same fingerprint, refuse others;
         "auto": start over when the fingerprint changed; False: always start over. "up-to-date": result.json
-        was written for this fingerprint and the named artefacts exist (timestamps are left alone).
-    begin(out_dir, config, fingerprint)                  write resolved_config.json, forget a previous result
-                                                         (the finished steps recorded in it are kept)
+        was written for this fingerprint, the named artefacts exist and the files finish() published are
+        unchanged since (size and mtime; timestamps are left alone).
+    begin(out_dir, config, fingerprint)                  write resolved_config.json; a previous result no longer
+                                                         counts (it is set aside, never deleted, until finish()
+                                                         has its replacement; the finished steps are kept)
     step_done(out_dir, step, fingerprint, artefacts=()) -> bool
                                                          a step of a stage (vocab's training) finished with this
                                                          fingerprint (resolved_config.json `steps`) and its
                                                          artefacts exist: a rerun may reuse it
     record_step(out_dir, step, fingerprint | None)       record the step finished (None: under way, not reusable)
-    staging(out_dir) -> Path                             empty OUT/.partial/ for final artefacts
+    staging(out_dir) -> Path                             empty OUT/.partial/ for final artefacts; called before
+                                                         begin(), a failed run leaves the folder as it found it
     publish(out_dir)                                     move everything in OUT/.partial/ into OUT (replacing)
     finish(out_dir, stage, result, inputs, parents, seed=None, fingerprint=None) -> dict
                                                          publish, then result.json and manifest.json
@@ -52,7 +67,14 @@ RESULT = "result.json"
 MANIFEST = "manifest.json"
 LOCK = ".lock"
 STAGING = ".partial"
+PREVIOUS = ".previous"      # the last finished run's result.json + resolved_config.json while a new run is under way
+OUTPUTS = ".outputs.json"   # size and mtime of every file finish() published: an up-to-date check sees edits
 _HELD: dict[str, int] = {}  # folders this process holds the lock of (the CLI locks before checking, the stage again)
+_PUBLISHED: set[str] = set()  # folders whose artefacts this process has started to replace
+_STAGED: set[str] = set()     # folders whose run stages its artefacts (nothing final is touched before publish)
+_BEGUN: dict[str, bool] = {}  # folders begin() wrote a resolved_config.json into -> whether one was there before
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def _is_main() -> bool:
@@ -60,13 +82,13 @@ def _is_main() -> bool:
 
 
 @contextlib.contextmanager
-def lock(out_dir, log=None):
+def lock(out_dir, log=None, name: str = LOCK):
     """Hold OUT/.lock (flock) for the duration; other processes of a distributed run (RANK > 0) do not lock."""
     import fcntl
 
     out = Path(out_dir)
     ensure_writable(out)
-    key = str(out.resolve())
+    key = str(out.resolve() / name)
     if not _is_main() or key in _HELD:
         _HELD[key] = _HELD.get(key, 0) + 1
         try:
@@ -76,7 +98,7 @@ def lock(out_dir, log=None):
             if not _HELD[key]:
                 del _HELD[key]
         return
-    path = out / LOCK
+    path = out / name
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -100,16 +122,108 @@ def lock(out_dir, log=None):
         (log or (lambda m: print(m, file=sys.stderr)))(f"{out}: taking over the lock of process {old} ({state})")
     os.lseek(fd, 0, os.SEEK_SET)
     os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
-    os.fsync(fd)
+    # the PID only names the holder in a refusal: on a full disk the flock alone still excludes, and the stage's
+    # own writes report the lack of space naming their file
+    with contextlib.suppress(OSError):
+        os.write(fd, str(os.getpid()).encode())
+        os.fsync(fd)
     _HELD[key] = 1
     try:
         yield
+    except BaseException:
+        if name == LOCK:
+            _abandon(out)
+        raise
     finally:
         del _HELD[key]
+        folder = str(out.resolve())
+        _PUBLISHED.discard(folder)
+        _STAGED.discard(folder)
+        _BEGUN.pop(folder, None)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         os.close(fd)
+
+
+@contextlib.contextmanager
+def lock_file(path, log=None):
+    """lock() for one output file: FOLDER/.NAME.lock, so two writers of the same file never interleave."""
+    path = Path(path)
+    with lock(path.parent, log=log, name=f".{path.name}.lock"):
+        yield
+
+
+def _abandon(out: Path) -> None:
+    """A failed run that staged its artefacts and never published: the staged part goes and the folder is as the
+    run found it (the previous finished result back in place, or no resolved_config.json of its own left)."""
+    key = str(out.resolve())
+    shutil.rmtree(out / STAGING, ignore_errors=True)
+    if key not in _STAGED or key in _PUBLISHED or (out / RESULT).exists():
+        return
+    if (out / "checkpoints").is_dir():
+        from zhllama.trainer import last_complete_checkpoint
+
+        if last_complete_checkpoint(out) is not None:
+            # a training run got as far as a checkpoint (begin() cleared any of another fingerprint): its settings
+            # stay, so the rerun resumes; the previous result waits in PREVIOUS until a run finishes
+            return
+    prev = out / PREVIOUS
+    if prev.is_dir():
+        for f in (CONFIG, RESULT):
+            if (prev / f).is_file():
+                os.replace(prev / f, out / f)
+        shutil.rmtree(prev, ignore_errors=True)
+    elif key in _BEGUN and not _BEGUN[key]:
+        (out / CONFIG).unlink(missing_ok=True)
+
+
+def _write_error(e: BaseException) -> str | None:
+    """Why a write failed, when it failed for want of space or permission (OSError, or a library's wrapped one)."""
+    if isinstance(e, OSError):
+        if e.errno is None and "requested and" in str(e):  # numpy's short write: the disk filled up
+            return f"No space left on device ({e})"
+        return e.strerror or str(e) or type(e).__name__
+    msg = str(e)
+    if type(e).__name__ == "SafetensorError" and "I/O error" in msg:  # safetensors wraps the OS error in its own
+        return msg.split("I/O error:", 1)[1].split("(os error")[0].strip()
+    return None
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Around writes into PATH (a file, or a folder being filled): a full disk or a read-only or forbidden output
+    becomes one UserError naming PATH instead of a traceback from deep inside the library that wrote."""
+    try:
+        yield
+    except Exception as e:
+        why = _write_error(e)
+        if why is None:
+            raise
+        raise UserError(f"{path}: cannot write ({why}); nothing was published - free space or choose another "
+                        "output") from None
+
+
+@contextlib.contextmanager
+def atomic_file(path):
+    """Yield a unique temporary path beside PATH; rename it onto PATH if the block succeeds, else remove it.
+
+    Unique names let two writers of one file never write into the same temporary file; OSError at any write
+    (full disk, read-only folder) becomes one UserError naming PATH."""
+    import tempfile
+
+    path = Path(path)
+    with writing(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; the file gets the mode open() would have given it
+        os.close(fd)
+    tmp = Path(tmp)
+    try:
+        with writing(path):
+            yield tmp
+            os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
 def ensure_writable(out_dir) -> None:
@@ -153,7 +267,8 @@ def decide(out_dir, fingerprint: dict, mode=True, log=print, artefacts=(), parti
     if mode is False:
         return "start-over"
     # an up-to-date folder keeps its timestamps, so make does not redo the stages after it
-    if prev == fp and done is not None and done.get("fingerprint") == fp and all((out / a).exists() for a in artefacts):
+    if prev == fp and done is not None and done.get("fingerprint") == fp and all((out / a).exists() for a in artefacts) \
+            and _outputs_unchanged(out):
         return "up-to-date"
     if not (partial if partial is not None else last_complete_checkpoint(out) is not None):
         return "start-over"
@@ -175,10 +290,19 @@ def begin(out_dir, config: dict, fingerprint: dict, clear_checkpoints: bool = Fa
     out.mkdir(parents=True, exist_ok=True)
     if not _is_main():
         return
-    (out / RESULT).unlink(missing_ok=True)
+    steps = (_read(out / CONFIG) or {}).get("steps")
+    _BEGUN[str(out.resolve())] = (out / CONFIG).exists()
+    if (out / RESULT).exists():
+        # set aside by renames (no space needed), never deleted: if this run fails before publishing, lock() puts
+        # both back; finish() removes them once the new result is written
+        prev = out / PREVIOUS
+        shutil.rmtree(prev, ignore_errors=True)
+        prev.mkdir()
+        if (out / CONFIG).exists():
+            os.replace(out / CONFIG, prev / CONFIG)
+        os.replace(out / RESULT, prev / RESULT)
     if clear_checkpoints:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    steps = (_read(out / CONFIG) or {}).get("steps")
     write_json(out / CONFIG, {**config, "fingerprint": _norm(fingerprint), **({"steps": steps} if steps else {})})
 
 
@@ -202,6 +326,7 @@ def record_step(out_dir, step: str, fingerprint: dict | None) -> None:
 def staging(out_dir) -> Path:
     # other processes of a distributed run get their own (never published) folder
     d = Path(out_dir) / (STAGING if _is_main() else f"{STAGING}-rank{os.environ.get('RANK')}")
+    _STAGED.add(str(Path(out_dir).resolve()))
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
     return d
@@ -212,6 +337,7 @@ def publish(out_dir) -> list[str]:
     out = Path(out_dir)
     d = out / STAGING
     moved = []
+    _PUBLISHED.add(str(out.resolve()))
     if d.is_dir():
         for f in sorted(d.iterdir()):
             dst = out / f.name
@@ -265,12 +391,32 @@ def finish(out_dir, stage: str, result: dict, inputs: dict, parents: list, seed=
     out = Path(out_dir)
     if not _is_main():
         return result
-    publish(out)
+    published = publish(out)
     res = {**result, "fingerprint": _norm(fingerprint) if fingerprint is not None else None}
+    write_json(out / OUTPUTS, _signature(out, published))
     write_json(out / RESULT, res)
+    shutil.rmtree(out / PREVIOUS, ignore_errors=True)
     write_manifest(out, stage, config if config is not None else (_read(out / CONFIG) or {}), inputs,
                    parents=parents, seed=seed)
     return res
+
+
+def _signature(out: Path, names) -> dict:
+    sig = {}
+    for n in names:
+        p = out / n
+        if p.is_file():
+            st = p.stat()
+            sig[n] = [st.st_size, st.st_mtime_ns]
+    return sig
+
+
+def _outputs_unchanged(out: Path) -> bool:
+    """The files finish() published have their recorded size and mtime (no record: nothing to compare)."""
+    rec = _read(out / OUTPUTS)
+    if not isinstance(rec, dict):
+        return True
+    return _signature(out, rec) == {k: list(v) for k, v in rec.items()}
 
 
 def since(t0: float) -> float:
