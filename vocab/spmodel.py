@@ -55,6 +55,14 @@ def load_model(path: str | Path, what: str = "model") -> "ModelProto":
         raise UserError(f"{path}: not a SentencePiece model (protobuf parse failed); expected a tokenizer.model file") from None
     if len(m.pieces) == 0:
         raise UserError(f"{path}: not a SentencePiece model (no pieces); expected a tokenizer.model file")
+    # a truncated file can still parse as a protobuf whose pieces contradict its trainer spec
+    import sentencepiece as spm
+
+    try:
+        spm.SentencePieceProcessor(model_proto=data)
+    except Exception as e:
+        raise UserError(f"{path}: not a usable SentencePiece model ({str(e).splitlines()[0][:200]}); expected an "
+                        "intact tokenizer.model file (truncated or damaged?)") from None
     return m
 
 

@@ -100,10 +100,16 @@ def check_tokenizer_files(tok_dir: str | Path) -> None:
         _json_object(tc, "tokenizer_config.json")
     tm = tok_dir / "tokenizer.model"
     if tm.is_file():
+        import sentencepiece as spm
+
+        data = tm.read_bytes()
         m = sentencepiece_model_pb2.ModelProto()
         try:
-            m.ParseFromString(tm.read_bytes())
-        except Exception:  # protobuf's DecodeError and its C implementation's own types
+            m.ParseFromString(data)
+            # a truncated file can still parse, with pieces that contradict its trainer spec
+            if len(m.pieces):
+                spm.SentencePieceProcessor(model_proto=data)
+        except Exception:  # protobuf's DecodeError, its C implementation's own types, sentencepiece's checks
             m = None
         if m is None or not len(m.pieces):
             raise UserError(f"{tm}: not a SentencePiece model (truncated, empty or another kind of file)")
