@@ -228,6 +228,15 @@ def test_two_node_launch_trains_the_single_process_adapter(eng, single, engine, 
     _same_model(single["sft"], out)
 
 
+@pytest.mark.slow
+def test_twenty_two_process_launches_into_new_output_folders_all_succeed(eng, tmp_path):
+    """One rank used to check the new --out while the other created it: 1 of 2 launches failed."""
+    for i in range(20):
+        out = tmp_path / f"new{i}" / "run"
+        _run(_launch(eng, "ddp", "phase1", out, "--max-steps", "1", "--no-resume"))
+        assert json.loads((out / "result.json").read_text())["world_size"] == 2
+
+
 def test_new_output_folder_checked_by_many_processes_at_once(tmp_path):
     """The ranks of a launch check a new --out at the same moment (it failed in 1 of 2 launches before)."""
     code = ("import sys; from pathlib import Path; from zhllama.runfolder import ensure_writable\n"
