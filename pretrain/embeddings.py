@@ -82,6 +82,12 @@ def resize_folder(model_dir, tokenizer_dir, out_dir, init: str = "subword-mean",
     model_dir, tokenizer_dir, out_dir = Path(model_dir), Path(tokenizer_dir), Path(out_dir)
     if init not in INITS:
         raise UserError(f"--init {init!r}: choose one of {', '.join(INITS)}")
+    from vocab.bytelevel import is_bytelevel
+
+    if is_bytelevel(tokenizer_dir):  # a tokenizer.json extension of a byte-level base (Llama-3, Qwen-2.5)
+        from pretrain.embeddings_bytelevel import resize_bytelevel
+
+        return resize_bytelevel(model_dir, tokenizer_dir, out_dir, init=init, seed=seed)
     new_size = tokenizer_len(tokenizer_dir)
     if not (tokenizer_dir / "tokenizer.model").is_file():
         raise UserError(f"{tokenizer_dir}: no tokenizer.model; the extended tokenizer folder from `python -m vocab build` has one")

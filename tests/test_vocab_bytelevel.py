@@ -190,3 +190,70 @@ def test_english_only_and_too_small_corpora_are_one_line_errors(data_dir, tmp_pa
     bad.write_text('{"model": {"type": "WordPiece"}}', encoding="utf-8")
     r = _vocab("build", "--base", bad, "--corpus", zh, "--out", tmp_path / "v3")
     assert r.returncode == 2 and "Traceback" not in r.stderr and str(bad) in r.stderr
+
+
+def _tiny_model(kind: str, rows: int, tied: bool, folder: Path, tok_src: Path) -> Path:
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    shape = dict(vocab_size=rows, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, tie_word_embeddings=tied)
+    model = (Qwen2ForCausalLM(Qwen2Config(**shape)) if kind == "qwen2" else LlamaForCausalLM(LlamaConfig(**shape)))
+    model.save_pretrained(folder)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tok_src / f, folder / f)
+    return folder
+
+
+def test_resize_llama3_rows_are_the_mean_of_the_base_encoding(data_dir, llama3_run, tmp_path):
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from pretrain.embeddings import resize_folder
+    from pretrain.embeddings_bytelevel import merge_sources
+    from vocab.bytelevel import to_bytes
+
+    src = _tiny_model("llama", 128256, False, tmp_path / "m", data_dir / "tokenizers" / "llama3")
+    summary = resize_folder(src, llama3_run, tmp_path / "r")
+    assert summary["old_vocab"] == 128256 and summary["new_vocab"] == 128256 + N_ADDED and not summary["tied"]
+    old = AutoModelForCausalLM.from_pretrained(src)
+    new = AutoModelForCausalLM.from_pretrained(tmp_path / "r")
+    # the new rows' sources are the base tokenizer's encoding of each new token's text
+    base = Tokenizer.from_file(str(data_dir / "tokenizers" / "llama3" / "tokenizer.json"))
+    ext_json = json.loads((llama3_run / "tokenizer.json").read_text(encoding="utf-8"))
+    sources = merge_sources(ext_json, 128256)
+    inv = {i: s for s, i in ext_json["model"]["vocab"].items()}
+    texts = [to_bytes(inv[128256 + k]).decode("utf-8") for k in range(N_ADDED)]
+    assert sources == [e.ids for e in base.encode_batch(texts, add_special_tokens=False)]
+    for get in (lambda m: m.get_input_embeddings().weight, lambda m: m.get_output_embeddings().weight):
+        w_old, w_new = get(old), get(new)
+        assert torch.equal(w_new[:128256], w_old)
+        for k in (0, 1, N_ADDED // 2, N_ADDED - 1):
+            assert torch.allclose(w_new[128256 + k], w_old[sources[k]].mean(0))
+
+
+def test_resize_qwen_tied_reuses_padding_rows_and_stays_tied(data_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pretrain.embeddings import resize_folder
+    from vocab.bytelevel import ByteLevelBase, to_token, train_bytelevel, write_checked
+
+    base = ByteLevelBase(data_dir / "tokenizers" / "qwen2.5")
+    res, _ = write_checked(base, train_bytelevel(_train_lines(data_dir, 80), base, 400, 4, 32), tmp_path / "tok")
+    # Qwen-2.5-0.5B's shape: 151,936 rows for 151,665 ids, tied
+    src = _tiny_model("qwen2", 151936, True, tmp_path / "m", data_dir / "tokenizers" / "qwen2.5")
+    for init in ("subword-mean", "normal"):
+        s = resize_folder(src, tmp_path / "tok", tmp_path / init, init=init)
+        assert s["old_vocab"] == 151665 and s["new_vocab"] == 151665 + 400 and s["tied"]
+        m = AutoModelForCausalLM.from_pretrained(tmp_path / init)
+        assert m.config.tie_word_embeddings and m.get_output_embeddings().weight.data_ptr() == \
+            m.get_input_embeddings().weight.data_ptr()
+        w = m.get_input_embeddings().weight
+        w_old = AutoModelForCausalLM.from_pretrained(src).get_input_embeddings().weight
+        assert torch.equal(w[:151665], w_old[:151665])
+        first = base.encode_word(to_token(res.tokens[0]))
+        mean0 = w_old[first].mean(0)
+        assert torch.allclose(w[151665], mean0) == (init == "subword-mean")

@@ -70,10 +70,18 @@ def tokenizer_json_path(path: str | Path) -> Path:
 
 
 def is_bytelevel(path: str | Path) -> bool:
-    """A tokenizer.json (or a folder with one and no SentencePiece tokenizer.model): the byte-level path."""
+    """A .json file, or a folder whose tokenizer.json has a ByteLevel pre-tokenizer: the byte-level path. (A folder
+    `vocab build` made over a SentencePiece base has a Metaspace tokenizer.json; Llama-3's folder also holds Meta's
+    tiktoken tokenizer.model, which is not a SentencePiece model.)"""
     p = Path(path)
     if p.is_dir():
-        return (p / "tokenizer.json").is_file() and not (p / "tokenizer.model").is_file()
+        f = p / "tokenizer.json"
+        if not f.is_file():
+            return False
+        try:
+            return _has_bytelevel(json.loads(f.read_text(encoding="utf-8")).get("pre_tokenizer"))
+        except (OSError, ValueError):
+            return not (p / "tokenizer.model").is_file()  # let the byte-level loader name what is wrong
     return p.suffix == ".json"
 
 
