@@ -94,8 +94,14 @@ def _atomic_write(path: Path, lines: list[str]) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m corpora.sample", description="fetch the embedded default's base tokenizer and Chinese text")
     ap.add_argument("--dir", default=None, help="cache folder (default: .cache/zhllama in the repository)")
+    ap.add_argument("--llama3", action="store_true",
+                    help="also fetch Meta's Llama-3 rank file (wheel llama-models) and convert it to DIR/llama3/tokenizer.json")
     a = ap.parse_args(argv)
     info = fetch(Path(a.dir) if a.dir else None)
+    if a.llama3:
+        from vocab.llama3_tiktoken import fetch as fetch_llama3
+
+        info["llama3"] = str(fetch_llama3(Path(a.dir) if a.dir else None))
     for k, v in info.items():
         print(f"{k}: {v}")
     return 0
