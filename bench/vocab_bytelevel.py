@@ -1,6 +1,6 @@
 """Llama-3 extended with N Chinese byte-level tokens (issue 23): characters per token on held-out Chinese text.
 
-    python bench/vocab_bytelevel.py [--data ../shared/data] [--added 5000 10000 20000] [--caps 4 0]
+    python bench/vocab_bytelevel.py [--data ../shared/data] [--base llama3|qwen2.5] [--added 5000 10000 20000] [--caps 4 0]
 
 Training: the whole shared corpus (zh_corpus/train, ~18M characters), as `vocab build --base
 llama3/tokenizer.json --num-added N` does it. The trainer's merges are greedy, so the first candidates of one
@@ -54,7 +54,8 @@ def main() -> None:
     ap.add_argument("--added", nargs="+", type=int, default=[5000, 10000, 20000])
     ap.add_argument("--caps", nargs="+", type=int, default=[4], help="max characters per new token (0 = none)")
     ap.add_argument("--max-bytes", type=int, default=32)
-    ap.add_argument("--json", default=str(RESULTS / "vocab_bytelevel.json"))
+    ap.add_argument("--base", default="llama3", choices=["llama3", "qwen2.5"], help="the base to extend")
+    ap.add_argument("--json", help="default: bench/results/vocab_bytelevel[_BASE].json")
     a = ap.parse_args()
     from corpora.reader import iter_corpus
     from vocab.bytelevel import (CANDIDATE_EXTRA, CANDIDATE_FACTOR, ByteLevelBase, _train_candidates, count_words,
@@ -65,7 +66,8 @@ def main() -> None:
 
     data = Path(a.data)
     toks = data / "tokenizers"
-    base = ByteLevelBase(toks / "llama3")
+    base = ByteLevelBase(toks / a.base)
+    json_path = a.json or str(RESULTS / ("vocab_bytelevel.json" if a.base == "llama3" else f"vocab_bytelevel_{a.base}.json"))
     held = held_out(data)
     work = Path(tempfile.mkdtemp(prefix="vocab_bytelevel_"))
     ref = work / "chinese-llama-49953.model"
@@ -85,9 +87,9 @@ def main() -> None:
     for cap in a.caps:
         for n in a.added:
             res = resolve(base, cands, n, cap, a.max_bytes)
-            res, dropped = write_checked(base, res, work / f"llama3+{n}-cap{cap}")
-            name = f"llama3+{len(res.tokens)}" + (f" (cap {cap})" if len(a.caps) > 1 else "")
-            encoders[name] = work / f"llama3+{n}-cap{cap}"
+            res, dropped = write_checked(base, res, work / f"{a.base}+{n}-cap{cap}")
+            name = f"{a.base}+{len(res.tokens)}" + (f" (cap {cap})" if len(a.caps) > 1 else "")
+            encoders[name] = work / f"{a.base}+{n}-cap{cap}"
             built[name] = {"added": len(res.tokens), "dropped_unreachable": dropped, "cap_chars": cap, **res.stats}
     rows = []
     for name, path in encoders.items():
@@ -107,7 +109,7 @@ def main() -> None:
         r["vs llama3"] = round(r["tokens"] / base_tokens, 3)
     cols = ["tokenizer", "vocab", *held, "all", "tokens", "vs llama3"]
     print_table(rows, cols)
-    write_results(a.json, held_out={k: {"lines": len(v), "characters": sum(map(len, v))} for k, v in held.items()},
+    write_results(json_path, held_out={k: {"lines": len(v), "characters": sum(map(len, v))} for k, v in held.items()},
                   train={"distinct_words": len(words), "candidates": len(cands), "count_s": round(t_count),
                          "train_s": round(t_train)}, built=built, rows=rows)
 

@@ -129,7 +129,7 @@ def main(argv=None) -> int:
         from pretrain.embeddings import resize_folder
 
         s = resize_folder(a.model, a.tokenizer, a.out, init=init, seed=seed)
-        print(f"resized {a.model}: {s['old_vocab']:,} -> {s['new_vocab']:,} rows ({s['added']:,} new, init {s['init']}"
+        print(f"resized {a.model}: {s.get('old_rows', s['old_vocab']):,} -> {s['new_vocab']:,} rows ({s['added']:,} new, init {s['init']}"
               f"{', tied' if s['tied'] else ''}) -> {a.out}")
     elif a.cmd in ("phase1", "phase2"):
         from zhllama.runfolder import lock

@@ -203,3 +203,18 @@ def test_llama3_sft_tokenizer_stops_on_eot_and_pads_without_a_new_row(data_dir, 
     # a tokenizer without the template's end-of-turn token is refused with one line
     with pytest.raises(UserError, match="eot_id"):
         prepare_tokenizer(data_dir / "tokenizers" / "qwen2.5", tmp_path / "q", eos="<|eot_id|>")
+
+
+@pytest.mark.reference
+def test_chatml_renders_qwen_own_template_on_the_qwen_tokenizer(data_dir, tmp_path):
+    """Qwen-2.5 (a byte-level base) with the chatml template: its EOS is <|im_end|>, so the registry's rendering is
+    Qwen's own chat template, token for token, whenever a system message is given."""
+    from sft.vocabcheck import prepare_tokenizer
+
+    tok, added = prepare_tokenizer(data_dir / "tokenizers" / "qwen2.5", tmp_path / "q", eos=get("chatml").eos)
+    assert not added and tok.eos_token == "<|im_end|>"
+    t = get("chatml")
+    for conv in ([m(S, "你是助手。"), m(U, "你好")], [m(S, "sys"), m(U, "一加一？"), m(A, "二。"), m(U, "谢谢")]):
+        ours = tok.apply_chat_template(conv, chat_template=t.jinja(), add_generation_prompt=True, tokenize=False)
+        qwen = tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+        assert ours == qwen == (tok.bos_token or "") + t.render_messages(conv, eos=tok.eos_token)
