@@ -257,3 +257,33 @@ def test_resize_qwen_tied_reuses_padding_rows_and_stays_tied(data_dir, tmp_path)
         first = base.encode_word(to_token(res.tokens[0]))
         mean0 = w_old[first].mean(0)
         assert torch.allclose(w[151665], mean0) == (init == "subword-mean")
+
+
+def test_gguf_writes_the_extended_bytelevel_vocabulary(data_dir, llama3_run, tmp_path):
+    from gguf import GGUFReader
+
+    from deploy.gguf_bytelevel import pre_tokenizer_name
+    from deploy.gguf_export import export
+    from sft.template import save_name
+    from sft.vocabcheck import prepare_tokenizer
+
+    model = _tiny_model("llama", 128256 + N_ADDED, False, tmp_path / "m", llama3_run)
+    prepare_tokenizer(llama3_run, model, eos="<|eot_id|>")  # the SFT tokenizer: EOS <|eot_id|>
+    save_name(model, "llama3")
+    info = export(model, tmp_path / "m.gguf", "f32", log=lambda *_: None)
+    assert info["tokenizer"] == {"model": "gpt2", "pre": "llama-bpe", "merges": 280147 + N_ADDED}
+    r = GGUFReader(info["gguf"])
+    f = lambda k: r.fields[k].contents()  # noqa: E731
+    ext = json.loads((llama3_run / "tokenizer.json").read_text(encoding="utf-8"))
+    inv = {i: s for s, i in ext["model"]["vocab"].items()}
+    assert f("tokenizer.ggml.model") == "gpt2" and f("tokenizer.ggml.pre") == "llama-bpe"
+    assert f("tokenizer.ggml.tokens") == [inv[i] for i in range(128256 + N_ADDED)]
+    assert f("tokenizer.ggml.merges") == ext["model"]["merges"]
+    types = f("tokenizer.ggml.token_type")
+    assert types[128009] == 3 and types[127999] == 1 and types[128256] == 1 and set(types[128000:128256]) == {3}
+    assert (f("tokenizer.ggml.bos_token_id"), f("tokenizer.ggml.eos_token_id")) == (128000, 128009)
+    assert f("tokenizer.ggml.add_bos_token") is True
+    assert f("tokenizer.chat_template") == (model / "chat_template.jinja").read_text(encoding="utf-8")
+    # the pre-tokenizer is named from the split regex, never from a hash of ids an extension changes
+    qwen = json.loads((data_dir / "tokenizers" / "qwen2.5" / "tokenizer.json").read_text(encoding="utf-8"))
+    assert pre_tokenizer_name(qwen) == "qwen2"
