@@ -77,7 +77,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--tokenizer", required=True, help="its SentencePiece tokenizer.model")
     c.add_argument("--out", required=True)
     i = sub.add_parser("init", help="a randomly initialised model shaped by a recipe (the tiny embedded default)")
-    i.add_argument("--tokenizer", required=True, help="BASE tokenizer.model the model is built on")
+    i.add_argument("--tokenizer", required=True, help="BASE tokenizer.model (or byte-level tokenizer.json) the model is built on")
     i.add_argument("--out", required=True)
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
