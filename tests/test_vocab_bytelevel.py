@@ -78,6 +78,14 @@ def test_llama3_extension_loads_as_plain_bpe_with_base_ids_kept(data_dir, llama3
     assert tok("Hello world")["input_ids"] == [128000, 9906, 1917]
 
 
+def test_rerun_with_unchanged_inputs_does_nothing(data_dir, zh_small, llama3_run):
+    before = (llama3_run / "tokenizer.json").stat().st_mtime_ns
+    r = _vocab("build", "--base", data_dir / "tokenizers" / "llama3" / "tokenizer.json", "--corpus", zh_small,
+               "--out", llama3_run, "--num-added", N_ADDED)
+    assert r.returncode == 0 and "up to date" in r.stdout
+    assert (llama3_run / "tokenizer.json").stat().st_mtime_ns == before
+
+
 def test_every_new_token_is_reachable_and_decodes_to_its_text(llama3_run):
     from tokenizers import Tokenizer
 
