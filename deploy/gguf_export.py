@@ -2,7 +2,8 @@
 
 What goes in: the weights (q/k rows permuted into llama.cpp's rotary layout, norms always f32), the
 SentencePiece vocabulary with its scores and piece types (from `tokenizer.model`, so llama.cpp tokenizes
-exactly like sentencepiece), BOS on, the dummy-prefix flag, the chat template (the folder's
+exactly like sentencepiece; a byte-level tokenizer.json folder, Llama-3 / Qwen-2.5 and their extensions, is
+written as llama.cpp's gpt2 vocabulary by deploy.gguf_bytelevel), BOS on, the dummy-prefix flag, the chat template (the folder's
 `chat_template.jinja`, i.e. the prompt format the model was trained with), `</s>` as the only
 end-of-generation token (llama.cpp would also stop on `[PAD]`, which it takes for a fill-in-the-middle
 pad unless one is named: EOS is named), and `general.name`.
