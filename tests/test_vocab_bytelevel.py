@@ -295,3 +295,25 @@ def test_gguf_writes_the_extended_bytelevel_vocabulary(data_dir, llama3_run, tmp
     # the pre-tokenizer is named from the split regex, never from a hash of ids an extension changes
     qwen = json.loads((data_dir / "tokenizers" / "qwen2.5" / "tokenizer.json").read_text(encoding="utf-8"))
     assert pre_tokenizer_name(qwen) == "qwen2"
+
+
+@pytest.mark.integration("llama_cpp")
+def test_llama_cpp_tokenizes_the_extension_like_transformers(data_dir, llama3_run, tmp_path):
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    from deploy.gguf_export import export
+
+    model = _tiny_model("llama", 128256 + N_ADDED, False, tmp_path / "m", llama3_run)
+    gguf = export(model, tmp_path / "m.gguf", "f32", log=lambda *_: None)["gguf"]
+    llm = Llama(model_path=gguf, vocab_only=True, verbose=False)
+    tok = AutoTokenizer.from_pretrained(llama3_run)
+    lines = ([r["output"] for r in json.loads((data_dir / "instructions" /
+              "alpaca_zh_hikariming_translated.part02.json").read_text(encoding="utf-8"))[:700]]
+             + _alpaca(data_dir, "alpaca_en_52k_original.part06.json", 300))
+    lines = [s for s in lines if s.strip()][:1000]
+    assert len(lines) == 1000
+    cpp = [llm.tokenize(s.encode("utf-8"), add_bos=True, special=False) for s in lines]
+    assert cpp == tok(lines)["input_ids"]
+    new = range(128256, 128256 + N_ADDED)
+    assert [llm.detokenize([i]).decode("utf-8") for i in new] == [tok.decode([i]) for i in new]
