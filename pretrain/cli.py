@@ -78,7 +78,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--tokenizer", required=True, help="its SentencePiece tokenizer.model")
     c.add_argument("--out", required=True)
     i = sub.add_parser("init", help="a randomly initialised model shaped by a recipe (the tiny embedded default)")
-    i.add_argument("--tokenizer", required=True, help="BASE tokenizer.model the model is built on")
+    i.add_argument("--tokenizer", required=True, help="BASE tokenizer.model (or byte-level tokenizer.json) the model is built on")
     i.add_argument("--out", required=True)
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
         from pretrain.embeddings import resize_folder
 
         s = resize_folder(a.model, a.tokenizer, a.out, init=init, seed=seed)
-        print(f"resized {a.model}: {s['old_vocab']:,} -> {s['new_vocab']:,} rows ({s['added']:,} new, init {s['init']}"
+        print(f"resized {a.model}: {s.get('old_rows', s['old_vocab']):,} -> {s['new_vocab']:,} rows ({s['added']:,} new, init {s['init']}"
               f"{', tied' if s['tied'] else ''}) -> {a.out}")
     elif a.cmd in ("phase1", "phase2"):
         from zhllama.runfolder import lock

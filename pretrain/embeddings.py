@@ -85,6 +85,12 @@ def resize_folder(model_dir, tokenizer_dir, out_dir, init: str = "subword-mean",
     if init not in INITS:
         raise UserError(f"--init {init!r}: choose one of {', '.join(INITS)}")
     check_model_dir(model_dir)  # a corrupt input is named before the output folder is touched
+    from vocab.bytelevel import is_bytelevel
+
+    if is_bytelevel(tokenizer_dir):  # a tokenizer.json extension of a byte-level base (Llama-3, Qwen-2.5)
+        from pretrain.embeddings_bytelevel import resize_bytelevel
+
+        return resize_bytelevel(model_dir, tokenizer_dir, out_dir, init=init, seed=seed)
     new_size = tokenizer_len(tokenizer_dir)
     if not (tokenizer_dir / "tokenizer.model").is_file():
         raise UserError(f"{tokenizer_dir}: no tokenizer.model; the extended tokenizer folder from `python -m vocab build` has one")

@@ -349,6 +349,18 @@ def _phase2(prep, model_dir, out_dir, phase, settings):
     return result
 
 
+def _bytelevel_bos_eos(bl) -> tuple[int | None, int | None]:
+    cfg_p = bl.folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_p.read_text(encoding="utf-8")) if cfg_p.is_file() else {}
+
+    def tid(key):
+        v = cfg.get(key)
+        v = v.get("content") if isinstance(v, dict) else v
+        return bl.specials.get(v) if v else None
+
+    return tid("bos_token"), tid("eos_token")
+
+
 def init_model(recipe, tokenizer, out_dir, seed: int = 0, device: str = "cpu", dtype: str = "float32") -> Path:
     """A randomly initialised LLaMA-architecture model shaped by recipe.model, on the given base tokenizer.
 
@@ -361,11 +373,19 @@ def init_model(recipe, tokenizer, out_dir, seed: int = 0, device: str = "cpu", d
     from vocab.hf_export import save_tokenizer_folder
     from vocab.spmodel import load_model
 
+    from vocab.bytelevel import ByteLevelBase, is_bytelevel
+
     out = Path(out_dir)
     ensure_writable(out)
-    sp = load_model(tokenizer, what="--tokenizer")
     m = recipe.model
-    n = len(sp.pieces)
+    if is_bytelevel(tokenizer):  # a byte-level tokenizer.json base (Llama-3, Qwen-2.5)
+        bl = ByteLevelBase(tokenizer)
+        sp, n = None, bl.next_id
+        bos_id, eos_id = _bytelevel_bos_eos(bl)
+    else:
+        sp = load_model(tokenizer, what="--tokenizer")
+        n = len(sp.pieces)
+        bos_id, eos_id = sp.trainer_spec.bos_id, sp.trainer_spec.eos_id
     if m.base_vocab_size and m.base_vocab_size != n:
         raise UserError(f"{tokenizer} has {n:,} pieces but recipe {recipe.name} says model.base_vocab_size {m.base_vocab_size:,}; "
                         "fix the recipe (or --set model.base_vocab_size=N)")
@@ -374,7 +394,7 @@ def init_model(recipe, tokenizer, out_dir, seed: int = 0, device: str = "cpu", d
         num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
         num_key_value_heads=m.num_key_value_heads, max_position_embeddings=m.max_position_embeddings,
         tie_word_embeddings=m.tie_word_embeddings, rms_norm_eps=m.rms_norm_eps, initializer_range=m.initializer_range,
-        bos_token_id=sp.trainer_spec.bos_id, eos_token_id=sp.trainer_spec.eos_id,
+        bos_token_id=bos_id, eos_token_id=eos_id,
     )
     if device not in ("cpu", "cuda"):
         raise UserError(f"--device {device!r}: choose cpu or cuda")
@@ -397,7 +417,12 @@ def init_model(recipe, tokenizer, out_dir, seed: int = 0, device: str = "cpu", d
             with torch.device(device):
                 model = LlamaForCausalLM._from_config(cfg, dtype=getattr(torch, dtype))
         model.save_pretrained(stage)
-        save_tokenizer_folder(sp, stage)
+        if sp is not None:
+            save_tokenizer_folder(sp, stage)
+        else:
+            from vocab.bytelevel import BytelevelResult, write_folder
+
+            write_folder(bl, BytelevelResult([], []), stage)  # the base as is (specials kept in the vocabulary)
         runfolder.finish(out, "pretrain.init", {"vocab_size": n, "recipe": recipe.name}, inputs,
                          [], seed=seed, fingerprint={"inputs": inputs, **config})
     return out

@@ -193,6 +193,9 @@ class ExampleEncoder:
     def __init__(self, tokenizer, template: Template, max_length: int = 512, reference: bool = False):
         if tokenizer.eos_token_id is None:
             raise UserError("tokenizer has no EOS token; SFT targets end in EOS")
+        if template.eos and tokenizer.eos_token != template.eos:
+            raise UserError(f"template {template.name} ends turns with {template.eos} but the tokenizer's EOS is "
+                            f"{tokenizer.eos_token}: use the SFT tokenizer (sft.vocabcheck.prepare_tokenizer sets it)")
         self.tok = tokenizer
         self.template = template
         self.max_length = max_length

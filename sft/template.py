@@ -23,6 +23,9 @@ Templates are byte-exact copies of their sources:
 * alpaca-lora: tloen/alpaca-lora's templates, ending in ``### Response:\\n``.
 * chinese-llama-2: Chinese-LLaMA-Alpaca-2's Llama-2 chat format with its bilingual system prompt;
   later turns follow Llama-2's ``</s><s>[INST] ...`` convention.
+* llama3: Meta's Llama-3 instruct format (``<|start_header_id|>role<|end_header_id|>\n\n...<|eot_id|>``), with
+  Chinese-LLaMA-Alpaca-3's default system prompt; turns end in ``<|eot_id|>`` (the template's own `eos`), and the
+  SFT tokenizer's eos_token is set to it, so training, generation, the server and the GGUF all stop on it.
 * chatml: ChatML-style roles (``<|im_start|>role\\n...<|im_end|>``); an assistant turn ends in the
   model's EOS (``</s>``, the token it is trained to stop on) where ChatML writes ``<|im_end|>``.
 """
@@ -90,6 +93,7 @@ class Template:
     user_input: str | None = None    # contains {instruction} and {input}; None: input joined to the instruction
     separator: str = "\n\n"          # after a past answer's EOS, before the next user block; may contain {bos}
     source: str = ""
+    eos: str | None = None           # the template's own end-of-turn token (Llama-3: <|eot_id|>); None: the model's EOS
 
     def _user(self, instruction: str, input: str = "") -> str:
         if input and self.user_input is not None:
@@ -102,6 +106,7 @@ class Template:
                         bos: str = "<s>", eos: str = "</s>") -> str:
         """The text after BOS: the chat template renders `bos + render_messages(...)`."""
         msgs = check_messages(messages)
+        eos = self.eos or eos
         system = None
         if msgs[0]["role"] == "system":
             system, msgs = msgs[0]["content"], msgs[1:]
@@ -160,7 +165,8 @@ class Template:
             "{%- if m['input'] is defined and m['input'] -%}{{- " + user_input + " -}}",
             "{%- else -%}{{- " + user + " -}}{%- endif -%}",
             "{%- elif m['role'] == 'assistant' -%}",
-            "{{- " + assistant + " ~ m['content'] ~ eos_token ~ " + _jinja_expr(self.separator, bos="bos_token") + " -}}",
+            "{{- " + assistant + " ~ m['content'] ~ " + (json.dumps(self.eos) if self.eos else "eos_token") + " ~ "
+            + _jinja_expr(self.separator, bos="bos_token") + " -}}",
             "{%- else -%}",
             "{{- raise_exception('unsupported role ' ~ m['role'] ~ ': expected system (first), user, assistant') -}}",
             "{%- endif -%}",
@@ -185,6 +191,12 @@ _TABLE = {
         {"system": _LLAMA2_SYSTEM, "header": "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n", "user": "{instruction}",
          "assistant": " [/INST]", "separator": "{bos}[INST] "},
         "ymcui/Chinese-LLaMA-Alpaca-2 scripts/training/build_dataset.py PROMPT_TEMPLATE, DEFAULT_SYSTEM_PROMPT"),
+    "llama3": (
+        {"system": _LLAMA2_SYSTEM, "header": "<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
+         "user": "<|start_header_id|>user<|end_header_id|>\n\n{instruction}<|eot_id|>",
+         "assistant": "<|start_header_id|>assistant<|end_header_id|>\n\n", "separator": "", "eos": "<|eot_id|>"},
+        "meta-llama/llama-models llama_models/llama3/chat_format.py (Llama-3 instruct), default system prompt of "
+        "ymcui/Chinese-LLaMA-Alpaca-3"),
     "chatml": (
         {"system": "You are a helpful assistant.", "header": "<|im_start|>system\n{system}<|im_end|>\n",
          "user": "<|im_start|>user\n{instruction}<|im_end|>\n", "assistant": "<|im_start|>assistant\n", "separator": "\n"},

@@ -213,7 +213,7 @@ def train(model_dir, data, out, adapter=None, template=None, max_steps=None, rec
         train_recs, eval_recs = _records(data, eval_data, cfg, drop_invalid, log)
         stage = runfolder.staging(out)
         tok_src = Path(adapter) if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_dir
-        tok, pad_added = prepare_tokenizer(tok_src, stage, log=log)
+        tok, pad_added = prepare_tokenizer(tok_src, stage, log=log, eos=tmpl.eos)
         if not adapter:
             model_cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
             check_vocab(model_cfg.get("vocab_size"), len(tok), pad_added, model_dir, tok_src)

@@ -11,8 +11,15 @@ from pathlib import Path
 from zhllama.errors import UserError
 
 
-def prepare_tokenizer(src_dir, out_dir, log=print):
-    """Copy the tokenizer from src_dir to out_dir, adding [PAD] if it has none; returns (tokenizer, added)."""
+# Llama-3's reserved pad special: a pad that needs no new row
+LLAMA3_PAD = "<|finetune_right_pad_id|>"
+
+
+def prepare_tokenizer(src_dir, out_dir, log=print, eos: str | None = None):
+    """Copy the tokenizer from src_dir to out_dir, adding [PAD] if it has none; returns (tokenizer, added).
+
+    eos: the template's end-of-turn token (Llama-3: <|eot_id|>) becomes the tokenizer's eos_token, so every consumer
+    of the SFT tokenizer (training targets, generate, the server, the GGUF) ends answers with it."""
     from transformers import AutoTokenizer
 
     from zhllama.models import load_tokenizer
@@ -20,6 +27,14 @@ def prepare_tokenizer(src_dir, out_dir, log=print):
     src, out = Path(src_dir), Path(out_dir)
     tok = load_tokenizer(src)
     out.mkdir(parents=True, exist_ok=True)
+    vocab = tok.get_vocab()
+    if eos and tok.eos_token != eos:
+        if eos not in vocab:
+            raise UserError(f"{src}: the template ends turns with {eos}, which this tokenizer does not have; "
+                            "use a template made for this model (e.g. chatml or chinese-alpaca)")
+        tok.eos_token = eos
+    if tok.pad_token_id is None and LLAMA3_PAD in vocab:
+        tok.pad_token = LLAMA3_PAD
     if tok.pad_token_id is not None:
         tok.save_pretrained(str(out))
         if (src / "tokenizer.model").is_file():

@@ -71,7 +71,7 @@ def test_bad_conversations_are_user_errors():
         t.render_messages([m(U, "a"), m(S, "b")])
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("name", sorted(n for n, t in REGISTRY.items() if not t.eos))
 def test_saved_template_loads_with_the_tokenizer_and_gives_training_ids(chat_model, tmp_path, name):
     """apply_chat_template(tokenize=True) on a saved folder = the ids training used for the prompt (BOS once)."""
     import shutil
@@ -96,7 +96,8 @@ def test_saved_template_loads_with_the_tokenizer_and_gives_training_ids(chat_mod
 
 
 # ------------------------------------------------------------------------ multi-turn SFT: the loss mask
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+# templates with their own end-of-turn token (llama3) need a tokenizer that has it: test_llama3_* below
+@pytest.mark.parametrize("name", sorted(n for n, t in REGISTRY.items() if not t.eos))
 def test_multiturn_loss_on_every_assistant_turn_and_nothing_else(tok, name):
     t = get(name)
     conv = [m(S, "你是助手。"), m(U, "你好"), m(A, "你好！"), m(U, "一加一等于几？"), m(A, "二。"),
@@ -167,3 +168,53 @@ def test_encode_records_trains_conversations_and_alpaca_together(tok):
     assert len(s.examples) == 2
     trained = [[i for i, x in zip(e["input_ids"], e["labels"]) if x != IGNORE_INDEX] for e in s.examples]
     assert [tok.decode(t) for t in trained] == ["你好！</s>再见！</s>", "诗</s>"]
+
+
+# ------------------------------------------------------------------------ Llama-3 instruct (byte-level base)
+def test_llama3_template_bytes():
+    t = get("llama3")
+    assert t.render_messages([m(S, "系统"), m(U, "问"), m(A, "答"), m(U, "再问")]) == (
+        "<|start_header_id|>system<|end_header_id|>\n\n系统<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n问<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n答<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n再问<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    # the turn ends in <|eot_id|> whatever EOS the caller passes
+    assert t.render_messages([m(U, "q"), m(A, "a")], add_generation_prompt=False, eos="</s>").endswith("a<|eot_id|>")
+
+
+@pytest.mark.reference
+def test_llama3_sft_tokenizer_stops_on_eot_and_pads_without_a_new_row(data_dir, tmp_path):
+    from sft.vocabcheck import prepare_tokenizer
+
+    tok, added = prepare_tokenizer(data_dir / "tokenizers" / "llama3", tmp_path / "t", eos="<|eot_id|>")
+    assert not added and len(tok) == 128256
+    assert tok.eos_token_id == 128009 and tok.pad_token_id == 128004  # <|finetune_right_pad_id|>
+    t = get("llama3")
+    conv = [m(S, "你是助手。"), m(U, "你好"), m(A, "你好！"), m(U, "一加一等于几？"), m(A, "二。")]
+    (e,) = ExampleEncoder(tok, t, 512).encode_conversation(conv)
+    prompt = tok.apply_chat_template(conv[:2], chat_template=t.jinja(), add_generation_prompt=True,
+                                     tokenize=True)["input_ids"]
+    assert prompt[:2] == [128000, 128006] and prompt[-2:] == [128007, 271]  # BOS <|start_header_id|> … "\n\n"
+    assert e.input_ids[:len(prompt)] == prompt
+    trained = [i for i, x in zip(e.input_ids, e.labels) if x != IGNORE_INDEX]
+    assert trained.count(128009) == 2 and trained[-1] == 128009
+    assert tok.decode(trained) == "你好！<|eot_id|>二。<|eot_id|>"
+    # a tokenizer without the template's end-of-turn token is refused with one line
+    with pytest.raises(UserError, match="eot_id"):
+        prepare_tokenizer(data_dir / "tokenizers" / "qwen2.5", tmp_path / "q", eos="<|eot_id|>")
+
+
+@pytest.mark.reference
+def test_chatml_renders_qwen_own_template_on_the_qwen_tokenizer(data_dir, tmp_path):
+    """Qwen-2.5 (a byte-level base) with the chatml template: its EOS is <|im_end|>, so the registry's rendering is
+    Qwen's own chat template, token for token, whenever a system message is given."""
+    from sft.vocabcheck import prepare_tokenizer
+
+    tok, added = prepare_tokenizer(data_dir / "tokenizers" / "qwen2.5", tmp_path / "q", eos=get("chatml").eos)
+    assert not added and tok.eos_token == "<|im_end|>"
+    t = get("chatml")
+    for conv in ([m(S, "你是助手。"), m(U, "你好")], [m(S, "sys"), m(U, "一加一？"), m(A, "二。"), m(U, "谢谢")]):
+        ours = tok.apply_chat_template(conv, chat_template=t.jinja(), add_generation_prompt=True, tokenize=False)
+        qwen = tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+        assert ours == qwen == (tok.bos_token or "") + t.render_messages(conv, eos=tok.eos_token)

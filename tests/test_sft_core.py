@@ -63,7 +63,8 @@ def tok(tok_dir):
 
 
 # ---------------------------------------------------------------- masking
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+# templates with their own end-of-turn token (llama3) need a tokenizer that has it (tests/test_chat_template.py)
+@pytest.mark.parametrize("name", sorted(n for n, t in REGISTRY.items() if not t.eos))
 @pytest.mark.parametrize("inp", ["", "the input"])
 def test_labels_mask_exactly_the_prompt_and_train_eos(tok, name, inp):
     enc = ExampleEncoder(tok, get(name), max_length=512)

@@ -85,7 +85,8 @@ def parser() -> argparse.ArgumentParser:
                                    "at most that size before sampling and counting (counted as split_lines in "
                                    "train_stats.json and warned about); the report measures at most 2,000 lines and "
                                    f"{REPORT_MAX_CHARS:,} characters per file.")
-    p.add_argument("--base", required=True, help="base tokenizer.model")
+    p.add_argument("--base", required=True, help="base tokenizer.model (SentencePiece, LLaMA layout) or a byte-level "
+                                                 "BPE tokenizer.json / its folder (Llama-3, Qwen-2.5)")
     p.add_argument("--out", required=True, help="output tokenizer folder")
     p.add_argument("--report-text", nargs="*", metavar="PATH", help="texts for the report (default: the corpus)")
     p.add_argument("--compare", nargs="*", metavar="NAME=PATH", help="other tokenizers to put in the report")
@@ -93,7 +94,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="compression and soundness report: table, JSON and bar chart")
     p.add_argument("--tokenizer", required=True, help="tokenizer folder or .model")
-    p.add_argument("--base", required=True, help="base tokenizer.model")
+    p.add_argument("--base", required=True, help="base tokenizer.model or byte-level tokenizer.json")
     p.add_argument("--text", nargs="+", required=True, metavar="PATH", help="text files or folders")
     p.add_argument("--compare", nargs="*", metavar="NAME=PATH", help="more tokenizers side by side, e.g. reference=ref/tokenizer.model")
     p.add_argument("--json", help="write the report here (a .png chart is written beside it)")
@@ -137,14 +138,25 @@ def main(argv=None) -> int:
         print(f"wrote {a.out}")
     elif a.cmd == "build":
         from vocab.build import build
+        from vocab.bytelevel import is_bytelevel
 
         cfg, v = _train_cfg(a, "extend")
+        if is_bytelevel(a.base):  # a tokenizer.json base (Llama-3, Qwen-2.5): byte-level tokens and merges
+            from vocab.bytelevel_build import build_bytelevel
+
+            build_bytelevel(a.base, a.corpus, a.out, cfg, report_text=a.report_text,
+                            compare=_parse_compare(a.compare), allow_fewer=a.allow_fewer)
+            print(f"wrote {a.out}")
+            return 0
         build(a.base, a.corpus, a.out, cfg, pad=v.pad, report_text=a.report_text, compare=_parse_compare(a.compare),
               allow_fewer=a.allow_fewer)
         print(f"wrote {a.out}")
     elif a.cmd == "report":
+        from vocab.bytelevel import is_bytelevel
         from vocab.report import build_report, format_table, save_report
 
+        if is_bytelevel(a.base):
+            from vocab.bytelevel_report import build_report
         rep = build_report(a.tokenizer, a.base, a.text, compare=_parse_compare(a.compare), max_lines=a.max_lines)
         print(format_table(rep))
         if a.json:
