@@ -15,7 +15,7 @@ from pathlib import Path
 
 from zhllama.errors import UserError
 from zhllama.models import (
-    INITS, check_model_dir, check_sizes, copy_tokenizer, load_model_dir, resize_model, tokenizer_len,
+    INITS, check_model_dir, check_sizes, check_tokenizer_files, copy_tokenizer, load_model_dir, resize_model, tokenizer_len,
 )
 from zhllama.runfolder import ensure_writable
 
@@ -85,6 +85,7 @@ def resize_folder(model_dir, tokenizer_dir, out_dir, init: str = "subword-mean",
     if init not in INITS:
         raise UserError(f"--init {init!r}: choose one of {', '.join(INITS)}")
     check_model_dir(model_dir)  # a corrupt input is named before the output folder is touched
+    check_tokenizer_files(tokenizer_dir)
     from vocab.bytelevel import is_bytelevel
 
     if is_bytelevel(tokenizer_dir):  # a tokenizer.json extension of a byte-level base (Llama-3, Qwen-2.5)

@@ -79,9 +79,12 @@ def is_bytelevel(path: str | Path) -> bool:
         if not f.is_file():
             return False
         try:
-            return _has_bytelevel(json.loads(f.read_text(encoding="utf-8")).get("pre_tokenizer"))
+            obj = json.loads(f.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return not (p / "tokenizer.model").is_file()  # let the byte-level loader name what is wrong
+        if not isinstance(obj, dict):
+            return not (p / "tokenizer.model").is_file()
+        return _has_bytelevel(obj.get("pre_tokenizer"))
     return p.suffix == ".json"
 
 

@@ -86,6 +86,16 @@ def check_weight_files(model_dir: str | Path) -> dict:
     return shapes
 
 
+def _is_tiktoken_ranks(path: Path) -> bool:
+    """Meta's Llama-3 tokenizer.model is a tiktoken rank file ('base64 rank' lines), not a SentencePiece model."""
+    import re
+
+    with open(path, "rb") as f:
+        head = f.read(4096).split(b"\n")[:3]
+    lines = [ln for ln in head if ln]
+    return bool(lines) and all(re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+", ln) for ln in lines)
+
+
 def check_tokenizer_files(tok_dir: str | Path) -> None:
     from sentencepiece import sentencepiece_model_pb2
 
@@ -99,7 +109,7 @@ def check_tokenizer_files(tok_dir: str | Path) -> None:
     if tc.is_file():
         _json_object(tc, "tokenizer_config.json")
     tm = tok_dir / "tokenizer.model"
-    if tm.is_file():
+    if tm.is_file() and not _is_tiktoken_ranks(tm):
         import sentencepiece as spm
 
         data = tm.read_bytes()
