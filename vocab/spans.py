@@ -226,7 +226,7 @@ def count_spans(paths, cfg, stats: CorpusStats | None = None, num_proc: int = 0,
     if progress:
         # the bar below moves once per finished unit (and only on a terminal): say what is being done first
         print(f"[vocab] counting Chinese spans in {len(files)} file(s), {sum(unit_size) / 1e6:,.1f} MB in {len(units)} "
-              f"unit(s), {n} process(es)", flush=True)
+              f"unit(s), {n} process(es)", file=sys.stderr, flush=True)  # stdout may carry the JSON result
     bar = None
     if progress:
         from tqdm import tqdm
