@@ -15,7 +15,11 @@ stages' public names only (tests/test_import_rules.py). Modules, each with its p
     zhllama.overlap    refuse_overlap: no stage writes its output over, into, or around one of its inputs
     zhllama.modelfiles config.json, safetensors headers and tokenizer files checked (torch-free) before a library
                        loads them: a truncated or corrupt file is one named error
-    zhllama.trainer    run_training: the Trainer wrapper (collator required; resumable, seeded, whole-run loss)
+    zhllama.trainer    run_training: the Trainer wrapper (collator required; resumable, seeded, whole-run loss; the
+                       same model on any process count; weights gathered from every rank before the save)
+    zhllama.engine     the launched engine (DDP, DeepSpeed ZeRO, FSDP2): its config may not contradict the recipe
+                       (precision, batch, clipping), checked before weights load; FSDP2 for real on CPU
+    zhllama.weightcheck a saved adapter or model: no empty tensor, the base config's shapes
     zhllama.models     load/check/resize Hugging Face model folders, copy tokenizers; load_adapter_chain: the one
                        loader of base + adapters (lineage-checked) for sft and evaluation
     zhllama.losses     chunked_linear_cross_entropy: LM head + cross-entropy a chunk of rows at a time (sft, evaluation)
