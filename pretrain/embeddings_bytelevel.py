@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from zhllama.errors import UserError
-from zhllama.models import INITS, check_sizes, copy_tokenizer, load_model_dir, tokenizer_len
+from zhllama.models import INITS, check_sizes, copy_tokenizer, init_new_rows, load_model_dir, tokenizer_len
 
 
 def _load_json(p: Path) -> dict:
@@ -80,26 +80,6 @@ def merge_sources(tok_json: dict, first_new: int) -> list[list[int]]:
     return [expand(first_new + k) for k in range(n)]
 
 
-@torch.no_grad()
-def init_rows(model, first_new: int, n_new: int, init: str, sources: list[list[int]] | None, seed: int = 0) -> None:
-    """Rows first_new .. first_new + n_new of the input embeddings (and of an untied LM head)."""
-    mats = [model.get_input_embeddings().weight]
-    out_emb = model.get_output_embeddings()
-    if out_emb is not None and out_emb.weight.data_ptr() != mats[0].data_ptr():
-        mats.append(out_emb.weight)
-    gen = torch.Generator().manual_seed(seed)
-    std = getattr(model.config, "initializer_range", 0.02)
-    for w in mats:
-        base_rows = w[:first_new].float()
-        if init == "normal":
-            w[first_new:first_new + n_new] = (torch.randn(n_new, w.shape[1], generator=gen) * std).to(w.dtype)
-        elif init == "mean":
-            w[first_new:first_new + n_new] = base_rows.mean(0).to(w.dtype)
-        else:
-            for k, ids in enumerate(sources):
-                w[first_new + k] = base_rows[ids].mean(0).to(w.dtype)
-
-
 def resize_bytelevel(model_dir, tokenizer_dir, out_dir, init: str = "subword-mean", seed: int = 0) -> dict:
     from zhllama import runfolder
     from zhllama.runfolder import ensure_writable
@@ -131,7 +111,7 @@ def resize_bytelevel(model_dir, tokenizer_dir, out_dir, init: str = "subword-mea
         model.config.vocab_size = new_size
         if hasattr(model.config, "get_text_config"):
             model.config.get_text_config().vocab_size = new_size
-        init_rows(model, first, n_new, init, sources, seed)
+        init_new_rows(model, first, n_new, init, sources, seed)
         tied = bool(getattr(model.config, "tie_word_embeddings", False))
         if tied:
             model.tie_weights()

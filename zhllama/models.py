@@ -91,6 +91,30 @@ def check_sizes(model, model_dir, tok_len: int | None = None, tok_dir=None) -> N
 
 
 @torch.no_grad()
+def init_new_rows(model, first: int, n_new: int, init: str, sources: list[list[int]] | None = None, seed: int = 0):
+    """Rows first .. first + n_new of the input embeddings (and of an untied LM head): normal, the mean of the rows
+    before `first`, or (subword-mean) the mean of each new row's source ids (an empty list: the plain mean)."""
+    mats = [model.get_input_embeddings().weight]
+    out_emb = model.get_output_embeddings()
+    if out_emb is not None and out_emb.weight.data_ptr() != mats[0].data_ptr():
+        mats.append(out_emb.weight)
+    gen = torch.Generator().manual_seed(seed)
+    std = getattr(model.config, "initializer_range", 0.02)
+    for w in mats:
+        old_rows = w[:first].float()
+        if init == "normal":
+            w[first:first + n_new] = (torch.randn(n_new, w.shape[1], generator=gen) * std).to(w.dtype)
+        elif init == "mean":
+            w[first:first + n_new] = old_rows.mean(0).to(w.dtype)
+        else:
+            if sources is None or len(sources) != n_new:
+                raise ValueError("subword-mean needs one source id list per new row")
+            fallback = old_rows.mean(0)
+            for k, ids in enumerate(sources):
+                w[first + k] = (old_rows[ids].mean(0) if ids else fallback).to(w.dtype)
+
+
+@torch.no_grad()
 def resize_model(model, new_size: int, init: str, sources: list[list[int]] | None = None, seed: int = 0):
     if init not in INITS:
         raise UserError(f"--init {init!r}: choose one of {', '.join(INITS)}")
@@ -106,24 +130,7 @@ def resize_model(model, new_size: int, init: str, sources: list[list[int]] | Non
     if n_new == 0:
         return model
     tied = model.config.tie_word_embeddings if hasattr(model.config, "tie_word_embeddings") else False
-    mats = [model.get_input_embeddings().weight]
-    out_emb = model.get_output_embeddings()
-    if out_emb is not None and out_emb.weight.data_ptr() != mats[0].data_ptr():
-        mats.append(out_emb.weight)
-    gen = torch.Generator().manual_seed(seed)
-    std = getattr(model.config, "initializer_range", 0.02)
-    for w in mats:
-        old_rows = w[:old].float()
-        if init == "normal":
-            w[old:] = (torch.randn(n_new, w.shape[1], generator=gen) * std).to(w.dtype)
-        elif init == "mean":
-            w[old:] = old_rows.mean(0).to(w.dtype)
-        else:
-            if sources is None or len(sources) != n_new:
-                raise ValueError("subword-mean needs one source id list per new row")
-            fallback = old_rows.mean(0)
-            for k, ids in enumerate(sources):
-                w[old + k] = (old_rows[ids].mean(0) if ids else fallback).to(w.dtype)
+    init_new_rows(model, old, n_new, init, sources, seed)
     if tied:
         model.tie_weights()
     return model
