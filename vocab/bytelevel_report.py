@@ -8,12 +8,10 @@ Public API:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Callable
 
 from corpora.probes import ENGLISH, TABLE1
-from corpora.reader import iter_documents, list_corpus_files
 from vocab.spmodel import HAN_RE
 
 
@@ -78,27 +76,15 @@ def build_report(tokenizer, base, texts, compare: dict | None = None, max_lines:
     from vocab.bytelevel import ByteLevelBase, tokenizer_json_path, unreachable
     from tokenizers import Tokenizer
 
-    files = list_corpus_files(texts)
-    per_file: dict[str, list[str]] = {}
-    lines: list[str] = []
-    for f in files:
-        docs = list(islice(iter_documents(f), max_lines or None))
-        per_file[str(f)] = docs
-        lines.extend(docs)
+    from vocab.report import ratios_to_base, read_sample
+
+    per_file, lines = read_sample(texts, max_lines)
     encoders = {"base": load_encoder(base), "extended": load_encoder(tokenizer)}
     for name, p in (compare or {}).items():
         encoders[name] = load_encoder(p)
     encoded = {name: e.encode(lines) for name, e in encoders.items()}
     rows = {name: _stats(e, lines, encoded[name]) for name, e in encoders.items()}
-    base_tokens = rows["base"]["tokens"]
-    for r in rows.values():
-        r["ratio_to_base"] = round(r["tokens"] / max(1, base_tokens), 4)
-    by_file, start = {}, 0
-    for f, docs in per_file.items():
-        end = start + len(docs)
-        counts = {name: sum(len(x) for x in enc[start:end]) for name, enc in encoded.items()}
-        by_file[Path(f).name] = {n: round(c / max(1, counts["base"]), 4) for n, c in counts.items()}
-        start = end
+    by_file = ratios_to_base(rows, encoded, per_file)
     b = ByteLevelBase(base)
     ext = Tokenizer.from_file(str(tokenizer_json_path(tokenizer)))
     n_added = ext.get_vocab_size(with_added_tokens=True) - b.next_id
@@ -109,7 +95,7 @@ def build_report(tokenizer, base, texts, compare: dict | None = None, max_lines:
     return {
         "tokenizer": str(tokenizer),
         "base": str(base),
-        "texts": [str(f) for f in files],
+        "texts": list(per_file),
         "lines": len(lines),
         "vocab_size": {name: e.vocab_size for name, e in encoders.items()},
         "added_pieces": n_added,

@@ -77,6 +77,40 @@ def load_any(path: str | Path):
     return load_model(path, "tokenizer")
 
 
+def read_sample(texts, max_lines: int | None) -> tuple[dict[str, list[str]], list[str]]:
+    """The report's text: per file (and all together) its first max_lines documents, overlong lines cut."""
+    per_file: dict[str, list[str]] = {}
+    lines: list[str] = []
+    for f in list_corpus_files(texts):
+        # read only the lines used: a report on a large corpus must not hold whole files in memory, nor measure
+        # (jieba: ~30 s per M characters) more than REPORT_MAX_CHARS of one file when a sample was asked for
+        docs = []
+        chars = 0
+        for doc in islice(split_overlong(iter_documents(f)), max_lines or None):
+            if max_lines and docs and chars + len(doc) > REPORT_MAX_CHARS:
+                break
+            docs.append(doc)
+            chars += len(doc)
+        per_file[str(f)] = docs
+        lines.extend(docs)
+    return per_file, lines
+
+
+def ratios_to_base(rows: dict, encoded: dict, per_file: dict[str, list[str]]) -> dict:
+    """Sets rows[name]["ratio_to_base"] and returns {file name: {name: its tokens / the base's}} from the
+    encodings of the concatenated sample (each tokenizer encodes the text once)."""
+    base_tokens = rows["base"]["tokens"]
+    for r in rows.values():
+        r["ratio_to_base"] = round(r["tokens"] / max(1, base_tokens), 4)
+    by_file, start = {}, 0
+    for f, docs in per_file.items():
+        end = start + len(docs)
+        counts = {name: sum(len(e) for e in enc[start:end]) for name, enc in encoded.items()}
+        by_file[Path(f).name] = {n: round(c / max(1, counts["base"]), 4) for n, c in counts.items()}
+        start = end
+    return by_file
+
+
 def build_report(
     tokenizer: str | Path,
     base: str | Path,
@@ -89,36 +123,14 @@ def build_report(
 
     ext = load_any(tokenizer)
     base_m = load_any(base)
-    files = list_corpus_files(texts)
-    per_file: dict[str, list[str]] = {}
-    lines: list[str] = []
-    for f in files:
-        # read only the lines used: a report on a large corpus must not hold whole files in memory, nor measure
-        # (jieba: ~30 s per M characters) more than REPORT_MAX_CHARS of one file when a sample was asked for
-        docs = []
-        chars = 0
-        for doc in islice(split_overlong(iter_documents(f)), max_lines or None):
-            if max_lines and docs and chars + len(doc) > REPORT_MAX_CHARS:
-                break
-            docs.append(doc)
-            chars += len(doc)
-        per_file[str(f)] = docs
-        lines.extend(docs)
+    per_file, lines = read_sample(texts, max_lines)
     models = {"base": base_m, "extended": ext}
     for name, p in (compare or {}).items():
         models[name] = load_any(p)
     # each model encodes the text once; totals and the per-file ratios both come from it
     encoded = {name: processor(m).encode(lines, num_threads=0) for name, m in models.items()}
     rows = {name: _stats(m, lines, encoded[name]) for name, m in models.items()}
-    base_tokens = rows["base"]["tokens"]
-    for r in rows.values():
-        r["ratio_to_base"] = round(r["tokens"] / max(1, base_tokens), 4)
-    by_file, start = {}, 0
-    for f, docs in per_file.items():
-        end = start + len(docs)
-        counts = {name: sum(len(e) for e in enc[start:end]) for name, enc in encoded.items()}
-        by_file[Path(f).name] = {n: round(c / max(1, counts["base"]), 4) for n, c in counts.items()}
-        start = end
+    by_file = ratios_to_base(rows, encoded, per_file)
     table1 = {name: len(processor(m).encode(TABLE1)) for name, m in models.items()}
     n_base = len(base_m.pieces)
     base_set = {p.piece for p in base_m.pieces}
@@ -130,7 +142,7 @@ def build_report(
     report = {
         "tokenizer": str(tokenizer),
         "base": str(base),
-        "texts": [str(f) for f in files],
+        "texts": list(per_file),
         "lines": len(lines),
         "vocab_size": {name: len(m.pieces) for name, m in models.items()},
         "added_pieces": len(ext.pieces) - n_base if same_prefix else None,
