@@ -80,7 +80,9 @@ def test_vocab_ignores_binary_and_refuses_english(corpora, tiny_base, tmp_path):
     assert len(b["corpus"]["dropped_files"]["binary"]) == 2 and a["pieces"] == 300
     r = subprocess.run([sys.executable, "-m", "vocab", "build", "--base", str(tiny_base), "--corpus", str(corpora["en"]),
                         "--out", str(tmp_path / "en"), "--num-added", "300"], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 2 and "Chinese characters" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    # progress lines may come first (stderr); the error itself is one line, the last, and no traceback
+    errs = [l for l in r.stderr.strip().splitlines() if not l.startswith("[vocab] ")]
+    assert r.returncode == 2 and len(errs) == 1 and errs[0].startswith("error: ") and "Chinese characters" in errs[0]
     # a little Chinese among English: far fewer pieces than asked is an error, unless --allow-fewer
     mixed = tmp_path / "mixed.txt"
     mixed.write_text("\n".join(make_english_lines(800, 6) + corpora["lines"][:20]) + "\n", encoding="utf-8")
