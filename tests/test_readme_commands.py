@@ -1,4 +1,4 @@
-"""The README's commands are the ones that exist: every `python -m ...` line (and `accelerate launch ... -m ...`)
+"""The documented commands are the ones that exist: every `python -m ...` line of README.md and docs/*.md (and `accelerate launch ... -m ...`)
 runs with --help, and every flag it uses is in that help; `make help` names every target and variable."""
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from conftest import ROOT
 
 def readme_commands() -> dict[tuple[str, str], set[str]]:
     """(module, subcommand) -> the flags the README passes to it, over every mention."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8").replace("\\\n", " ")
+    docs = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
+    text = "\n".join(d.read_text(encoding="utf-8") for d in docs).replace("\\\n", " ")
     found: dict[tuple[str, str], set[str]] = {}
     for line in text.splitlines():
         for m in re.finditer(r"(?:python -m|accelerate launch [^`]*?-m) ([a-z_][a-z0-9_.]*)((?: [a-z][a-z0-9-]*)?)([^`|#]*)", line):
