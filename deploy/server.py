@@ -111,7 +111,7 @@ def create_app(backend, limits: Limits | None = None, api_key: str | None = None
     from starlette.requests import ClientDisconnect
 
     from deploy.engine import ModelRunner
-    from sft.template import check_messages
+    from zhllama.chat import check_messages
 
     limits = limits or Limits()
     app = FastAPI(title="zhllama", docs_url=None, redoc_url=None, openapi_url=None)

@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def _parser() -> argparse.ArgumentParser:
     from sft.generate import PRESETS
-    from sft.template import REGISTRY
+    from zhllama.chat import REGISTRY
 
     templates = ", ".join(REGISTRY)
     p = argparse.ArgumentParser(prog="python -m sft", description="Instruction tuning: LoRA SFT, merge, chat")
@@ -155,7 +155,7 @@ def main(argv=None):
         from pathlib import Path
 
         from sft.generate import chat, load, terminal_input
-        from sft.template import TEMPLATE_FILE
+        from zhllama.chat import TEMPLATE_FILE
         from zhllama.errors import UserError
 
         import signal

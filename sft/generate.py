@@ -1,6 +1,6 @@
 """Generation and interactive chat with a merged (or adapter) model, using the model's own template.
 
-The prompt is rendered by sft.template (the name recorded in the model folder) and tokenized alone,
+The prompt is rendered by zhllama.chat (the name recorded in the model folder) and tokenized alone,
 BOS included, exactly as sft.data tokenizes training prompts, so serving sees what training taught.
 Presets: paper = the paper's decoding (temperature 0.2, top-k 40, top-p 0.9, repetition penalty 1.1,
 the later value); paper-1.3 = the same with the early 1.3 penalty; hf = transformers' defaults with
@@ -25,7 +25,7 @@ def load(model_dir, base=None, dtype: str = "float32"):
     """(model, tokenizer, template name). An adapter folder is applied on its base (--base or its config)."""
     import torch
 
-    from sft.template import load_name
+    from zhllama.chat import load_name
     from zhllama.models import check_sizes, load_adapter_chain, load_model_dir, load_tokenizer
 
     d = Path(model_dir)
@@ -90,7 +90,7 @@ def generate(model, tok, prompt_text: str, preset: str = "paper", max_new_tokens
 
 
 def answer(model, tok, template: str, instruction: str, input: str = "", **kw) -> str:
-    from sft.template import get
+    from zhllama.chat import get
 
     return generate(model, tok, get(template).render(instruction, input), **kw)
 
@@ -158,7 +158,7 @@ def chat(model, tok, template: str, preset: str = "paper", max_new_tokens: int =
     import signal
     import threading
 
-    from sft.template import get
+    from zhllama.chat import get
 
     t = get(template)
     history: list[tuple[str, str]] = []

@@ -21,7 +21,7 @@ def chat_model(tiny_base, tmp_path_factory):
     import torch
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from sft.template import save_name
+    from zhllama.chat import save_name
     from vocab.hf_export import save_tokenizer_folder
     from vocab.spmodel import load_model
 
@@ -134,7 +134,7 @@ def test_context_drops_old_turns_then_refuses_a_message_that_cannot_fit(chat_mod
     from transformers import AutoTokenizer
 
     from sft.generate import MIN_ANSWER_TOKENS, TooLong, fit_prompt
-    from sft.template import get
+    from zhllama.chat import get
 
     tok = AutoTokenizer.from_pretrained(str(chat_model))
     t = get("chinese-alpaca")
