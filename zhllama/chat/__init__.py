@@ -8,6 +8,7 @@ render the same prompts; a stage imports it, never the other way round.
     zhllama.chat.registry  REGISTRY, get, DEFAULT: the named templates, byte-exact copies of their sources
     zhllama.chat.record    save_name, load_name, TEMPLATE_FILE, JINJA_FILE: the template recorded with a model folder
     zhllama.chat.stops     StopText (stop strings in streamed text), StopWhen (end generation on a flag)
+    zhllama.chat.context   fit_prompt, TooLong: a conversation and its answer budget within the model's context
 """
 from zhllama.chat.messages import ROLES, check_messages
 from zhllama.chat.record import JINJA_FILE, TEMPLATE_FILE, load_name, save_name
