@@ -165,7 +165,7 @@ def heldout_loss(model_dir: Path, adapter: Path | None, held: Path, max_length: 
 
     from zhllama.trainer import plain_eval_loss
     from sft.data import Collator, ExampleEncoder, encode_records, load_records
-    from sft.template import get
+    from zhllama.chat import get
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     enc = ExampleEncoder(tok, get("stanford-alpaca"), max_length)
@@ -187,7 +187,7 @@ def profile(model: Path, train: Path, a, steps: int = 4) -> None:
     from sft.data import Collator, ExampleEncoder, encode_records, load_records
     from sft.lora_dropout import use_fast_dropout
     from sft.packing import PackedCollator, packed_attention, selected_token_loss
-    from sft.template import get
+    from zhllama.chat import get
 
     tok = AutoTokenizer.from_pretrained(str(model))
     enc = ExampleEncoder(tok, get("stanford-alpaca"), a.max_length)

@@ -69,17 +69,15 @@ class TransformersBackend:
 
     def stream(self, ids: list[int], s: Sampling, should_stop: Callable[[], bool], outcome: Outcome) -> Iterator[str]:
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
 
-        class Stop(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kw):
-                return torch.full((input_ids.shape[0],), should_stop(), dtype=torch.bool, device=input_ids.device)
+        from zhllama.chat.stops import StopWhen
 
         streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
         kw = dict(max_new_tokens=s.max_tokens, do_sample=s.do_sample, repetition_penalty=s.repetition_penalty,
                   eos_token_id=self.tok.eos_token_id,
                   pad_token_id=self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id,
-                  streamer=streamer, stopping_criteria=StoppingCriteriaList([Stop()]))
+                  streamer=streamer, stopping_criteria=StoppingCriteriaList([StopWhen(should_stop)]))
         if s.do_sample:
             kw.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or None)
         else:

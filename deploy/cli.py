@@ -95,7 +95,7 @@ def main(argv=None):
     elif args.cmd == "template":
         from pathlib import Path
 
-        from sft.template import JINJA_FILE, load_name, save_name
+        from zhllama.chat import JINJA_FILE, load_name, save_name
         from zhllama.errors import UserError
 
         d = Path(args.model)

@@ -18,35 +18,9 @@ import anyio
 
 from deploy.api_schema import ApiError
 from deploy.backends import Outcome
+from zhllama.chat.stops import StopText
 
 log = logging.getLogger("zhllama.serve")
-
-
-class StopText:
-    """Cuts streamed text before the first stop string; holds back only a tail that could begin one."""
-
-    def __init__(self, stops: list[str]):
-        self.stops, self.buf, self.hit = stops, "", False
-
-    def feed(self, piece: str) -> str:
-        if not self.stops:
-            return piece
-        self.buf += piece
-        found = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
-        if found:
-            self.hit, out, self.buf = True, self.buf[:min(found)], ""
-            return out
-        hold = 0
-        for k in range(min(max(map(len, self.stops)) - 1, len(self.buf)), 0, -1):
-            if any(s.startswith(self.buf[-k:]) for s in self.stops):
-                hold = k
-                break
-        out, self.buf = self.buf[:len(self.buf) - hold], self.buf[len(self.buf) - hold:]
-        return out
-
-    def flush(self) -> str:
-        out, self.buf = self.buf, ""
-        return out
 
 
 class ModelRunner:

@@ -130,7 +130,7 @@ def default_name(model_dir: Path) -> str:
 
 
 def chat_template(model_dir: Path) -> str | None:
-    from sft.template import JINJA_FILE, TEMPLATE_FILE, get, load_name
+    from zhllama.chat import JINJA_FILE, TEMPLATE_FILE, get, load_name
 
     p = model_dir / JINJA_FILE
     if p.is_file():

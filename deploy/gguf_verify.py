@@ -50,7 +50,7 @@ def verify(gguf_path, model_dir, ftype: str, log=print) -> dict:
     from corpora.probes import probe_set
     from deploy.gguf_export import chat_template
     from sft.merge import PROBES
-    from sft.template import get, load_name
+    from zhllama.chat import get, load_name
 
     from vocab.bytelevel import is_bytelevel
 

@@ -166,7 +166,7 @@ def build_prompt(subject_shown: str, dev: list[Question], q: Question, shots: in
     text = header(subject_shown) + "".join(format_question(d, True) for d in dev[:shots])
     text += format_question(q, False, with_template)
     if with_template:
-        from sft.template import get
+        from zhllama.chat import get
 
         text = get(template).render(text)
     return text
@@ -345,7 +345,7 @@ def load_benchmark(data, cfg: ChoiceConfig, log=print) -> Benchmark:
     if cfg.method not in ("logits", "generate"):
         raise UserError(f"--method {cfg.method}: expected logits or generate")
     if cfg.template != "none":
-        from sft.template import get
+        from zhllama.chat import get
 
         get(cfg.template)
     data = Path(data)

@@ -119,7 +119,7 @@ def run_generate(a) -> int:
     spec = a.models[0]
     model, tok, template = load(spec, a.dtype, resolve_device(a.device))
     if a.template:
-        from sft.template import get
+        from zhllama.chat import get
 
         template = get(a.template).name
     rows = run(model, tok, template, prompts, a.out, spec.name, a.preset, a.max_new_tokens, a.seed, not a.no_progress)

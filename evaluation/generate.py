@@ -54,7 +54,7 @@ def _done(out: Path, model: str, preset: str) -> dict[str, dict]:
 
 def run(model, tok, template: str, prompts: list[dict], out, model_name: str, preset: str, max_new_tokens: int = 400,
         seed: int = 0, progress: bool = True) -> list[dict]:
-    from sft.template import get
+    from zhllama.chat import get
     from zhllama.runfolder import writing
 
     out = Path(out)

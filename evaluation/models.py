@@ -81,7 +81,7 @@ def load(spec: ModelSpec, dtype: str = "float32", device: str = "cpu"):
     import torch
 
     from sft.generate import load as load_folder
-    from sft.template import load_name
+    from zhllama.chat import load_name
 
     if not spec.adapters:
         model, tok, template = load_folder(spec.path, dtype=dtype)

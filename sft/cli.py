@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def _parser() -> argparse.ArgumentParser:
     from sft.generate import PRESETS
-    from sft.template import REGISTRY
+    from zhllama.chat import REGISTRY
 
     templates = ", ".join(REGISTRY)
     p = argparse.ArgumentParser(prog="python -m sft", description="Instruction tuning: LoRA SFT, merge, chat")
@@ -85,8 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--preset", default="paper", choices=list(PRESETS))
     c.add_argument("--max-new-tokens", type=int, default=512, help="longest answer (default: %(default)s)")
     c.add_argument("--context", type=int,
-                   help="tokens of conversation + answer: older turns are dropped to fit, a single message that "
-                        "cannot fit is refused (default: the model's max_position_embeddings)")
+                   help="tokens of conversation + answer: an answer gets what the conversation leaves (at most "
+                        "--max-new-tokens), the oldest turns are dropped only when too little is left, a single "
+                        "message that cannot fit is refused (default: the model's max_position_embeddings)")
 
     pl = sub.add_parser("plan", help="trainable parameters and batch arithmetic of a recipe's SFT")
     pl.add_argument("--vocab-size", type=int, help="default: base + added + [PAD] from the recipe")
@@ -155,7 +156,7 @@ def main(argv=None):
         from pathlib import Path
 
         from sft.generate import chat, load, terminal_input
-        from sft.template import TEMPLATE_FILE
+        from zhllama.chat import TEMPLATE_FILE
         from zhllama.errors import UserError
 
         import signal

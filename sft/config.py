@@ -19,7 +19,7 @@ __all__ = ["ALL_PROJ", "SFTConfig", "sft_config", "template_problems", "to_dict"
 
 
 def template_problems(c: SFTConfig, where: str = "sft") -> list[str]:
-    from sft.template import REGISTRY
+    from zhllama.chat import REGISTRY
 
     if c.template not in REGISTRY:
         return [f"{where}.template: {c.template!r} is not one of {', '.join(REGISTRY)}"]

@@ -37,7 +37,7 @@ from pathlib import Path
 from corpora.reader import has_lone_surrogate, parse_jsonl
 from zhllama.errors import UserError
 
-from sft.template import Template
+from zhllama.chat import Template
 
 IGNORE_INDEX = -100
 FIELDS = ("instruction", "input", "output")
@@ -221,7 +221,7 @@ class ExampleEncoder:
 
     def encode_conversation(self, messages: list[dict]) -> list[Encoded]:
         """Loss on every assistant turn: one example, or more when a prompt does not extend the tokens before it."""
-        from sft.template import check_messages
+        from zhllama.chat import check_messages
 
         msgs = check_messages(messages, need_last_assistant=True)
         kw = dict(bos=self.tok.bos_token or "", eos=self.tok.eos_token)

@@ -1,6 +1,6 @@
 """Generation and interactive chat with a merged (or adapter) model, using the model's own template.
 
-The prompt is rendered by sft.template (the name recorded in the model folder) and tokenized alone,
+The prompt is rendered by zhllama.chat (the name recorded in the model folder) and tokenized alone,
 BOS included, exactly as sft.data tokenizes training prompts, so serving sees what training taught.
 Presets: paper = the paper's decoding (temperature 0.2, top-k 40, top-p 0.9, repetition penalty 1.1,
 the later value); paper-1.3 = the same with the early 1.3 penalty; hf = transformers' defaults with
@@ -8,9 +8,11 @@ sampling; greedy = deterministic argmax (tests, reproducible demos).
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
+from zhllama.chat.context import MIN_ANSWER_TOKENS, TooLong, fit_prompt  # noqa: F401  (public here too)
 from zhllama.errors import UserError
 
 PRESETS = {
@@ -25,7 +27,7 @@ def load(model_dir, base=None, dtype: str = "float32"):
     """(model, tokenizer, template name). An adapter folder is applied on its base (--base or its config)."""
     import torch
 
-    from sft.template import load_name
+    from zhllama.chat import load_name
     from zhllama.models import check_sizes, load_adapter_chain, load_model_dir, load_tokenizer
 
     d = Path(model_dir)
@@ -55,18 +57,6 @@ def generation_kwargs(tok, preset: str, max_new_tokens: int, seed: int | None = 
     return kw
 
 
-class _StopFlag:
-    """A StoppingCriteria that ends generation after the current token once `flag` is set (by Ctrl-C in chat)."""
-
-    def __init__(self, flag):
-        self.flag = flag
-
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
-        return torch.full((input_ids.shape[0],), self.flag.is_set(), dtype=torch.bool)
-
-
 def generate(model, tok, prompt_text: str, preset: str = "paper", max_new_tokens: int = 400,
              seed: int | None = 0, stream: bool = False, stop=None) -> str:
     """Continue an already rendered prompt; returns the decoded new text only.
@@ -76,6 +66,8 @@ def generate(model, tok, prompt_text: str, preset: str = "paper", max_new_tokens
     import torch
     from transformers import StoppingCriteriaList, TextStreamer
 
+    from zhllama.chat.stops import StopWhen
+
     if seed is not None:
         torch.manual_seed(seed)
     ids = torch.tensor([tok(prompt_text)["input_ids"]])
@@ -83,14 +75,14 @@ def generate(model, tok, prompt_text: str, preset: str = "paper", max_new_tokens
     if stream:
         kw["streamer"] = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     if stop is not None:
-        kw["stopping_criteria"] = StoppingCriteriaList([_StopFlag(stop)])
+        kw["stopping_criteria"] = StoppingCriteriaList([StopWhen(stop.is_set)])
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 def answer(model, tok, template: str, instruction: str, input: str = "", **kw) -> str:
-    from sft.template import get
+    from zhllama.chat import get
 
     return generate(model, tok, get(template).render(instruction, input), **kw)
 
@@ -100,31 +92,26 @@ CHAT_HELP = """commands:
   /reset           forget the conversation so far
   /quit, /exit     leave (so do Ctrl-D and Ctrl-C at the prompt)
 Ctrl-C while an answer is being written stops that answer and returns to the prompt.
-Older turns are dropped when the conversation no longer fits --context tokens."""
-MIN_ANSWER_TOKENS = 16
+Earlier turns stay in the conversation while they fit --context tokens (an answer gets the tokens left);
+the oldest are dropped only when too little would be left for an answer."""
+STOPPED = "(stopped; this answer is not kept in the conversation)"
 
 
-class TooLong(UserError):
-    """A single message that cannot fit the context even without history."""
+@contextlib.contextmanager
+def ctrl_c_sets(stop):
+    """Within the block, Ctrl-C sets `stop` (the answer ends after its current token) instead of raising, however
+    often it is pressed. Off the main thread no handler can be installed, and the block is left as it is."""
+    import signal
+    import threading
 
-
-def fit_prompt(tok, template, history: list, message: str, max_new_tokens: int, context: int):
-    """(prompt, answer budget, turns dropped): the oldest turns go first; then the answer budget shrinks to what is
-    left, down to MIN_ANSWER_TOKENS; a message that leaves less than that is refused (TooLong)."""
-    dropped = 0
-    prompt = template.render_conversation(history, message)
-    n = len(tok(prompt)["input_ids"])
-    while history and n + max_new_tokens > context:
-        history.pop(0)
-        dropped += 1
-        prompt = template.render_conversation(history, message)
-        n = len(tok(prompt)["input_ids"])
-    budget = min(max_new_tokens, context - n)
-    if budget < min(MIN_ANSWER_TOKENS, max_new_tokens):
-        raise TooLong(f"this message is {n:,} tokens with the template; with --context {context:,} that leaves "
-                      f"{max(0, context - n)} for the answer (need {min(MIN_ANSWER_TOKENS, max_new_tokens)}): "
-                      "shorten it or raise --context")
-    return prompt, budget, dropped
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def terminal_input(prompt: str) -> str:
@@ -150,15 +137,15 @@ def terminal_input(prompt: str) -> str:
 
 def chat(model, tok, template: str, preset: str = "paper", max_new_tokens: int = 400, context: int = 2048,
          read=input, write=print) -> list[tuple[str, str]]:
-    """Multi-turn loop: turns are concatenated in the template; oldest turns are dropped past `context` tokens.
+    """Multi-turn loop: turns are concatenated in the template and kept while they fit `context` tokens
+    (zhllama.chat.context.fit_prompt: the answer gets what the prompt leaves, up to max_new_tokens).
 
     Ctrl-C during an answer stops it (the partial answer is not kept in the history) and returns to the prompt;
     Ctrl-C or Ctrl-D at the prompt ends the chat normally.
     """
-    import signal
     import threading
 
-    from sft.template import get
+    from zhllama.chat import get
 
     t = get(template)
     history: list[tuple[str, str]] = []
@@ -195,15 +182,16 @@ def chat(model, tok, template: str, preset: str = "paper", max_new_tokens: int =
             write(f"(answer limited to {budget} tokens by --context {context:,})")
         write("assistant> ", end="", flush=True) if write is print else write("assistant> ")
         stop = threading.Event()
-        on_main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, lambda *_: stop.set()) if on_main else None
-        try:
-            a = generate(model, tok, prompt, preset=preset, max_new_tokens=budget, seed=None, stream=True, stop=stop)
-        finally:
-            if on_main:
-                signal.signal(signal.SIGINT, previous)
-        if stop.is_set():
-            write("\n(stopped; this answer is not kept in the conversation)")
-            continue
+        # one answer, one stop notice: the notice is written while Ctrl-C still only sets the flag, so a second
+        # Ctrl-C then neither ends the chat nor stops anything again
+        with ctrl_c_sets(stop):
+            try:
+                a = generate(model, tok, prompt, preset=preset, max_new_tokens=budget, seed=None, stream=True,
+                             stop=stop)
+            except KeyboardInterrupt:   # an interrupt that arrived as an exception still only ends this answer
+                stop.set()
+            if stop.is_set():
+                write("\n" + STOPPED)
+                continue
         history.append((q, a.strip()))
     return history

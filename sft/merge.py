@@ -120,7 +120,7 @@ def load_adapter(path) -> Adapter:
     if vocab is not None and tok_len is not None and vocab != tok_len:
         raise UserError(f"{path}: its tokenizer has {tok_len:,} pieces but its embedding matrices have {vocab:,} rows "
                         "(mixing the 49,953 and 49,954 tokenizers?); the adapter and its tokenizer must come from the same run")
-    from sft.template import TEMPLATE_FILE, load_name
+    from zhllama.chat import TEMPLATE_FILE, load_name
 
     template = load_name(path) if (path / TEMPLATE_FILE).is_file() else None
     return Adapter(path, cfg, tensors, vocab, tok_len, template)
@@ -277,7 +277,7 @@ def merge(base, adapters, out, dtype: str = "float16", log=print, verify: bool =
     place (with result.json and manifest.json) only after it is complete and verified."""
     import torch
 
-    from sft.template import get, save_name
+    from zhllama.chat import get, save_name
     from zhllama import runfolder
     from zhllama.lineage import resolve_chain
     from zhllama.models import check_weight_files, read_config
@@ -331,7 +331,7 @@ def merge(base, adapters, out, dtype: str = "float16", log=print, verify: bool =
 
 
 def _probe_batch(tok, template_name: str):
-    from sft.template import get
+    from zhllama.chat import get
 
     t = get(template_name)
     return [tok(t.render(p))["input_ids"] for p in PROBES]
@@ -353,7 +353,7 @@ def verify_merge(base, adapters, merged, dtype: str, atol: float | None = None, 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sft.template import load_name
+    from zhllama.chat import load_name
     from zhllama.models import load_peft_chain
 
     merged = Path(merged)

@@ -8,7 +8,7 @@ from sft.data import IGNORE_INDEX, ExampleEncoder, load_records
 
 def preview(data, tokenizer_dir, template: str | None = None, n: int = 3, as_json: bool = False,
             max_length: int = 512, reference: bool = False, out=print) -> list[dict]:
-    from sft.template import get
+    from zhllama.chat import get
     from zhllama.models import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)

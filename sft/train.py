@@ -178,7 +178,7 @@ def _fit(model, tok, cfg, train_set, eval_set, out):
 
 
 def _save_adapter(trainer, stage: Path, model_dir: Path, tmpl_name: str) -> None:
-    from sft.template import save_name
+    from zhllama.chat import save_name
 
     from zhllama.weightcheck import check_weights
 
@@ -198,7 +198,7 @@ def _save_adapter(trainer, stage: Path, model_dir: Path, tmpl_name: str) -> None
 
 def train(model_dir, data, out, adapter=None, template=None, max_steps=None, recipe=None, overrides=None,
           eval_data=None, drop_invalid=False, resume=True, log=print) -> dict:
-    from sft.template import get
+    from zhllama.chat import get
     from sft.vocabcheck import check_vocab, prepare_tokenizer
     from zhllama import runfolder
     from zhllama.hashing import sha256_file

@@ -220,7 +220,7 @@ def chat_model(tiny_base, tmp_path_factory) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sft.template import save_name
+    from zhllama.chat import save_name
     from sft.vocabcheck import prepare_tokenizer
     from vocab.hf_export import save_tokenizer_folder
     from vocab.spmodel import load_model

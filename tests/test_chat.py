@@ -21,7 +21,7 @@ def chat_model(tiny_base, tmp_path_factory):
     import torch
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from sft.template import save_name
+    from zhllama.chat import save_name
     from vocab.hf_export import save_tokenizer_folder
     from vocab.spmodel import load_model
 
@@ -110,6 +110,7 @@ def test_ctrl_c_stops_the_answer_and_the_next_message_is_answered(chat_model):
     p.send(b"\x03")  # Ctrl-C at the empty prompt: a normal exit
     assert p.wait() == 0
     assert b"Traceback" not in p.out and b"rerun the same command" not in p.out
+    assert p.out.count(b"(stopped") == 1
 
 
 def test_ctrl_d_exits_0_help_lists_commands_and_missing_template_warns(chat_model, tmp_path):
@@ -134,7 +135,7 @@ def test_context_drops_old_turns_then_refuses_a_message_that_cannot_fit(chat_mod
     from transformers import AutoTokenizer
 
     from sft.generate import MIN_ANSWER_TOKENS, TooLong, fit_prompt
-    from sft.template import get
+    from zhllama.chat import get
 
     tok = AutoTokenizer.from_pretrained(str(chat_model))
     t = get("chinese-alpaca")
@@ -155,3 +156,113 @@ def test_context_drops_old_turns_then_refuses_a_message_that_cannot_fit(chat_mod
     hist = chat(model, tok2, tname, preset="greedy", max_new_tokens=8, context=256, read=lambda _: next(inputs),
                 write=lambda *a, **k: outs.append(" ".join(map(str, a))))
     assert hist == [] and any("not sent" in o for o in outs)
+
+
+def test_earlier_turns_are_kept_and_the_answer_gets_what_the_context_leaves(chat_model):
+    """Issue 24: with --max-new-tokens equal to the context (the default model: 512 and 512), reserving the whole
+    answer budget dropped every earlier turn. Turns now go only when the prompt leaves under MIN_ANSWER_TOKENS."""
+    from transformers import AutoTokenizer
+
+    from zhllama.chat import get
+    from zhllama.chat.context import MIN_ANSWER_TOKENS, fit_prompt
+
+    tok = AutoTokenizer.from_pretrained(str(chat_model))
+    t = get("chinese-alpaca")
+    turns = [("q1 " * 10, "a1 " * 10), ("q2 " * 10, "a2 " * 10)]
+    both = len(tok(t.render_conversation(turns, "now"))["input_ids"])
+    last = len(tok(t.render_conversation(turns[1:], "now"))["input_ids"])
+    assert both > last > len(tok(t.render("now"))["input_ids"])
+    history = list(turns)
+    prompt, budget, dropped = fit_prompt(tok, t, history, "now", 512, 512)
+    assert (dropped, history, budget) == (0, turns, 512 - both) and prompt == t.render_conversation(turns, "now")
+    # the boundary, token-exact: both turns stay while they leave MIN_ANSWER_TOKENS, one token less drops the oldest
+    history = list(turns)
+    assert fit_prompt(tok, t, history, "now", 512, both + MIN_ANSWER_TOKENS)[1:] == (MIN_ANSWER_TOKENS, 0)
+    history = list(turns)
+    prompt, budget, dropped = fit_prompt(tok, t, history, "now", 512, both + MIN_ANSWER_TOKENS - 1)
+    assert (dropped, history, budget) == (1, turns[1:], both + MIN_ANSWER_TOKENS - 1 - last)
+    assert prompt == t.render_conversation(turns[1:], "now")
+
+
+def test_chat_sends_earlier_turns_with_a_clipped_answer_budget(chat_model, tmp_path, monkeypatch):
+    """The chat loop itself, on the tiny model with the default model's numbers (--max-new-tokens 512, context 512):
+    the second question is sent after the first turn, and generation gets exactly the tokens the prompt leaves."""
+    import torch
+
+    import sft.generate as g
+    from zhllama.chat import get
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(chat_model, model_dir)
+    (model_dir / "generation_config.json").unlink()  # no forced answer length
+    model, tok, tname = g.load(model_dir)
+    # a model that answers briefly, as a tuned one does: its LM head always prefers EOS (the random one never ends)
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[tok.eos_token_id] = 1.0
+    model.lm_head = head
+    calls = []
+    real = g.generate
+
+    def recording(model, tok, prompt, **kw):
+        calls.append((prompt, kw["max_new_tokens"]))
+        return real(model, tok, prompt, **kw)
+
+    monkeypatch.setattr(g, "generate", recording)
+    outs = []
+    inputs = iter(["first question", "second question", "/quit"])
+    hist = g.chat(model, tok, tname, preset="greedy", max_new_tokens=512, context=512,
+                  read=lambda _: next(inputs), write=lambda *a, **k: outs.append(" ".join(map(str, a))))
+    t = get(tname)
+    assert hist == [("first question", ""), ("second question", "")]
+    first, second = t.render("first question"), t.render_conversation(hist[:1], "second question")
+    assert calls == [(first, 512 - len(tok(first)["input_ids"])), (second, 512 - len(tok(second)["input_ids"]))]
+    assert not any("dropped" in o for o in outs)
+
+
+def test_ctrl_c_during_an_answer_prints_one_stop_notice_and_the_chat_goes_on(chat_model, monkeypatch):
+    """Issue 24: one Ctrl-C outcome per answer. A Ctrl-C (or two) during an answer, one while the notice is being
+    written, and an interrupt that arrives as KeyboardInterrupt all stop only that answer, with one notice each."""
+    import signal
+
+    import sft.generate as g
+
+    answers = iter(["ctrl-c twice", "keyboard interrupt", "kept answer"])
+
+    def fake_generate(model, tok, prompt, stop=None, **kw):
+        how = next(answers)
+        if how == "ctrl-c twice":
+            os.kill(os.getpid(), signal.SIGINT)   # a terminal's Ctrl-C, twice, while the answer is written
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)                      # let Python run the handlers
+            assert stop.is_set()
+            return "partial"
+        if how == "keyboard interrupt":
+            raise KeyboardInterrupt
+        return how
+
+    monkeypatch.setattr(g, "generate", fake_generate)
+    outs = []
+
+    def write(*a, **k):
+        text = " ".join(map(str, a))
+        outs.append(text)
+        if "(stopped" in text and outs.count(text) == 1:
+            os.kill(os.getpid(), signal.SIGINT)   # one more Ctrl-C while the notice is written
+            time.sleep(0.05)
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(chat_model))
+    inputs = iter(["q1", "q2", "q3", "/quit"])
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        hist = g.chat(None, tok, "chinese-alpaca", preset="greedy", max_new_tokens=8, context=256,
+                      read=lambda _: next(inputs), write=write)
+    except KeyboardInterrupt:
+        pytest.fail(f"a Ctrl-C during an answer ended the chat; output: {outs}")
+    assert hist == [("q3", "kept answer")]
+    assert sum("(stopped" in o for o in outs) == 2          # one per stopped answer
+    assert signal.getsignal(signal.SIGINT) is before     # Ctrl-C at the prompt ends the chat again

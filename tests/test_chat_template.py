@@ -1,10 +1,10 @@
-"""The chat template travels with the model: Jinja == sft.template byte for byte, and multi-turn SFT masks."""
+"""The chat template travels with the model: Jinja == zhllama.chat byte for byte, and multi-turn SFT masks."""
 from __future__ import annotations
 
 import pytest
 
 from sft.data import IGNORE_INDEX, ContinuationEncoder, ExampleEncoder, Record
-from sft.template import JINJA_FILE, REGISTRY, get, save_name
+from zhllama.chat import JINJA_FILE, REGISTRY, get, save_name
 from zhllama.errors import UserError
 
 U, A, S = "user", "assistant", "system"

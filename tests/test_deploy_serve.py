@@ -98,7 +98,7 @@ def test_chat_answer_equals_sft_generate_plain_and_streamed(client, backend, sft
 
 def test_completions_continue_the_raw_prompt(client, backend, chat_model):
     from sft.generate import generate
-    from sft.template import get
+    from zhllama.chat import get
 
     prompt = get("chinese-alpaca").render(Q)
     want = generate(backend.model, backend.tok, prompt, preset="greedy", max_new_tokens=16)
@@ -112,7 +112,7 @@ def test_completions_continue_the_raw_prompt(client, backend, chat_model):
 
 def test_multiturn_prompt_is_the_models_chat_template(client, backend):
     from sft.generate import generate
-    from sft.template import get
+    from zhllama.chat import get
 
     msgs = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}, {"role": "user", "content": Q}]
     want = generate(backend.model, backend.tok, get("chinese-alpaca").render_conversation([("你好", "你好！")], Q),

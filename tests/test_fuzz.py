@@ -196,7 +196,7 @@ message = st.one_of(
 @FUZZ
 @given(name=st.sampled_from(TEMPLATES), q=any_text, inp=any_text, history=st.lists(st.tuples(any_text, any_text), max_size=3))
 def test_templates_render_verbatim(name, q, inp, history):
-    from sft.template import get
+    from zhllama.chat import get
 
     t = get(name)
     r = t.render(q, inp)
@@ -213,7 +213,7 @@ def test_templates_render_verbatim(name, q, inp, history):
 @given(name=st.sampled_from(TEMPLATES), messages=st.one_of(st.lists(message, max_size=5), json_value),
        agp=st.booleans())
 def test_any_message_list_renders_or_is_a_named_error(name, messages, agp):
-    from sft.template import get
+    from zhllama.chat import get
 
     try:
         out = get(name).render_messages(messages, add_generation_prompt=agp)
@@ -228,7 +228,7 @@ def test_any_message_list_renders_or_is_a_named_error(name, messages, agp):
 @FUZZ
 @given(name=st.one_of(any_text, st.none()))
 def test_template_names_are_known_or_a_named_error(name):
-    from sft.template import REGISTRY, get
+    from zhllama.chat import REGISTRY, get
 
     try:
         assert get(name).name == (name or "chinese-alpaca")

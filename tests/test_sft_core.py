@@ -10,7 +10,7 @@ import pytest
 from conftest import save_tiny_llama
 
 from sft.data import IGNORE_INDEX, Collator, ExampleEncoder, encode_records, load_records
-from sft.template import REGISTRY, get
+from zhllama.chat import REGISTRY, get
 from zhllama.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

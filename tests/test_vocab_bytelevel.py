@@ -272,7 +272,7 @@ def test_gguf_writes_the_extended_bytelevel_vocabulary(data_dir, llama3_run, tmp
 
     from deploy.gguf_bytelevel import pre_tokenizer_name
     from deploy.gguf_export import export
-    from sft.template import save_name
+    from zhllama.chat import save_name
     from sft.vocabcheck import prepare_tokenizer
 
     model = _tiny_model("llama", 128256 + N_ADDED, False, tmp_path / "m", llama3_run)

@@ -12,6 +12,10 @@ stages' public names only (tests/test_import_rules.py). Modules, each with its p
                        lock, decide (up to date / resume / start over / refuse), staging + publish, finish; a failed
                        run leaves no partial output and the previous result in place; lock_file / atomic_file /
                        writing for single output files (unique temp names, full disk = a named error)
+    zhllama.chat       the chat layer sft, evaluation, deploy and bench share: conversations, prompt templates
+                       (registry, rendering, the Jinja twin, the record beside a model), stop handling, fitting a
+                       conversation and its answer into the context
+    zhllama.writes     writing / atomic_file: a failed write is one named error and never half a file
     zhllama.overlap    refuse_overlap: no stage writes its output over, into, or around one of its inputs
     zhllama.modelfiles config.json, safetensors headers and tokenizer files checked (torch-free) before a library
                        loads them: a truncated or corrupt file is one named error

@@ -36,7 +36,7 @@ def library_versions() -> dict:
 def write_json(path: str | Path, obj) -> None:
     """Write JSON atomically so an interrupted run never leaves a half-written file (a unique temporary name:
     two writers of one file never share one; a full disk is a UserError naming the file)."""
-    from zhllama.runfolder import atomic_file
+    from zhllama.writes import atomic_file
 
     text = json.dumps(obj, ensure_ascii=False, indent=2) + "\n"
     with atomic_file(path) as tmp:

@@ -161,7 +161,7 @@ class PretrainConfig:
 
 @dataclass
 class SFTConfig(Steps):
-    template: str = setting("chinese-alpaca", "prompt template (sft.template registry)")
+    template: str = setting("chinese-alpaca", "prompt template (zhllama.chat registry)")
     max_length: int = setting(512, "tokens per example (prompt + answer)", ge=8)
     learning_rate: float = setting(1e-4, "peak learning rate", gt=0)
     global_batch_size: int = setting(512, "sequences per optimizer step, reached by gradient accumulation", ge=1,

@@ -61,6 +61,7 @@ from pathlib import Path
 
 from zhllama.errors import UserError
 from zhllama.procs import pid_alive
+from zhllama.writes import atomic_file, writing  # noqa: F401  (part of this module's API, see above)
 
 CONFIG = "resolved_config.json"
 RESULT = "result.json"
@@ -73,8 +74,6 @@ _HELD: dict[str, int] = {}  # folders this process holds the lock of (the CLI lo
 _PUBLISHED: set[str] = set()  # folders whose artefacts this process has started to replace
 _STAGED: set[str] = set()     # folders whose run stages its artefacts (nothing final is touched before publish)
 _BEGUN: dict[str, bool] = {}  # folders begin() wrote a resolved_config.json into -> whether one was there before
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 def _is_main() -> bool:
@@ -175,55 +174,6 @@ def _abandon(out: Path) -> None:
         shutil.rmtree(prev, ignore_errors=True)
     elif key in _BEGUN and not _BEGUN[key]:
         (out / CONFIG).unlink(missing_ok=True)
-
-
-def _write_error(e: BaseException) -> str | None:
-    """Why a write failed, when it failed for want of space or permission (OSError, or a library's wrapped one)."""
-    if isinstance(e, OSError):
-        if e.errno is None and "requested and" in str(e):  # numpy's short write: the disk filled up
-            return f"No space left on device ({e})"
-        return e.strerror or str(e) or type(e).__name__
-    msg = str(e)
-    if type(e).__name__ == "SafetensorError" and "I/O error" in msg:  # safetensors wraps the OS error in its own
-        return msg.split("I/O error:", 1)[1].split("(os error")[0].strip()
-    return None
-
-
-@contextlib.contextmanager
-def writing(path):
-    """Around writes into PATH (a file, or a folder being filled): a full disk or a read-only or forbidden output
-    becomes one UserError naming PATH instead of a traceback from deep inside the library that wrote."""
-    try:
-        yield
-    except Exception as e:
-        why = _write_error(e)
-        if why is None:
-            raise
-        raise UserError(f"{path}: cannot write ({why}); nothing was published - free space or choose another "
-                        "output") from None
-
-
-@contextlib.contextmanager
-def atomic_file(path):
-    """Yield a unique temporary path beside PATH; rename it onto PATH if the block succeeds, else remove it.
-
-    Unique names let two writers of one file never write into the same temporary file; OSError at any write
-    (full disk, read-only folder) becomes one UserError naming PATH."""
-    import tempfile
-
-    path = Path(path)
-    with writing(path):
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; the file gets the mode open() would have given it
-        os.close(fd)
-    tmp = Path(tmp)
-    try:
-        with writing(path):
-            yield tmp
-            os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 def ensure_writable(out_dir) -> None:

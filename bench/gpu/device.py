@@ -191,7 +191,7 @@ def sft_data_stats(alpaca: Path, tok_dir: Path, recipe_name: str) -> dict:
     from zhllama.recipe import load_recipe
     from sft.config import sft_config
     from sft.data import ExampleEncoder, encode_records, load_records
-    from sft.template import get
+    from zhllama.chat import get
 
     rec = load_recipe(recipe_name)
     cfg = sft_config(rec.sft)

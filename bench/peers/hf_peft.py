@@ -36,7 +36,7 @@ def main() -> int:
     from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
                               TrainingArguments)
 
-    from sft.template import get
+    from zhllama.chat import get
 
     tmpl = get(a.template)
     tok = AutoTokenizer.from_pretrained(a.model)

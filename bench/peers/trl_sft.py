@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.peers.args import peer_args, write_result  # noqa: E402
-from sft.template import get  # noqa: E402  (pure Python: the same Alpaca prompt strings)
+from zhllama.chat import get  # noqa: E402  (pure Python: the same Alpaca prompt strings)
 
 
 def main() -> int:

@@ -480,7 +480,7 @@ def test_stop_strings_cut_the_answer_and_finish_with_stop(srv, backend):
     c = post(srv, dict(body, stop=["\u0007never\u0007"])).json()["choices"][0]
     assert (c["message"]["content"], c["finish_reason"]) == (full, "length")
     # /v1/completions too
-    from sft.template import get
+    from zhllama.chat import get
 
     prompt = get("chinese-alpaca").render(Q)
     whole = post(srv, {"prompt": prompt, "max_tokens": 24, "temperature": 0}, path="/v1/completions").json()
