@@ -4,7 +4,7 @@ Public API:
     SFTConfig, ALL_PROJ                     re-exported from zhllama.recipe
     sft_config(section=None, overrides=None, where="recipe sft") -> SFTConfig
         a copy of the section (default: SFTConfig()) with {field: value} overrides, validated (UserError
-        listing every problem); the template must be in sft.template's registry
+        listing every problem); the template must be in zhllama.chat's registry
     to_dict(cfg) -> dict
 """
 from __future__ import annotations
