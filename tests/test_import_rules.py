@@ -59,9 +59,6 @@ EXTRA_DIRS = ("bench", "tests")
 # cycles known and left to their owners' branches, each an exact set of modules
 KNOWN_CYCLES = [
     {"vocab.extend", "vocab.spans", "vocab.train"},  # issue 24: removed by the datatrove branch
-    # issue 24: corpora.sample.main -> vocab.llama3_tiktoken.fetch -> corpora.sample.default_dir/pip_download;
-    # both files belong to the datatrove branch (corpora/, vocab/), which moves the download helpers out
-    {"corpora.sample", "vocab.llama3_tiktoken"},
 ]
 
 

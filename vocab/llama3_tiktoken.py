@@ -91,7 +91,7 @@ def convert(rank_file: str | Path, out_dir: str | Path) -> Path:
 
 def fetch(root: str | Path | None = None) -> Path:
     """root/llama3/: Meta's rank file from the `llama-models` wheel (pip download, cached) and its tokenizer.json."""
-    from corpora.sample import default_dir, pip_download
+    from zhllama.pypi_files import default_dir, pip_download
 
     root = Path(root or default_dir())
     out = root / "llama3"
