@@ -51,7 +51,8 @@ def _add_options(p: argparse.ArgumentParser, defaults: bool, skip=()) -> None:
         if f.name == "sets":
             p.add_argument("--set", dest="sets", action="append", default=None, metavar="SECTION.KEY=VALUE",
                            help="override a recipe field for every stage, e.g. --set pretrain.phase1.learning_rate=5e-3 "
-                                "(repeatable)" + ("" if defaults else "; replaces the recorded ones"))
+                                "(repeatable)" + ("" if defaults else "; added to the recorded ones: what would a rerun with this "
+                                                                 "change redo?"))
             continue
         flag = "--" + f.name.replace("_", "-")
         d = getattr(base, f.name)
@@ -115,10 +116,13 @@ def _main(argv) -> int:
     if a.cmd == "run":
         return pipeline.run(_options(a), only=a.stages)
     recorded = load_state(a.run_dir).get("options") or {}
+    extra, a.sets = a.sets or [], None
     o = _options(a, recorded)
+    o.sets = list(o.sets) + extra
     o.run = a.run_dir
     rows = pipeline.status(o)
-    print(f"{o.run} (recipe {o.recipe}{''.join(' --set ' + x for x in o.sets)})"
+    sets = f", {len(o.sets)} --set override{'s' if len(o.sets) > 1 else ''}" if o.sets else ""
+    print(f"{o.run} (recipe {o.recipe}{sets})"
           + ("" if recorded else "; not made by zhllama run, default options assumed"))
     width = max(len(r[0]) for r in rows)
     for name, st, why in rows:

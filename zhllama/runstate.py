@@ -88,12 +88,18 @@ def _norm(obj):
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 
+def _portable(argv, run: Path) -> list:
+    """The command with the run folder written {RUN}: a run folder moved or named otherwise keeps its record."""
+    r = str(run)
+    return [("{RUN}" + a[len(r):]) if a == r or a.startswith(r + "/") else a for a in argv]
+
+
 def record(run, state: dict, step, recipe) -> None:
     run = Path(run)
     state["seq"] = int(state.get("seq", 0)) + 1
     state["steps"][step.name] = {
         "seq": state["seq"],
-        "argv": list(step.argv),
+        "argv": _portable(step.key(), run),
         "recipe": _norm(_sections(recipe.to_dict(), step.sections)),
         "inputs": {i: _files_signature(Path(i)) for i in step.inputs},
         "outputs": {o: _output_signature(run, o) for o in step.outputs},
@@ -117,15 +123,17 @@ def _own(run: Path, step, rec) -> tuple[str, str]:
                 return "stale", f"{p}: its files were changed after the run that wrote them"
     if rec is None:
         return "stale", f"no record of the command that made {run / step.outputs[0]} in {run / STATE}"
-    if rec.get("argv") != list(step.argv):
-        return "stale", "command changed: " + _argv_diff(rec.get("argv") or [], list(step.argv))
+    argv = _portable(step.key(), run)
+    if rec.get("argv") != argv:
+        return "stale", "command changed: " + _argv_diff(rec.get("argv") or [], argv)
     return "done", ""
 
 
 def _argv_diff(old: list, new: list) -> str:
-    gone = [a for a in old if a not in new]
-    added = [a for a in new if a not in old]
-    parts = ([f"now {' '.join(added)}"] if added else []) + ([f"was {' '.join(gone)}"] if gone else [])
+    gone = list(dict.fromkeys(a for a in old if a not in new))
+    added = list(dict.fromkeys(a for a in new if a not in old))
+    cut = lambda xs: " ".join(xs[:3]) + (f" (+{len(xs) - 3} more)" if len(xs) > 3 else "")  # noqa: E731
+    parts = ([f"now {cut(added)}"] if added else []) + ([f"was {cut(gone)}"] if gone else [])
     return "; ".join(parts) or "argument order"
 
 

@@ -67,6 +67,15 @@ class Step:
     inputs: tuple = ()             # files/folders from outside the run folder it reads
     stdout_to: str | None = None   # RUN-relative file the command's standard output is written to
     checked: bool = True           # False: prints only (the answers after SFT), runs whenever its stage runs
+    recipe_args: tuple = ()        # the --recipe/--set part of argv: judged by the recipe values it gives, not as text
+
+    def key(self) -> list:
+        """argv without its recipe_args: what must be unchanged for the output to stay valid."""
+        a, r = list(self.argv), list(self.recipe_args)
+        for i in range(len(a) - len(r) + 1):
+            if r and a[i:i + len(r)] == r:
+                return a[:i] + a[i + len(r):]
+        return a
 
 
 @dataclass
@@ -106,13 +115,13 @@ def stages(o: Options, recipe) -> list[Stage]:
         Step("vocab", ["vocab", "build", *rec, "--base", o.base_tokenizer, "--corpus", corpus, "--out", r("vocab"),
                        *_split(o.vocab_args)],
              outputs=("vocab",), artefacts=("tokenizer.json",), after=("corpus",), sections=("vocab",),
-             inputs=(o.base_tokenizer,)),
+             inputs=(o.base_tokenizer,), recipe_args=tuple(rec)),
     ])
     pre = []
     if not o.base_model:
         pre.append(Step("pretrain/base", ["pretrain", "init", *rec, "--tokenizer", o.base_tokenizer, "--out", base],
                         outputs=("pretrain/base",), artefacts=("config.json",), sections=("model",),
-                        inputs=(o.base_tokenizer,)))
+                        inputs=(o.base_tokenizer,), recipe_args=tuple(rec)))
     pre.append(Step("pretrain/resized", ["pretrain", "resize", "--model", base, "--tokenizer", r("vocab"),
                                          "--out", r("pretrain", "resized")],
                     outputs=("pretrain/resized",), artefacts=("config.json",),
@@ -123,11 +132,13 @@ def stages(o: Options, recipe) -> list[Stage]:
         pre.append(Step("pretrain/phase1", ["pretrain", "phase1", *rec, "--model", r("pretrain", "resized"),
                                             "--out", r("pretrain", "phase1"), *train],
                         outputs=("pretrain/phase1",), artefacts=("config.json",),
-                        after=("corpus", "pretrain/resized"), sections=("model", "pretrain", "-pretrain.phase2")))
+                        after=("corpus", "pretrain/resized"), sections=("model", "pretrain", "-pretrain.phase2"),
+                        recipe_args=tuple(rec)))
     pre.append(Step("pretrain/phase2", ["pretrain", "phase2", *rec, "--model", sftb, "--out", r("pretrain", "phase2"),
                                         *train],
                     outputs=("pretrain/phase2",), artefacts=("adapter_model.safetensors",),
-                    after=("corpus",) + phase2_after, sections=("model", "pretrain", "-pretrain.phase1")))
+                    after=("corpus",) + phase2_after, sections=("model", "pretrain", "-pretrain.phase1"),
+                    recipe_args=tuple(rec)))
     sft = Stage("sft", "sft (convert, train, merge, answers)", [
         Step("sft/data.json", ["corpora", "instructions", "--input", o.sft_data, "--out", r("sft", "data.json")],
              outputs=("sft/data.json",), inputs=(o.sft_data,)),
@@ -135,7 +146,7 @@ def stages(o: Options, recipe) -> list[Stage]:
                              "--data", r("sft", "data.json"), "--out", r("sft", "adapter"), "--restart-if-changed",
                              *_split(o.sft_args)],
              outputs=("sft/adapter",), artefacts=("adapter_model.safetensors",),
-             after=("sft/data.json", "pretrain/phase2"), sections=("model", "sft")),
+             after=("sft/data.json", "pretrain/phase2"), sections=("model", "sft"), recipe_args=tuple(rec)),
         Step("sft/merged", ["sft", "merge", "--base", sftb, "--adapter", r("pretrain", "phase2"),
                             "--adapter", r("sft", "adapter"), "--out", r("sft", "merged"), "--dtype", dtype],
              outputs=("sft/merged",), artefacts=("config.json",), after=("sft/adapter",)),
