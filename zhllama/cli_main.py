@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import os
 import sys
 
 from zhllama.errors import cli_entry
 
-# zhllama SUBCOMMAND -> the stage package whose cli.main it forwards to
+# zhllama SUBCOMMAND -> the stage package it runs as `python -m PACKAGE`
 FORWARD = {
     "corpora": ("corpora", "prepare raw text, convert instruction data"),
     "vocab": ("vocab", "build the extended tokenizer (train, merge, report)"),
@@ -100,11 +99,12 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _forward(name: str, argv: list) -> int:
-    module, _ = FORWARD[name]
-    if module == "pretrain":
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as python -m pretrain does
-    return importlib.import_module(f"{module}.cli").main(argv)
+def _forward(name: str, argv: list):
+    """Become `python -m STAGE ARGS...` (same process id, terminal, signals and exit status): the core imports no
+    stage (tests/test_import_rules.py), and `zhllama vocab ...` is exactly `python -m vocab ...`."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", FORWARD[name][0], *argv])
 
 
 @cli_entry

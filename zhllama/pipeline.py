@@ -142,12 +142,13 @@ def run(o: Options, only=()) -> int:
         state["options"] = o.to_dict()
         write_json(runpath / runstate.STATE, state)
         n = len(graph)
+        t_all, ran_stages = time.time(), []
         for i, stage in enumerate(graph, 1):
             st, why = runstate.stage_status(stage, runstate.evaluate(runpath, graph, recipe, state))
             if st == "done":
                 print(f"[{i}/{n}] {stage.name}: up to date", flush=True)
                 continue
-            print(f"[{i}/{n}] {stage.name}: {st} ({why}); running", flush=True)
+            print(f"[{i}/{n}] {stage.name}: running ({why})", flush=True)
             t0 = time.time()
             ran = []
             for step in stage.steps:
@@ -165,4 +166,7 @@ def run(o: Options, only=()) -> int:
             if stage.name != "report":
                 _write_timings(runpath, stage.timing, dt)
             print(f"[{i}/{n}] {stage.name}: done in {dt:.0f} s ({', '.join(ran)})", flush=True)
+            ran_stages.append(stage.name)
+        print(f"{runpath}: done in {time.time() - t_all:.0f} s (ran {', '.join(ran_stages)}; up to date: "
+              f"{', '.join(s.name for s in graph if s.name not in ran_stages) or 'none'})", flush=True)
     return 0
