@@ -156,9 +156,10 @@ def run(o: Options, only=()) -> int:
                     continue
                 rc = _run_step(runpath, step)
                 if rc:
-                    print(f"[{i}/{n}] {stage.name}: failed at {step.name} (exit {rc}); what finished is kept - fix the "
+                    how = f"killed by signal {-rc}" if rc < 0 else f"exit {rc}"
+                    print(f"[{i}/{n}] {stage.name}: failed at {step.name} ({how}); what finished is kept - fix the "
                           "problem above and run again", file=sys.stderr, flush=True)
-                    return rc
+                    return 128 - rc if rc < 0 else rc  # a shell's status for a process killed by a signal
                 ran.append(step.name)
                 if step.checked:
                     runstate.record(runpath, state, step, recipe)
