@@ -66,15 +66,14 @@ def _check_inputs(o: Options, graph) -> None:
         rc = subprocess.call([sys.executable, "-m", "corpora.sample"])
         if rc:
             raise UserError(f"python -m corpora.sample failed (exit {rc}); pass --base-tokenizer and --corpus")
-    flags = {"base_tokenizer": "--base-tokenizer", "sft_data": "--sft-data", "sft_prompts": "--sft-prompts",
-             "base_model": "--base-model", "eval_text": "--eval-text"}
+    flags = {"base_tokenizer": "--base-tokenizer", "corpus": "--corpus", "sft_data": "--sft-data",
+             "sft_prompts": "--sft-prompts", "base_model": "--base-model", "eval_text": "--eval-text"}
+    several = ("corpus", "sft_data", "eval_text")  # space-separated lists of paths
     for name, flag in flags.items():
         v = getattr(o, name)
-        if v and not Path(v).exists():
-            raise UserError(f"{flag} {v}: no such file or folder")
-    for c in shlex.split(o.corpus) or [o.corpus]:
-        if not Path(c).exists():
-            raise UserError(f"--corpus {c}: no such file or folder")
+        for p in (shlex.split(v) or [v]) if name in several else [v]:
+            if p and not Path(p).exists():
+                raise UserError(f"{flag} {p}: no such file or folder")
 
 
 def _run_step(run: Path, step) -> int:

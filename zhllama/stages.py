@@ -103,7 +103,7 @@ def stages(o: Options, recipe) -> list[Stage]:
     p1 = recipe.pretrain.phase1.enabled
     sftb = str(sft_base(run, recipe))
     dtype = o.sft_dtype or ("float32" if recipe.name in SMALL_RECIPES else "float16")
-    eval_text = o.eval_text or r("corpus", "heldout")
+    eval_text = _split_paths(o.eval_text) if o.eval_text else [r("corpus", "heldout")]
     phase2_after = ("pretrain/phase1",) if p1 else ("pretrain/resized",)
 
     prepare = Stage("prepare", "prepare", [
@@ -140,8 +140,9 @@ def stages(o: Options, recipe) -> list[Stage]:
                     after=("corpus",) + phase2_after, sections=("model", "pretrain", "-pretrain.phase1"),
                     recipe_args=tuple(rec)))
     sft = Stage("sft", "sft (convert, train, merge, answers)", [
-        Step("sft/data.json", ["corpora", "instructions", "--input", o.sft_data, "--out", r("sft", "data.json")],
-             outputs=("sft/data.json",), inputs=(o.sft_data,)),
+        Step("sft/data.json", ["corpora", "instructions", "--input", *_split_paths(o.sft_data),
+                               "--out", r("sft", "data.json")],
+             outputs=("sft/data.json",), inputs=tuple(_split_paths(o.sft_data))),
         Step("sft/adapter", ["sft", "train", *rec, "--model", sftb, "--adapter", r("pretrain", "phase2"),
                              "--data", r("sft", "data.json"), "--out", r("sft", "adapter"), "--restart-if-changed",
                              *_split(o.sft_args)],
@@ -161,10 +162,10 @@ def stages(o: Options, recipe) -> list[Stage]:
                "--model", r("sft", "merged"), "--label", "sft-merged"]
     pre_names = tuple(s.name for s in pre)
     ev = Stage("eval", "eval (bits per character)", [
-        Step("eval/bpc.json", ["evaluation", "bpc", *models, "--text", eval_text, "--json", r("eval", "bpc.json"),
+        Step("eval/bpc.json", ["evaluation", "bpc", *models, "--text", *eval_text, "--json", r("eval", "bpc.json"),
                                "--chart", r("eval", "bpc.png"), *_split(o.eval_args)],
              outputs=("eval/bpc.json",), after=("corpus", *pre_names, "sft/merged"),
-             inputs=(o.eval_text,) if o.eval_text else ()),
+             inputs=tuple(eval_text) if o.eval_text else ()),
     ])
     gen = ["--prompts-file", o.sft_prompts, "--preset", "greedy", "--max-new-tokens", "48", "--json"]
     report = Stage("report", "report", [
@@ -183,6 +184,7 @@ def stages(o: Options, recipe) -> list[Stage]:
     return [prepare, vocab, Stage("pretrain", "pretrain", pre), sft, ev, report]
 
 
-def _split_paths(corpus: str) -> list:
-    """CORPUS may name several files or folders (space-separated, as the Makefile passed it)."""
-    return _split(corpus) or [corpus]
+def _split_paths(paths: str) -> list:
+    """CORPUS, SFT_DATA and EVAL_TEXT may name several files or folders (space-separated, as the Makefile passed
+    them; quote a path with spaces)."""
+    return _split(paths) or [paths]
