@@ -58,7 +58,7 @@ def _selected(only) -> list:
     return list(STAGE_NAMES[: last + 1])
 
 
-def _check_inputs(o: Options, graph) -> None:
+def _check_inputs(o: Options) -> None:
     """Outside inputs exist before anything runs (the sample is fetched when the defaults point at it)."""
     default = Options()
     if o.base_tokenizer == default.base_tokenizer and not Path(o.base_tokenizer).exists():
@@ -122,7 +122,6 @@ def _write_timings(run: Path, key: str, seconds: float) -> None:
 
 
 def run(o: Options, only=()) -> int:
-    from zhllama.manifest import write_json
     from zhllama.runfolder import ensure_writable, lock
 
     names = _selected(only)
@@ -137,9 +136,9 @@ def run(o: Options, only=()) -> int:
         if not todo:
             print(f"{runpath}: up to date ({', '.join(names)}); nothing to do", flush=True)
             return 0
-        _check_inputs(o, graph)
+        _check_inputs(o)
         state["options"] = o.to_dict()
-        write_json(runpath / runstate.STATE, state)
+        runstate.save_state(runpath, state)
         n = len(graph)
         t_all, ran_stages = time.time(), []
         for i, stage in enumerate(graph, 1):

@@ -14,6 +14,7 @@ the stage's own check (input hashes and settings against its resolved_config.jso
 Public API:
     STATE                                       "stages.json"
     load_state(run) -> dict                     {"seq": n, "options": {...}, "steps": {name: record}}
+    save_state(run, state)                      RUN/stages.json, atomically
     record(run, state, step, recipe)        the step ran or was checked: remember it (next sequence number)
     evaluate(run, stages, recipe, state) -> {step name: (status, reason)}   "done" | "stale" | "missing"
     stage_status(stage, per_step) -> (status, reason)    the first not-done step's status and reason
