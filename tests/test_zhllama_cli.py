@@ -220,3 +220,71 @@ def test_run_after_deleting_the_merged_model_redoes_only_that(tiny_run):
     assert {k: now[k] for k in ("prepare", "vocab", "pretrain")} == {k: timings[k] for k in ("prepare", "vocab", "pretrain")}
     assert now["total"] == sum(v for k, v in now.items() if k != "total")
     assert _status(zhllama("status", run).stdout) == {s: "done" for s in STAGES}
+
+
+def test_up_to_date_rule_on_a_small_graph(tmp_path):
+    """zhllama.runstate on two hand-made steps (no training): each reason a step is missing or stale."""
+    from zhllama import runstate
+    from zhllama.recipe import load_recipe, set_path
+    from zhllama.stages import Stage, Step
+
+    run, ext = tmp_path / "run", tmp_path / "data.txt"
+    ext.write_text("one\n")
+    run.mkdir()
+
+    def graph(argv_a=("x", "a")):
+        a = Step("a", [*argv_a, "--out", str(run / "a")], outputs=("a",), artefacts=("w.bin",), sections=("vocab",))
+        b = Step("b", ["x", "b", "--in", str(ext)], outputs=("b.json",), after=("a",), sections=("sft",),
+                 inputs=(str(ext),))
+        return [Stage("A", "A", [a]), Stage("B", "B", [b])]
+
+    recipe = load_recipe("tiny")
+    state = runstate.load_state(run)
+
+    def status(g=None, r=None, where=run):
+        return runstate.evaluate(where, g or graph(), r or recipe, state)
+
+    assert status() == {"a": ("missing", f"missing {run}/a"), "b": ("missing", f"missing {run}/b.json")}
+    (run / "a").mkdir()
+    (run / "a" / "w.bin").write_bytes(b"w")
+    assert status()["a"] == ("missing", f"{run}/a is unfinished (no result.json)")
+    (run / "a" / "result.json").write_text("{}")
+    assert status()["a"] == ("stale", f"no record of the command that made {run}/a in {run}/stages.json")
+    runstate.record(run, state, graph()[0].steps[0], recipe)
+    assert status()["a"] == ("done", "")
+    (run / "b.json").write_text("{}")
+    runstate.record(run, state, graph()[1].steps[0], recipe)
+    assert status() == {"a": ("done", ""), "b": ("done", "")}
+    # the record is kept in RUN/stages.json and survives a moved run folder
+    state = runstate.load_state(run)
+    moved = tmp_path / "moved"
+    shutil.copytree(run, moved)
+    assert {k: v[0] for k, v in runstate.evaluate(moved, graph(), recipe, state).items()} == {"a": "stale", "b": "stale"}
+    # (graph() names the old folder in its commands: the same commands with the new folder are done)
+    run, run_old = moved, run
+    assert status(where=moved) == {"a": ("done", ""), "b": ("done", "")}
+    run = run_old
+
+    changed = load_recipe("tiny")
+    set_path(changed, "vocab.num_added", 100)
+    assert status(r=changed) == {"a": ("stale", "recipe vocab.num_added changed (17953 -> 100)"),
+                                 "b": ("stale", f"its input {run}/a is to be redone")}
+    set_path(changed, "vocab.num_added", 17953)
+    set_path(changed, "pretrain.phase1.learning_rate", 0.5)  # a section neither step reads
+    assert status(r=changed) == {"a": ("done", ""), "b": ("done", "")}
+    assert status(g=graph(("x", "a", "--fast"))) == {
+        "a": ("stale", "command changed: now --fast"), "b": ("stale", f"its input {run}/a is to be redone")}
+    (run / "a" / "w.bin").unlink()
+    assert status()["a"] == ("missing", f"missing {run}/a/w.bin")
+    (run / "a" / "w.bin").write_bytes(b"w")
+    ext.write_text("two\n")
+    assert status()["b"] == ("stale", f"input {ext} changed since it was made")
+    runstate.record(run, state, graph()[1].steps[0], recipe)
+    assert status()["b"] == ("done", "")
+    # a reran (or found itself up to date and was recorded again): b, recorded before it, is to be checked
+    runstate.record(run, state, graph()[0].steps[0], recipe)
+    assert status() == {"a": ("done", ""), "b": ("stale", f"its input {run}/a was remade after it")}
+    (run / "b.json").write_text('{"x": 1}')
+    assert status()["b"] == ("stale", f"{run}/b.json changed since `zhllama run` checked it")
+    stage = runstate.stage_status(graph()[1], status())
+    assert stage == ("stale", f"{run}/b.json changed since `zhllama run` checked it")
