@@ -33,8 +33,8 @@ _OPTION_HELP = {
     "eval_text": "held-out text of the eval stage; empty: RUN/corpus/heldout (EVAL_TEXT)",
     "prepare_args": "extra flags of `corpora prepare` (PREPARE_ARGS)",
     "vocab_args": "extra flags of `vocab build` (VOCAB_ARGS)",
-    "pretrain_args": "extra flags of `pretrain phase1` and `phase2`, e.g. \"--set pretrain.phase1.max_steps=10\" "
-                     "(PRETRAIN_ARGS)",
+    "pretrain_args": "extra flags of `pretrain phase1` and `phase2`, e.g. "
+                     "--pretrain-args=\"--set pretrain.phase1.max_steps=10\" (PRETRAIN_ARGS)",
     "sft_args": "extra flags of `sft train` (SFT_ARGS)",
     "eval_args": "extra flags of `eval bpc` (EVAL_ARGS)",
 }
@@ -55,8 +55,7 @@ def _add_options(p: argparse.ArgumentParser, defaults: bool, skip=()) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         d = getattr(base, f.name)
-        shown = f" (default: {d})" if defaults and d else (" (default: as recorded by the last zhllama run)"
-                                                            if not defaults else "")
+        shown = f" (default: {d})" if defaults and d else ""
         p.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=_OPTION_HELP[f.name] + shown)
 
 
@@ -90,8 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_options(r, defaults=True)
     s = sub.add_parser("status", help="which stages of a run folder are done, stale or missing, and why",
                        description="Read-only: compares what each stage wrote (result.json, its published files) "
-                                   "and what `zhllama run` recorded in RUN/stages.json with the options now (those "
-                                   "of the last run unless given here) and the recipe file as it is now.")
+                                   "and what `zhllama run` recorded in RUN/stages.json with the options and the "
+                                   "recipe file as they are now. Every option defaults to what the last `zhllama run` "
+                                   "into RUN was given; one given here asks what a rerun with it would redo.")
     s.add_argument("run_dir", metavar="RUN", help="the run folder")
     _add_options(s, defaults=False, skip=("run",))
     for name, (_, what) in FORWARD.items():
