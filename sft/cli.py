@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+from pathlib import Path
 
 from zhllama.cli import add_recipe_args
 from zhllama.errors import UserError, cli_entry, emit
@@ -129,16 +131,19 @@ def main(argv=None):
 
         prompts = list(args.prompt)
         if args.prompts_file:
-            from pathlib import Path
-
             pf = Path(args.prompts_file)
             if not pf.is_file():
                 raise UserError(f"{pf}: no such prompts file")
             prompts += [ln.strip() for ln in pf.read_text(encoding="utf-8").splitlines() if ln.strip()]
         if not prompts:
             raise UserError("give --prompt TEXT (repeatable) or --prompts-file FILE")
+        from zhllama.progress import progress
+
         model, tok, tname = load(args.model, args.base)
         rows = []
+        # on a terminal without --json the answers printed one by one are the progress
+        bar = progress(len(prompts), f"answers {Path(args.model).name}", unit="answer",
+                       enabled=args.json or not sys.stdout.isatty())
         for q in prompts:
             if args.raw:
                 a = generate(model, tok, q, preset=args.preset, max_new_tokens=args.max_new_tokens, seed=args.seed)
@@ -146,8 +151,10 @@ def main(argv=None):
                 a = answer(model, tok, tname, q, args.input, preset=args.preset, max_new_tokens=args.max_new_tokens,
                            seed=args.seed)
             rows.append({"instruction": q, "answer": a})
+            bar.update()
             if not args.json:
                 emit(f"### {q}\n{a}\n")
+        bar.close()
         if args.json:
             emit(json.dumps(rows, ensure_ascii=False, indent=1))
     elif args.cmd == "chat":
