@@ -94,6 +94,8 @@ def test_filters_are_precise():
         install()
         warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
         warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.")
+        warnings.warn("Setting `save_embedding_layers` to `True` as the embedding layer has been resized during "
+                      "finetuning.")
         warnings.warn("`is_gradient_checkpointing` is deprecated", DeprecationWarning)
         warnings.warn("Model has `tie_word_embeddings=True` and a tied layer is part of the adapter")
     assert [str(w.message) for w in got] == ["`is_gradient_checkpointing` is deprecated",

@@ -20,8 +20,9 @@ import warnings
 NOISE = [
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated", "peft 0.21 via transformers 5",
      "peft reads the attribute that transformers renamed; nothing in our code or the user's settings uses it"),
-    (UserWarning, r"Setting `save_embedding_layers` to `True` as embedding layers found", "peft",
-     "peft's own 'auto' choice: the trained embedding rows are meant to be saved with the adapter"),
+    (UserWarning, r"Setting `save_embedding_layers` to `True` as (embedding layers found|the embedding layer has "
+                  r"been resized)", "peft",
+     "peft's own 'auto' choice: the trained (or [PAD]-resized) embedding rows are meant to be saved with the adapter"),
     (UserWarning, r"flex_attention called without torch\.compile\(\)", "torch",
      "the CPU reference path of packed attention is eager on purpose (FlexAttention has no compiled CPU backward); "
      "on CUDA sft.packing compiles it"),
