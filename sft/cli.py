@@ -145,12 +145,16 @@ def main(argv=None):
         bar = progress(len(prompts), f"answers {Path(args.model).name}", unit="answer",
                        enabled=args.json or not sys.stdout.isatty())
         for q in prompts:
+            got: dict = {}
             if args.raw:
-                a = generate(model, tok, q, preset=args.preset, max_new_tokens=args.max_new_tokens, seed=args.seed)
+                a = generate(model, tok, q, preset=args.preset, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                             details=got)
             else:
                 a = answer(model, tok, tname, q, args.input, preset=args.preset, max_new_tokens=args.max_new_tokens,
-                           seed=args.seed)
-            rows.append({"instruction": q, "answer": a})
+                           seed=args.seed, details=got)
+            # raw: the answer with special tokens kept, so an answer that looks empty can be told apart (a model
+            # before SFT ends the template with spaces and <s>, which the answer drops)
+            rows.append({"instruction": q, "answer": a, "raw": got["raw"], "tokens": len(got["token_ids"])})
             bar.update()
             if not args.json:
                 emit(f"### {q}\n{a}\n")
@@ -158,9 +162,6 @@ def main(argv=None):
         if args.json:
             emit(json.dumps(rows, ensure_ascii=False, indent=1))
     elif args.cmd == "chat":
-        import sys
-        from pathlib import Path
-
         from sft.generate import chat, load, terminal_input
         from sft.template import TEMPLATE_FILE
         from zhllama.errors import UserError
