@@ -71,9 +71,10 @@ def test_an_answer_without_visible_text_shows_what_the_model_wrote(tmp_path):
     run = tmp_path / "run"
     _w(run / "report" / "generations_before.json",
        [{"instruction": "把“狗”翻译成英文。", "answer": "    ", "raw": "    <s><s><s>", "tokens": 7}])
-    _w(run / "report" / "generations_after.json", [{"instruction": "把“狗”翻译成英文。", "answer": "dog"}])
+    _w(run / "report" / "generations_after.json", [{"instruction": "把“狗”翻译成英文。", "answer": "", "raw": "</s>"}])
     assert main(["--run", str(run)]) == 0
     md = (run / "report.md").read_text(encoding="utf-8")
-    assert "| 把“狗”翻译成英文。 | (no visible text: 4 whitespace characters; with special tokens: ␣␣␣␣<s><s><s>) | dog |" in md
+    assert ("| 把“狗”翻译成英文。 | (no visible text: 4 whitespace characters; with special tokens: ␣␣␣␣<s><s><s>) "
+            "| (empty answer; with special tokens: </s>) |") in md
     page = (run / "report.html").read_text(encoding="utf-8")
     assert "␣␣␣␣&lt;s&gt;&lt;s&gt;&lt;s&gt;" in page

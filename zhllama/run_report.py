@@ -54,7 +54,7 @@ def _answer(text, raw=None):
         return None
     if text.strip():
         return text
-    what = f"no visible text: {len(text)} whitespace characters"
+    what = f"no visible text: {len(text)} whitespace characters" if text else "empty answer"
     if raw and raw != text:
         what += f"; with special tokens: {_visible(raw)}"
     elif text:
