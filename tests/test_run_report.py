@@ -70,11 +70,13 @@ def test_an_answer_without_visible_text_shows_what_the_model_wrote(tmp_path):
     spaces and <s> shows them, instead of a blank cell."""
     run = tmp_path / "run"
     _w(run / "report" / "generations_before.json",
-       [{"instruction": "把“狗”翻译成英文。", "answer": "    ", "raw": "    <s><s><s>", "tokens": 7}])
+       [{"instruction": "把“狗”翻译成英文。", "answer": "    ", "raw": "    <s><s><s>", "tokens": 7},
+        {"instruction": "列出三种蔬菜。", "answer": "", "raw": "<s>" * 48, "tokens": 48}])
     _w(run / "report" / "generations_after.json", [{"instruction": "把“狗”翻译成英文。", "answer": "", "raw": "</s>"}])
     assert main(["--run", str(run)]) == 0
     md = (run / "report.md").read_text(encoding="utf-8")
-    assert ("| 把“狗”翻译成英文。 | (no visible text: 4 whitespace characters; with special tokens: ␣␣␣␣<s><s><s>) "
+    assert ("| 把“狗”翻译成英文。 | (no visible text: 4 whitespace characters; with special tokens: ␣×4<s><s><s>) "
             "| (empty answer; with special tokens: </s>) |") in md
+    assert "| 列出三种蔬菜。 | (empty answer; with special tokens: <s>×48) | – |" in md
     page = (run / "report.html").read_text(encoding="utf-8")
-    assert "␣␣␣␣&lt;s&gt;&lt;s&gt;&lt;s&gt;" in page
+    assert "␣×4&lt;s&gt;&lt;s&gt;&lt;s&gt;" in page

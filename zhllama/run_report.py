@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -42,9 +43,14 @@ def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", "<br>")
 
 
+_RUN = re.compile(r"(<[^<>\s]{1,20}>|.)\1{3,}", re.S)
+
+
 def _visible(text: str, limit: int = 80) -> str:
-    """Whitespace made visible: ␣ for a space, ⏎ for a newline, ⇥ for a tab."""
+    """Whitespace made visible (␣ a space, ⏎ a newline, ⇥ a tab) and a run of 4 or more of one character or special
+    token written once with its count (<s>×48)."""
     out = text.replace(" ", "␣").replace("\n", "⏎").replace("\t", "⇥")
+    out = _RUN.sub(lambda m: f"{m.group(1)}×{len(m.group(0)) // len(m.group(1))}", out)
     return out if len(out) <= limit else out[:limit] + "…"
 
 
@@ -238,8 +244,9 @@ def build(run: Path) -> tuple[str, str]:
         d.table(["instruction", "before SFT", "after SFT"], [[k, v[0], v[1]] for k, v in by_prompt.items()])
         if any(not (g.get("answer") or "").strip() for g in before or []):
             d.p("Before SFT the model has only seen raw text, never the instruction template: greedy decoding "
-                "continues the template with the tokens that start a document in its training blocks (a space, "
-                "then <s>), which leaves no visible answer. SFT is what teaches it to answer.")
+                "continues the template with what starts a document in its training blocks (<s>, or the space "
+                "that SentencePiece puts before a document's first word), which leaves no visible answer. SFT is "
+                "what teaches it to answer.")
 
     if timings:
         d.h(2, "Timings")
