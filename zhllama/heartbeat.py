@@ -28,6 +28,13 @@ PASS = re.compile(r"^(Successfully (installed|built)|ERROR|error:|CMake Error|ni
 TAIL = 40
 
 
+def _short(line: str) -> str:
+    """ninja's "[12/140] /usr/bin/g++ ... -o path/x.cpp.o -c ..." (verbose builds) as "[12/140] x.cpp.o"."""
+    step, rest = line.split("]", 1)
+    target = re.search(r"\s-o\s+(\S+)", rest)
+    return f"{step.strip()}] {Path(target.group(1)).name if target else rest.strip()}"
+
+
 def run(cmd: list[str], log: Path, every: float, label: str, out=sys.stdout) -> int:
     log.parent.mkdir(parents=True, exist_ok=True)
     latest = {"progress": "", "line": ""}
@@ -38,8 +45,10 @@ def run(cmd: list[str], log: Path, every: float, label: str, out=sys.stdout) -> 
     with open(log, "w", encoding="utf-8") as f:
         try:
             # a Python child (pip) writing to a pipe would hold its lines back in 8 KB blocks
+            # its own process group: stopping the build stops pip's compiler grandchildren too
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    errors="replace", bufsize=1, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                                    errors="replace", bufsize=1, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                                    start_new_session=True)
         except OSError as e:
             print(f"[{label}] error: cannot run {cmd[0]}: {e.strerror or e}", file=out, flush=True)
             return 127
@@ -53,7 +62,7 @@ def run(cmd: list[str], log: Path, every: float, label: str, out=sys.stdout) -> 
                 tail.append(line.rstrip("\n"))
                 latest["line"] = s
                 if PROGRESS.match(s):
-                    latest["progress"] = s
+                    latest["progress"] = _short(s)
                 if PASS.match(s):
                     print(f"[{label}] {s}", file=out, flush=True)
 
@@ -68,7 +77,10 @@ def run(cmd: list[str], log: Path, every: float, label: str, out=sys.stdout) -> 
                 print(f"[{label}] {format_duration(time.monotonic() - t0)}: {now[:160]}", file=out, flush=True)
             rc = proc.wait()
         except KeyboardInterrupt:
-            proc.terminate()
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
             proc.wait()
             print(f"[{label}] stopped after {format_duration(time.monotonic() - t0)}; output so far in {log}",
                   file=out, flush=True)
