@@ -115,7 +115,8 @@ def score_windows(model, ids: list[list[int]], windows, batch_size: int, padding
                   progress: bool = True, desc: str = "bpc") -> list[float]:
     """Bits of each window's scored tokens, in the order of `windows` [(doc, start, end, first_scored)]."""
     import torch
-    from tqdm import tqdm
+
+    from zhllama.progress import progress as progress_display
 
     if padding_side not in ("left", "right"):
         raise UserError(f"padding side {padding_side!r}: expected left or right")
@@ -124,7 +125,7 @@ def score_windows(model, ids: list[list[int]], windows, batch_size: int, padding
     device = next(model.parameters()).device
     order = sorted(range(len(windows)), key=lambda i: -(windows[i][2] - windows[i][1]))
     bits = [0.0] * len(windows)
-    bar = tqdm(total=sum(w[2] - w[3] for w in windows), desc=desc, unit="tok", disable=not progress, leave=False)
+    bar = progress_display(sum(w[2] - w[3] for w in windows), desc, unit="tok", enabled=progress)
     with torch.inference_mode():
         for b0 in range(0, len(order), batch_size):
             chunk = order[b0:b0 + batch_size]
@@ -154,7 +155,8 @@ def score_windows(model, ids: list[list[int]], windows, batch_size: int, padding
     return bits
 
 
-def evaluate_model(model, tok, docs: list[str], cfg: BPCConfig, name: str = "model", progress: bool = True) -> dict:
+def evaluate_model(model, tok, docs: list[str], cfg: BPCConfig, name: str = "model", progress: bool = True,
+                   desc: str | None = None) -> dict:
     from evaluation.models import context_of
 
     t0 = time.time()
@@ -162,7 +164,7 @@ def evaluate_model(model, tok, docs: list[str], cfg: BPCConfig, name: str = "mod
     stride = cfg.stride if cfg.stride is not None else max(1, context // 2)
     ids = encode(tok, docs)
     windows = [(d, *w) for d, seq in enumerate(ids) for w in plan_windows(len(seq), context, stride)]
-    wbits = score_windows(model, ids, windows, cfg.batch_size, cfg.padding_side, progress, desc=name)
+    wbits = score_windows(model, ids, windows, cfg.batch_size, cfg.padding_side, progress, desc=desc or name)
     bits = math.fsum(wbits)
     tokens = sum(len(s) - 1 for s in ids)
     chars = sum(len(d) for d in docs)
@@ -200,8 +202,9 @@ def write_chart(results: list[dict], png: str | Path) -> None:
         ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
     ax.set_ylim(0, max(vals) * 1.12 if vals else 1)
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
+    ax.set_xlabel("model (each with its own tokenizer)")
     ax.set_ylabel("bits per character (lower is better)")
-    ax.set_title("Held-out text, each model with its own tokenizer", fontsize=9)
+    ax.set_title("Bits per character of held-out text", fontsize=9)
     fig.tight_layout()
     tmp = Path(png).with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)

@@ -384,9 +384,8 @@ def evaluate(model, tok, data, cfg: ChoiceConfig, progress: bool = True, log=pri
              done: dict | None = None, on_subject=None) -> dict:
     """Scores every subject; `done` holds results of subjects finished by an interrupted run (kept as they
     are), `on_subject(subject, result)` is called after each subject (the CLI saves progress there)."""
-    from tqdm import tqdm
-
     from evaluation.models import context_of
+    from zhllama.progress import progress as progress_display
 
     bench = bench or load_benchmark(data, cfg, log)
     subjects, questions, dev = bench.subjects, bench.questions, bench.dev
@@ -396,7 +395,7 @@ def evaluate(model, tok, data, cfg: ChoiceConfig, progress: bool = True, log=pri
     first, after_colon = letter_ids(tok) if cfg.method == "logits" else (None, None)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     total = sum(len(q) for q in questions.values())
-    bar = tqdm(total=total, desc=f"{cfg.format} {cfg.split}", unit="q", disable=not progress)
+    bar = progress_display(total, f"{cfg.format} {cfg.split}", unit="q", enabled=progress)
     results = {}
     done = done or {}
     for s in subjects:

@@ -52,7 +52,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--max-docs", type=int, help="score only the first N documents")
     b.add_argument("--json", required=True, metavar="OUT", help="results file")
     b.add_argument("--chart", metavar="PNG", help="also draw bits per character as a bar chart")
-    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--no-progress", action="store_true",
+                   help="no progress display (a bar on a terminal, else a line every ZHLLAMA_PROGRESS_SECONDS, "
+                        "default 30); the line per model stays")
 
     c = _command(sub, "choice", "C-Eval / CMMLU multiple choice, the reference evaluator's prompts",
                  "Multiple-choice accuracy on C-Eval (DIR/{dev,val,test}/{subject}_{split}.csv) or CMMLU "
@@ -231,9 +233,15 @@ def run_bpc(a) -> int:
     docs = read_documents(a.text, a.max_docs)
     device = resolve_device(a.device)
     results = []
-    for spec in a.models:
+    for i, spec in enumerate(a.models, 1):
+        # one line per model even with --no-progress: a log shows which of the models is being scored
+        print(f"[eval] model {i}/{len(a.models)} {spec.name}: scoring {len(docs):,} documents", file=sys.stderr,
+              flush=True)
         model, tok, _ = load(spec, a.dtype, device)
-        results.append(evaluate_model(model, tok, docs, cfg, name=spec.name, progress=not a.no_progress))
+        r = evaluate_model(model, tok, docs, cfg, name=spec.name, progress=not a.no_progress, desc=f"eval {spec.name}")
+        results.append(r)
+        print(f"[eval] model {i}/{len(a.models)} {spec.name}: {r['bits_per_char']:.4f} bits/char over "
+              f"{r['tokens']:,} tokens in {r['seconds']:.0f}s", file=sys.stderr, flush=True)
         del model
     print(format_table(results))
     obj = {"models": results, "text": [str(t) for t in a.text],

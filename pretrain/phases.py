@@ -269,12 +269,15 @@ def _merged_trainable_tokens(sd: dict, token_indices) -> dict:
     return out
 
 
-def lora_config(phase):
+def lora_config(phase, model=None):
     from peft import LoraConfig, TaskType
 
+    from zhllama.models import lora_tying
+
+    tying = lora_tying(model, phase.lora_targets, phase.modules_to_save) if model is not None else {}
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM, r=phase.lora_r, lora_alpha=phase.lora_alpha, lora_dropout=phase.lora_dropout,
-        target_modules=list(phase.lora_targets), modules_to_save=list(phase.modules_to_save) or None,
+        target_modules=list(phase.lora_targets), modules_to_save=list(phase.modules_to_save) or None, **tying,
     )
 
 
@@ -325,7 +328,7 @@ def _phase2(prep, model_dir, out_dir, phase, settings):
     # LoRA A matrices are drawn from torch's RNG when the adapter is created: seed first, or every run
     # (and a resumed run's first process) starts from different adapters.
     set_seed(settings.seed)
-    model = get_peft_model(model, lora_config(phase))
+    model = get_peft_model(model, lora_config(phase, model))
     upcast_trainable(model)
     if settings.gradient_checkpointing:
         model.enable_input_require_grads()

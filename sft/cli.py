@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+from pathlib import Path
 
 from zhllama.cli import add_recipe_args
 from zhllama.errors import UserError, cli_entry, emit
@@ -130,31 +132,37 @@ def main(argv=None):
 
         prompts = list(args.prompt)
         if args.prompts_file:
-            from pathlib import Path
-
             pf = Path(args.prompts_file)
             if not pf.is_file():
                 raise UserError(f"{pf}: no such prompts file")
             prompts += [ln.strip() for ln in pf.read_text(encoding="utf-8").splitlines() if ln.strip()]
         if not prompts:
             raise UserError("give --prompt TEXT (repeatable) or --prompts-file FILE")
+        from zhllama.progress import progress
+
         model, tok, tname = load(args.model, args.base)
         rows = []
+        # on a terminal without --json the answers printed one by one are the progress
+        bar = progress(len(prompts), f"answers {Path(args.model).name}", unit="answer",
+                       enabled=args.json or not sys.stdout.isatty())
         for q in prompts:
+            got: dict = {}
             if args.raw:
-                a = generate(model, tok, q, preset=args.preset, max_new_tokens=args.max_new_tokens, seed=args.seed)
+                a = generate(model, tok, q, preset=args.preset, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                             details=got)
             else:
                 a = answer(model, tok, tname, q, args.input, preset=args.preset, max_new_tokens=args.max_new_tokens,
-                           seed=args.seed)
-            rows.append({"instruction": q, "answer": a})
+                           seed=args.seed, details=got)
+            # raw: the answer with special tokens kept, so an answer that looks empty can be told apart (a model
+            # before SFT ends the template with spaces and <s>, which the answer drops)
+            rows.append({"instruction": q, "answer": a, "raw": got["raw"], "tokens": len(got["token_ids"])})
+            bar.update()
             if not args.json:
                 emit(f"### {q}\n{a}\n")
+        bar.close()
         if args.json:
             emit(json.dumps(rows, ensure_ascii=False, indent=1))
     elif args.cmd == "chat":
-        import sys
-        from pathlib import Path
-
         from sft.generate import chat, load, terminal_input
         from zhllama.chat import TEMPLATE_FILE
         from zhllama.errors import UserError

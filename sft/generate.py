@@ -58,10 +58,12 @@ def generation_kwargs(tok, preset: str, max_new_tokens: int, seed: int | None = 
 
 
 def generate(model, tok, prompt_text: str, preset: str = "paper", max_new_tokens: int = 400,
-             seed: int | None = 0, stream: bool = False, stop=None) -> str:
+             seed: int | None = 0, stream: bool = False, stop=None, details: dict | None = None) -> str:
     """Continue an already rendered prompt; returns the decoded new text only.
 
     `stop`: a threading.Event; once set, generation ends after the current token (the text so far is returned).
+    `details`: a dict that receives "token_ids" (the new ids) and "raw" (their text with special tokens kept: a
+    model that emits <s> or </s> mid-answer shows it there, while the answer drops them).
     """
     import torch
     from transformers import StoppingCriteriaList, TextStreamer
@@ -78,7 +80,11 @@ def generate(model, tok, prompt_text: str, preset: str = "paper", max_new_tokens
         kw["stopping_criteria"] = StoppingCriteriaList([StopWhen(stop.is_set)])
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    new = out[0, ids.shape[1]:]
+    if details is not None:
+        details["token_ids"] = new.tolist()
+        details["raw"] = tok.decode(new, skip_special_tokens=False)
+    return tok.decode(new, skip_special_tokens=True)
 
 
 def answer(model, tok, template: str, instruction: str, input: str = "", **kw) -> str:

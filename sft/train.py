@@ -123,7 +123,7 @@ def _peft_model(model_dir, adapter, tok, pad_added, tok_src, cfg, log):
     from transformers import set_seed
 
     from sft.vocabcheck import check_vocab
-    from zhllama.models import resize_model
+    from zhllama.models import lora_tying, resize_model
     from zhllama.precision import base_dtype, upcast_trainable
 
     # on a GPU at fp16/bf16 the frozen base is loaded in half precision, what trains is upcast to fp32
@@ -136,7 +136,7 @@ def _peft_model(model_dir, adapter, tok, pad_added, tok_src, cfg, log):
     model.config.pad_token_id = tok.pad_token_id
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.lora_targets), modules_to_save=list(cfg.modules_to_save) or None,
-                      task_type="CAUSAL_LM")
+                      task_type="CAUSAL_LM", **lora_tying(model, cfg.lora_targets, cfg.modules_to_save))
     # LoRA A is drawn from torch's RNG when the adapter is created: seed first so runs and resumes agree
     set_seed(cfg.seed)
     model = get_peft_model(model, lora)

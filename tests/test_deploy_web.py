@@ -59,6 +59,73 @@ def _bubbles(b):
             for e in b.find_elements(By.CSS_SELECTOR, "#log .msg")]
 
 
+def glyph_shapes(png: bytes, ink_delta: int = 80) -> list:
+    """The ink of a screenshot of one line of text, cut at blank columns: one boolean array per glyph (or per part
+    of a glyph whose halves a blank column separates, e.g. 北), cropped to its ink."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    g = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.int16)
+    values, counts = np.unique(g, return_counts=True)
+    ink = np.abs(g - values[counts.argmax()]) > ink_delta      # far from the bubble's background
+    cols = np.append(ink.any(axis=0), False)
+    shapes, x0 = [], None
+    for x, on in enumerate(cols):
+        if on and x0 is None:
+            x0 = x
+        elif not on and x0 is not None:
+            part = ink[:, x0:x]
+            rows = np.flatnonzero(part.any(axis=1))
+            shapes.append(part[rows[0]:rows[-1] + 1])
+            x0 = None
+    return shapes
+
+
+def distinct_shapes(shapes: list, tolerance: float = 0.12) -> int:
+    """How many different glyph shapes: two shapes are one when their sizes differ by at most a pixel and, scaled to
+    16x16, at most `tolerance` of their pixels differ (anti-aliasing at different sub-pixel offsets)."""
+    import numpy as np
+    from PIL import Image
+
+    def norm(a):
+        return np.asarray(Image.fromarray(a.astype(np.uint8) * 255).resize((16, 16))) > 127
+
+    seen: list = []
+    for s in shapes:
+        if not any(abs(r.shape[0] - s.shape[0]) <= 1 and abs(r.shape[1] - s.shape[1]) <= 1
+                   and (norm(r) != norm(s)).mean() < tolerance for r in seen):
+            seen.append(s)
+    return len(seen)
+
+
+def test_web_chat_renders_chinese_glyphs(page, browser):
+    """Chinese in a chat bubble is drawn with real glyphs: without a CJK font (.ci/run installs fonts-noto-cjk)
+    Chromium draws every character as the same empty box (tofu), 1 distinct shape for the 11 characters."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    server, _ = page
+    b = browser
+    b.get(server.url + "/")
+    _wait(lambda: b.find_element(By.ID, "model").text)
+    mt = b.find_element(By.ID, "max_tokens")
+    mt.clear()
+    mt.send_keys("4")
+    text = "你好，请介绍一下北京。"     # 11 different characters, none of them in a Latin font
+    b.find_element(By.ID, "input").send_keys(text, Keys.ENTER)
+    _wait(lambda: len(_bubbles(b)) == 2 and _bubbles(b)[1][2] == "done")
+    user = b.find_elements(By.CSS_SELECTOR, "#log .msg.user")[0]
+    assert user.get_property("textContent") == text
+    shapes = glyph_shapes(user.screenshot_as_png)
+    n = distinct_shapes(shapes)
+    assert len(shapes) >= len(text), f"{len(shapes)} glyphs drawn for {len(text)} characters"
+    assert n >= 8, (f"the 11 characters of {text!r} were drawn as {n} distinct shape(s): tofu, no CJK font "
+                    "(apt-get install fonts-noto-cjk)")
+    b.find_element(By.ID, "reset").click()
+
+
 def test_web_chat_streams_two_turns_and_resets(page, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys

@@ -216,3 +216,30 @@ def test_adapter_before_model_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         main(["bpc", "--adapter", "x", "--model", "m", "--text", "t", "--json", "o"])
     assert e.value.code == 2 and "give --model first" in capsys.readouterr().err
+
+
+def test_cli_shows_progress_in_a_log(two_models, short_text, tmp_path):
+    """Off a terminal (stderr is a pipe, as in make's log), bpc says which model it scores and, every
+    ZHLLAMA_PROGRESS_SECONDS, how many tokens are done with an ETA; it used to print nothing until the table."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = dict(os.environ, ZHLLAMA_PROGRESS_SECONDS="0", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "evaluation", "bpc", "--model", str(two_models[0]), "--label", "en",
+                        "--model", str(two_models[1]), "--label", "zh", "--text", str(short_text), "--batch-size", "4",
+                        "--json", str(tmp_path / "bpc.json")], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    err = r.stderr.splitlines()
+    assert "[eval] model 1/2 en: scoring 17 documents" in err
+    assert "[eval] model 2/2 zh: scoring 17 documents" in err
+    done = [ln for ln in err if re.fullmatch(r"\[eval zh\] [\d,]+/[\d,]+ tok \(\d+%\), .* elapsed", ln)]
+    assert len(done) >= 2 and any("ETA" in ln for ln in done)
+    res = json.loads((tmp_path / "bpc.json").read_text(encoding="utf-8"))["models"]
+    assert done[-1].startswith(f"[eval zh] {res[1]['tokens']:,}/{res[1]['tokens']:,} tok (100%)")
+    assert any(ln.startswith(f"[eval] model 2/2 zh: {res[1]['bits_per_char']:.4f} bits/char") for ln in err)
+    assert "\r" not in r.stderr

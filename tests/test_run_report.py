@@ -34,7 +34,7 @@ def test_report_reads_every_stage(tmp_path):
     assert main(["--run", str(run)]) == 0
     md = (run / "report.md").read_text(encoding="utf-8")
     for figure in ("6,543", "49,953", "| 17 |", "10.81", "9.35", "2,000.0", "2.31", "6.7e-06", "207 positions",
-                   "1. 白菜<br>2. 萝卜", "(only whitespace, 3 characters)", "| total | 334 |", "corpus=8f9b131b085b", "torch 2.13.0"):
+                   "1. 白菜<br>2. 萝卜", "(no visible text: 3 whitespace characters (␣␣␣))", "never the instruction template", "| total | 334 |", "corpus=8f9b131b085b", "torch 2.13.0"):
         assert figure in md, figure
     page = (run / "report.html").read_text(encoding="utf-8")
     assert page.startswith("<!doctype html>") and "1. 白菜<br>2. 萝卜" in page and "<table>" in page
@@ -63,3 +63,20 @@ def test_report_shows_bpc_table_chart_and_which_stage_lowered_it(tmp_path):
     assert "Each step: base -> resized +1.7500, resized -> phase1 -4.2500, phase1 -> phase2 -0.5000, phase2 -> sft +0.2500." in md
     assert (run / "report" / "bpc.png").read_bytes() == b"\x89PNG fake"
     assert bpc_summary(models[:1]) == ""
+
+
+def test_an_answer_without_visible_text_shows_what_the_model_wrote(tmp_path):
+    """`sft generate --json` records the answer with its special tokens ("raw"): a model before SFT that writes
+    spaces and <s> shows them, instead of a blank cell."""
+    run = tmp_path / "run"
+    _w(run / "report" / "generations_before.json",
+       [{"instruction": "把“狗”翻译成英文。", "answer": "    ", "raw": "    <s><s><s>", "tokens": 7},
+        {"instruction": "列出三种蔬菜。", "answer": "", "raw": "<s>" * 48, "tokens": 48}])
+    _w(run / "report" / "generations_after.json", [{"instruction": "把“狗”翻译成英文。", "answer": "", "raw": "</s>"}])
+    assert main(["--run", str(run)]) == 0
+    md = (run / "report.md").read_text(encoding="utf-8")
+    assert ("| 把“狗”翻译成英文。 | (no visible text: 4 whitespace characters; with special tokens: ␣×4<s><s><s>) "
+            "| (empty answer; with special tokens: </s>) |") in md
+    assert "| 列出三种蔬菜。 | (empty answer; with special tokens: <s>×48) | – |" in md
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert "␣×4&lt;s&gt;&lt;s&gt;&lt;s&gt;" in page

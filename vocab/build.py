@@ -150,19 +150,17 @@ def _train_step(base_path, corpus, out: Path, cfg: TrainConfig, stamp: dict, log
 
 
 def _progress(log):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return None
+    from zhllama.progress import progress
+
     bar = {}
 
     def update(done, total, rounds):
+        # a tqdm bar on a terminal, a line every ZHLLAMA_PROGRESS_SECONDS in a log
         if "bar" not in bar:
-            bar["bar"] = tqdm(total=total, desc="continued BPE", unit="piece", disable=None)
-        b = bar["bar"]
-        b.update(done - b.n)
-        b.set_postfix(rounds=rounds)
+            bar["bar"], bar["done"] = progress(total, "vocab: continued BPE", unit="piece"), 0
+        bar["bar"].update(done - bar["done"])
+        bar["done"] = done
         if done >= total:
-            b.close()
+            bar["bar"].close()
 
     return update

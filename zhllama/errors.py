@@ -2,7 +2,8 @@
 
 Public API:
     UserError          bad input or configuration; the message names the file/field
-    cli_entry(main)    UserError (and an OSError of the environment: full disk, read-only output) -> "error: ..." + exit 2
+    cli_entry(main)    UserError (and an OSError of the environment: full disk, read-only output) -> "error: ..." + exit 2;
+                       installs zhllama.quiet's filters first (every stage command goes through here)
     emit(text)         print a CLI's result to standard output; a full disk or closed pipe there is a UserError
 """
 from __future__ import annotations
@@ -50,6 +51,9 @@ def cli_entry(fn):
 
     @functools.wraps(fn)
     def wrapper(argv=None):
+        from zhllama.quiet import install
+
+        install()  # library warnings that carry no action for the user (zhllama.quiet.NOISE)
         try:
             return fn(argv)
         except UserError as e:

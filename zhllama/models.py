@@ -22,6 +22,8 @@ Public API:
     resize_model(model, new_size, init, sources=None, seed=0)    grow embed/head in place; old rows bit-identical;
                                                                   init in INITS ("subword-mean" needs sources)
     checkpoint_vocab_rows(model_dir) -> {tensor name: rows}       from safetensors headers, no weights read
+    lora_tying(model, targets, modules_to_save) -> dict           LoraConfig kwargs that keep a tied embedding/LM head
+                                                                  tied in the adapter (peft's ensure_weight_tying)
     load_peft_chain(base, adapters, dtype=None) -> PeftModel      base + adapters as peft does it: earlier ones merged,
                                                                   the last one live; embeddings resized to the adapters'
     load_adapter_chain(base, adapters, dtype=None, log=print, merge=False) -> (model, Chain)
@@ -134,6 +136,26 @@ def resize_model(model, new_size: int, init: str, sources: list[list[int]] | Non
     if tied:
         model.tie_weights()
     return model
+
+
+EMBEDDING_MODULES = ("embed_tokens", "lm_head")
+
+
+def lora_tying(model, targets, modules_to_save) -> dict:
+    """{"ensure_weight_tying": True} when the model ties its LM head to the input embedding and the adapter trains
+    one of them; else {}. Without it peft gives embed_tokens and lm_head separate trainable copies: the tied model
+    comes out of training untied (twice the trainable rows, and a merged checkpoint whose config says tied while its
+    two matrices differ)."""
+    touched = any(m in EMBEDDING_MODULES for m in [*(targets or []), *(modules_to_save or [])])
+    if not touched or not getattr(model.config, "tie_word_embeddings", False):
+        return {}
+    # tied in fact, not only in the config: an adapter chain merged from an older, untied adapter keeps its two
+    # trained matrices apart (tying would replace the LM head by the embedding)
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if inp is None or out is None:
+        return {}
+    same = inp.weight is out.weight or (inp.weight.shape == out.weight.shape and torch.equal(inp.weight, out.weight))
+    return {"ensure_weight_tying": True} if same else {}
 
 
 def checkpoint_vocab_rows(model_dir: Path) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -42,10 +43,29 @@ def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", "<br>")
 
 
-def _answer(text):
+_RUN = re.compile(r"(<[^<>\s]{1,20}>|.)\1{3,}", re.S)
+
+
+def _visible(text: str, limit: int = 80) -> str:
+    """Whitespace made visible (␣ a space, ⏎ a newline, ⇥ a tab) and a run of 4 or more of one character or special
+    token written once with its count (<s>×48)."""
+    out = text.replace(" ", "␣").replace("\n", "⏎").replace("\t", "⇥")
+    out = _RUN.sub(lambda m: f"{m.group(1)}×{len(m.group(0)) // len(m.group(1))}", out)
+    return out if len(out) <= limit else out[:limit] + "…"
+
+
+def _answer(text, raw=None):
+    """The answer as shown in the report; one with no visible text shows what the model did write instead."""
     if text is None:
         return None
-    return text if text.strip() else f"(only whitespace, {len(text)} characters)"
+    if text.strip():
+        return text
+    what = f"no visible text: {len(text)} whitespace characters" if text else "empty answer"
+    if raw and raw != text:
+        what += f"; with special tokens: {_visible(raw)}"
+    elif text:
+        what += f" ({_visible(text)})"
+    return f"({what})"
 
 
 class _Doc:
@@ -220,8 +240,13 @@ def build(run: Path) -> tuple[str, str]:
         by_prompt: dict[str, list] = {}
         for key, gens in (("before", before or []), ("after", after or [])):
             for g in gens:
-                by_prompt.setdefault(g.get("instruction") or g.get("prompt", ""), [None, None])[0 if key == "before" else 1] = _answer(g.get("answer", g.get("output")))
+                by_prompt.setdefault(g.get("instruction") or g.get("prompt", ""), [None, None])[0 if key == "before" else 1] = _answer(g.get("answer", g.get("output")), g.get("raw"))
         d.table(["instruction", "before SFT", "after SFT"], [[k, v[0], v[1]] for k, v in by_prompt.items()])
+        if any(not (g.get("answer") or "").strip() for g in before or []):
+            d.p("Before SFT the model has only seen raw text, never the instruction template: greedy decoding "
+                "continues the template with what starts a document in its training blocks (<s>, or the space "
+                "that SentencePiece puts before a document's first word), which leaves no visible answer. SFT is "
+                "what teaches it to answer.")
 
     if timings:
         d.h(2, "Timings")

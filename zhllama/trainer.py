@@ -227,7 +227,8 @@ def _trim_metrics(path: Path, step: int) -> None:
     path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
 
 
-def plot_loss(log_history: list, path: Path) -> None:
+def plot_loss(log_history: list, path: Path, title: str | None = None) -> None:
+    """Training (and held-out) loss per optimizer step; the title names the run folder (e.g. pretrain/phase2)."""
     try:
         import matplotlib
 
@@ -244,8 +245,10 @@ def plot_loss(log_history: list, path: Path) -> None:
         ax.plot(*zip(*tr), label="train loss")
     if ev:
         ax.plot(*zip(*ev), "o-", label="held-out loss")
+    path = Path(path)
+    ax.set_title(title or f"Loss of {path.parent.parent.name}/{path.parent.name} during training")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel("cross-entropy loss (nats per token)")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
