@@ -167,8 +167,16 @@ def make_executor(pipeline: list, cfg: ExecutorConfig, logging_dir, depends=None
 def _ray_init(cfg: ExecutorConfig) -> None:
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address or None, log_to_driver=False)
+    if ray.is_initialized():
+        return
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
+    env = {}
+    if address is None:
+        # a local Ray instance: its workers import this checkout's code, as the forked local workers do (on a
+        # cluster the nodes need zhllama installed, like any Ray job's code)
+        root = str(Path(__file__).resolve().parent.parent)
+        env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}}
+    ray.init(address=address, log_to_driver=False, include_dashboard=False, runtime_env=env or None)
 
 
 def run_pipeline(pipeline: list, cfg: ExecutorConfig, logging_dir, job_name: str = "zhllama") -> None:
