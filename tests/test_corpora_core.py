@@ -208,6 +208,56 @@ def test_ray_executor_writes_the_same_bytes(faulty, tmp_path):
     assert tree_bytes(tmp_path / "ray") == tree_bytes(ref_out)
 
 
+FAKE_SBATCH = """#!/bin/sh
+# records each submission (arguments, then the script) and answers like sbatch
+n=$(ls "$JOBS" | wc -l)
+{ echo "$@"; cat "$(eval echo \\${$#})"; } > "$JOBS/$n.job"
+echo "Submitted batch job $((100 + n))"
+"""
+
+
+def test_slurm_executor_submits_a_dependent_chain_that_runs_to_the_same_bytes(faulty, tmp_path):
+    """--executor slurm with a stand-in sbatch on PATH: one job array per stage, each after the previous one, on the
+    partition and time limit asked for; running the submitted tasks the way Slurm would (SLURM_ARRAY_TASK_ID) and
+    then the same command again gives the local executor's bytes."""
+    import re
+
+    root, _, ref_out, _ = faulty
+    jobs, bin_dir, out = tmp_path / "jobs", tmp_path / "bin", tmp_path / "out"
+    jobs.mkdir()
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(FAKE_SBATCH)
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho \"$3\"\n")  # scontrol show hostnames NODELIST
+    for tool in ("sbatch", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "JOBS": str(jobs), "PYTHONPATH": str(ROOT)}
+    cmd = _cli(root / "in", out, "--executor", "slurm", "--slurm-partition", "cpu", "--slurm-time", "01:30:00",
+               "--tasks", "3")
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "submitted 4 dependent Slurm job arrays" in r.stderr and not (out / "stats.json").exists()
+    subs = [(jobs / f"{i}.job").read_text() for i in range(len(list(jobs.iterdir())))]
+    arrays = [s for s in subs if "launch_pickled_pipeline" in s]
+    assert len(arrays) == 4
+    ids = [100 + subs.index(a) for a in arrays]
+    for k, a in enumerate(arrays):
+        assert "#SBATCH --partition=cpu" in a and "#SBATCH --time=01:30:00" in a
+        assert f"#SBATCH --array=0-{0 if k == 3 else 2}" in a
+        if k:
+            assert f"--dependency=afterok:{ids[k - 1]}" in a.splitlines()[0]
+    launcher = Path(sys.executable).parent / "launch_pickled_pipeline"
+    for a in arrays:  # what Slurm would do, in dependency order
+        pik = re.search(r"launch_pickled_pipeline (\S+)", a).group(1)
+        n = int(re.search(r"#SBATCH --array=0-(\d+)", a).group(1)) + 1
+        for t in range(n):
+            subprocess.run([str(launcher), pik], env={**env, "SLURM_ARRAY_TASK_ID": str(t), "RUN_OFFSET": "0", "SLURM_NODELIST": "localhost"},
+                           cwd=ROOT, check=True, capture_output=True, timeout=120)
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert len(list(jobs.iterdir())) == len(subs)  # nothing submitted again
+    assert tree_bytes(out) == tree_bytes(ref_out)
+
+
 def test_same_shards_for_any_num_proc_work_units_and_key_ranges(tmp_path, monkeypatch):
     """A big .txt cut into many line-aligned units, keys in many runs and ranges: N=1 and N=2 write the same
     bytes, and the documents and per-file stats are those of the one-unit, one-range run."""

@@ -14,7 +14,8 @@ Public API:
         failed ranks and their log folder; on Slurm it submits the job array and returns (the job runs later)
     run_stages(stages, cfg, logging_root, job_name="zhllama", log=print) -> bool
         stages [(name, pipeline, tasks)] one after the other, each in logging_root/<name>-t<tasks>; local and Ray:
-        runs them and returns True; Slurm: submits them as a chain of dependent job arrays and returns False
+        runs them and returns True; Slurm: submits them as a chain of dependent job arrays and returns False, or
+        True without submitting when every stage has finished (the same command run again after the jobs)
     add_executor_args(parser) / executor_config_from_args(args) -> ExecutorConfig
 
 Logging: datatrove's loguru output (a pipeline banner, per-task statistics tables, exceptions) goes to the logging
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import logging
 import os
 from pathlib import Path
 
@@ -176,15 +178,16 @@ def _ray_init(cfg: ExecutorConfig) -> None:
         # cluster the nodes need zhllama installed, like any Ray job's code)
         root = str(Path(__file__).resolve().parent.parent)
         env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}}
-    ray.init(address=address, log_to_driver=False, include_dashboard=False, runtime_env=env or None)
+    ray.init(address=address, log_to_driver=False, include_dashboard=False, runtime_env=env or None,
+             logging_level=logging.WARNING)
 
 
 def run_pipeline(pipeline: list, cfg: ExecutorConfig, logging_dir, job_name: str = "zhllama") -> None:
-    ex = make_executor(pipeline, cfg, logging_dir, job_name=job_name)
-    if cfg.executor == "ray":
-        _ray_init(cfg)
     logs = Path(logging_dir) / "logs"
     with _launcher_log(logging_dir):
+        ex = make_executor(pipeline, cfg, logging_dir, job_name=job_name)
+        if cfg.executor == "ray":
+            _ray_init(cfg)
         try:
             ex.run()
         except UserError:
@@ -207,6 +210,11 @@ def stage_dir(logging_root, name: str, tasks: int) -> Path:
     return Path(logging_root) / f"{name}-t{tasks}"
 
 
+def _complete(logging_dir: Path, tasks: int) -> bool:
+    done = {p.name for p in (logging_dir / "completions").glob("*")}
+    return all(f"{r:05d}" in done for r in range(tasks))
+
+
 def run_stages(stages: list, cfg: ExecutorConfig, logging_root, job_name: str = "zhllama", log=print) -> bool:
     """stages: [(name, pipeline, tasks)]. Local/Ray: run in order (a finished stage is skipped whole by its
     completion markers), True. Slurm: one job array per stage, each depending on the previous one, False."""
@@ -216,11 +224,13 @@ def run_stages(stages: list, cfg: ExecutorConfig, logging_root, job_name: str = 
             log(f"{job_name} {name}: {tasks} task(s), {cfg.executor}")
             run_pipeline(pipeline, c, stage_dir(logging_root, name, tasks), job_name=f"{job_name} {name}")
         return True
-    prev = None
-    for name, pipeline, tasks in stages:
-        prev = make_executor(pipeline, dataclasses.replace(cfg, tasks=tasks), stage_dir(logging_root, name, tasks),
-                             depends=prev, job_name=f"{job_name}-{name}")
+    if all(_complete(stage_dir(logging_root, name, tasks), tasks) for name, _, tasks in stages):
+        return True  # the submitted chain has finished: the caller records the result
     with _launcher_log(Path(logging_root)):
+        prev = None
+        for name, pipeline, tasks in stages:
+            prev = make_executor(pipeline, dataclasses.replace(cfg, tasks=tasks), stage_dir(logging_root, name, tasks),
+                                 depends=prev, job_name=f"{job_name}-{name}")
         prev.run()  # submits the whole chain (datatrove launches the dependencies first)
     log(f"{job_name}: submitted {len(stages)} dependent Slurm job arrays ({', '.join(s[0] for s in stages)}) to "
         f"partition {cfg.slurm_partition}; logs in {logging_root}")
