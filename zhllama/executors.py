@@ -241,8 +241,8 @@ def add_executor_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("where the work runs (datatrove executors; a rerun skips finished tasks)")
     g.add_argument("--executor", choices=EXECUTORS, default="local",
                    help="local processes (default), a Slurm job array, or a Ray cluster")
-    g.add_argument("--tasks", type=int, default=0, help="ranks the work is cut into (0: one per worker); "
-                                                       "the output is identical for any value")
+    g.add_argument("--tasks", type=int, default=0, help="ranks the work is cut into (0: automatic, at least one per "
+                                                       "worker); the output is identical for any value")
     g.add_argument("--workers", type=int, default=0,
                    help="tasks run at once (local: processes, 0 = all cores; slurm/ray: 0 = no limit)")
     g.add_argument("--slurm-partition", default="", help="Slurm partition (required with --executor slurm)")
