@@ -23,7 +23,7 @@ from . import records
 from .steps import Clean, DedupKeys, FindDuplicates, MergeStats, UnitReader, UnitWriter, WriteShards
 
 UNIT_BYTES = 32 << 20  # uncompressed .txt/.jsonl inputs are cut into line-aligned work units of this size
-FORMAT_VERSION = 6  # bump when the work folder's files change meaning, so old work folders are redone
+FORMAT_VERSION = 7  # bump when the work folder's files change meaning, so old work folders are redone
 
 
 def plan_units(files: list[Path]):

@@ -66,7 +66,7 @@ def _fingerprint(path: Path) -> dict:
 
 def _dedup_library(cfg: PrepareConfig) -> str:
     if cfg.dedup == "near":
-        return "datasketch MinHash (character 5-grams), LSH bands deduplicated on disk by key range"
+        return "datasketch MinHash (xxh32 of character 5-grams, punctuation and spaces left out), LSH bands deduplicated on disk by key range"
     return "exact (blake2b-128 keys, deduplicated on disk by key range)"
 
 
