@@ -16,6 +16,7 @@ Load the result with `datasets.load_dataset("json", data_files={"train": "OUT/tr
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -118,9 +119,11 @@ def prepare(inputs, out_dir, cfg: PrepareConfig | None = None, progress: bool = 
         tasks = pipeline.default_tasks(ex, len(units))
         steps = pipeline.stages(files, units, cfg, out, tasks, progress)
         say = log if progress else (lambda m: None)
+        # Slurm job names name this output folder, so a rerun recognises its own jobs in the queue
+        job = "prepare-" + hashlib.blake2b(str(out.resolve()).encode(), digest_size=3).hexdigest()
         t0 = time.time()
         if ex.executor == "slurm":
-            if not run_stages(steps, ex, work / "logs", job_name="prepare", log=log):
+            if not run_stages(steps, ex, work / "logs", job_name=job, log=log):
                 log(f"run the same command again when the jobs are done: it records the run in {out} "
                     "(and redoes only unfinished tasks)")
                 return None

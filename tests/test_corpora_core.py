@@ -245,6 +245,14 @@ def test_slurm_executor_submits_a_dependent_chain_that_runs_to_the_same_bytes(fa
         assert f"#SBATCH --array=0-{0 if k == 3 else 2}" in a
         if k:
             assert f"--dependency=afterok:{ids[k - 1]}" in a.splitlines()[0]
+    # the same command while the chain is queued: refused, nothing submitted twice
+    names = sorted({re.search(r"#SBATCH --job-name=(\S+)", a).group(1) for a in arrays})
+    (bin_dir / "squeue").write_text("#!/bin/sh\n" + "".join(f"echo {n}\n" for n in names))
+    (bin_dir / "squeue").chmod(0o755)
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "still queued or running" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert len(list(jobs.iterdir())) == len(subs)
+    (bin_dir / "squeue").write_text("#!/bin/sh\n")  # the queue is empty again
     launcher = Path(sys.executable).parent / "launch_pickled_pipeline"
     for a in arrays:  # what Slurm would do, in dependency order
         pik = re.search(r"launch_pickled_pipeline (\S+)", a).group(1)

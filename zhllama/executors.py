@@ -215,6 +215,18 @@ def _complete(logging_dir: Path, tasks: int) -> bool:
     return all(f"{r:05d}" in done for r in range(tasks))
 
 
+def _queued_job_names() -> list[str]:
+    import getpass
+    import subprocess
+
+    try:
+        r = subprocess.run(["squeue", "-h", "-u", getpass.getuser(), "-o", "%j"], capture_output=True, text=True,
+                           timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return r.stdout.split() if r.returncode == 0 else []
+
+
 def run_stages(stages: list, cfg: ExecutorConfig, logging_root, job_name: str = "zhllama", log=print) -> bool:
     """stages: [(name, pipeline, tasks)]. Local/Ray: run in order (a finished stage is skipped whole by its
     completion markers), True. Slurm: one job array per stage, each depending on the previous one, False."""
@@ -226,6 +238,13 @@ def run_stages(stages: list, cfg: ExecutorConfig, logging_root, job_name: str = 
         return True
     if all(_complete(stage_dir(logging_root, name, tasks), tasks) for name, _, tasks in stages):
         return True  # the submitted chain has finished: the caller records the result
+    # datatrove resubmits every rank without a completion marker, running ones included: two copies of a task
+    # would write the same files at once, so a chain still in the queue is waited for, never doubled
+    busy = sorted({f"{job_name}-{name}" for name, _, _ in stages} & set(_queued_job_names()))
+    if busy:
+        raise UserError(f"Slurm jobs {', '.join(busy)} of this run are still queued or running (squeue); run the "
+                        "same command again when they have finished (it then resubmits only failed tasks), or "
+                        "scancel them first")
     with _launcher_log(Path(logging_root)):
         prev = None
         for name, pipeline, tasks in stages:
