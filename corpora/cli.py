@@ -9,7 +9,7 @@ from zhllama.errors import cli_entry
 
 
 def _prepare_parser(sub) -> None:
-    from zhllama.cli import PREFIX, add_recipe_args
+    from zhllama.cli import add_recipe_args
     from zhllama.recipe import CorporaConfig
 
     p = sub.add_parser(
@@ -21,19 +21,23 @@ def _prepare_parser(sub) -> None:
             "length and share of Han characters; drop exact (and with --dedup near, MinHash-LSH near) duplicates;\n"
             "split a held-out set by content hash; write gzip JSONL shards with field \"text\" and OUT/stats.json\n"
             "(documents and characters in/kept/dropped by reason, per file and in total, encoding per file).\n"
-            "Rerunning the same command resumes: finished inputs and shards are not redone, and the output is\n"
-            "byte-identical to an uninterrupted run. Memory does not grow with the corpus (dedup keys go to disk\n"
-            "and are compared one key range at a time); --num-proc processes share the work, same output for any N."),
+            "A datatrove pipeline: local processes by default (--num-proc), or --executor slurm / ray for a cluster.\n"
+            "Rerunning the same command resumes: finished tasks are skipped, and the output is byte-identical to\n"
+            "an uninterrupted run and the same for any number of tasks. Memory does not grow with the corpus\n"
+            "(dedup keys go to disk and are compared one key range at a time). Progress: one line per stage and\n"
+            "task on stderr; the engine's logs are in OUT/.work/logs (kept after a failure)."),
         epilog=("load with: datasets.load_dataset('json', data_files={'train': 'OUT/train/*.jsonl.gz', "
                 "'heldout': 'OUT/heldout/*.jsonl.gz'}, streaming=True)"))
     p.add_argument("inputs", nargs="*", metavar="PATH", help="files or folders (searched recursively); or --input")
     p.add_argument("--input", nargs="+", default=[], metavar="PATH", help="files or folders (searched recursively)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--workers", dest=PREFIX + "corpora.num_proc", help=argparse.SUPPRESS)  # the old --num-proc
     add_recipe_args(p, [("corpora", CorporaConfig)], recipe_help=(
         "recipe name under recipes/ or a .yaml path; its corpora: section sets these options (default: the "
         "built-in defaults of zhllama.recipe.CorporaConfig)"))
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no per-stage and per-task progress lines")
+    from zhllama.executors import add_executor_args
+
+    add_executor_args(p)
 
 
 def _instructions_parser(sub) -> None:
@@ -75,7 +79,11 @@ def main(argv=None) -> int:
         inputs = a.inputs + a.input
         if not inputs:
             ap.error("prepare: give the input files or folders (PATH... or --input PATH...)")
-        prepare(inputs, a.out, cfg, progress=not a.no_progress, log=lambda m: print(m, file=sys.stderr))
+        from zhllama.executors import executor_config_from_args
+
+        ex = executor_config_from_args(a)
+        ex.workers = ex.workers or cfg.num_proc  # --num-proc (or the recipe's corpora.num_proc): local workers
+        prepare(inputs, a.out, cfg, progress=not a.no_progress, log=lambda m: print(m, file=sys.stderr), executor=ex)
         return 0
     from corpora.instruct import convert_files
 

@@ -30,6 +30,8 @@ def _integration_missing(tool: str) -> str | None:
     if tool == "deepspeed":
         return None if importlib.util.find_spec("deepspeed") else \
             "deepspeed is not installed (make setup-integration: DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed)"
+    if tool == "ray":
+        return None if importlib.util.find_spec("ray") else "ray is not installed (make setup-integration, or pip install '.[ray]')"
     if tool == "chromium":
         if importlib.util.find_spec("selenium") is None:
             return "selenium is not installed (make setup-integration)"

@@ -133,27 +133,51 @@ def test_prepare_keeps_every_good_document_once_and_counts_each_fault(faulty):
 
 
 def test_prepare_rerun_after_kill_9_is_byte_identical(faulty):
+    """kill -9 of the whole job (launcher and workers) once some tasks of a stage have their datatrove completion
+    marker: the same command again skips those tasks, redoes the others, and writes the same bytes."""
     root, _, ref_out, _ = faulty
     ref = tree_bytes(ref_out)
-    for stage, marker in (("pass 1", lambda o: any((o / ".work" / "units").glob("*.stats.json"))),
-                          ("pass 2", lambda o: any((o / "train").glob("shard-*.jsonl.gz")))):
-        out = root / f"killed-{stage[-1]}"
-        p = subprocess.Popen(_cli(root / "in", out, "--num-proc", "2"), cwd=ROOT, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = lambda o, stage: list((o / ".work" / "logs").glob(f"{stage}-t*/completions/*"))  # noqa: E731
+    for stage, marker in (("clean", lambda o: done(o, "clean")),
+                          ("shards", lambda o: done(o, "shards"))):
+        out = root / f"killed-{stage}"
+        p = subprocess.Popen(_cli(root / "in", out, "--tasks", "6", "--workers", "2"), cwd=ROOT,
+                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 60
         while time.time() < deadline and p.poll() is None and not (out.exists() and marker(out)):
             time.sleep(0.002)
         os.killpg(p.pid, signal.SIGKILL)  # the main process and its workers, like kill -9 of the job
         p.wait()
         assert not (out / "stats.json").exists(), f"the run finished before the kill in {stage}"
-        r = subprocess.run(_cli(root / "in", out, "--num-proc", "2"), cwd=ROOT, capture_output=True, text=True,
-                           timeout=120)
+        finished = len(done(out, stage))
+        assert 0 < finished < 6 or stage == "shards", finished
+        r = subprocess.run(_cli(root / "in", out, "--tasks", "6", "--workers", "2"), cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         assert tree_bytes(out) == ref, stage
         # success removes the work folder; a third run redoes nothing and leaves the same bytes
         assert not (out / ".work").exists()
         r = subprocess.run(_cli(root / "in", out), cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert "up to date" in r.stderr and tree_bytes(out) == ref
+
+
+def test_same_bytes_for_1_2_and_4_tasks(faulty, tmp_path):
+    """The prepared output of a corpus of several files does not depend on how many tasks the work is cut into
+    (nor on how many run at once): 1, 2 and 4 tasks write byte-identical shards and stats."""
+    from zhllama.executors import ExecutorConfig
+
+    root, _, ref_out, _ = faulty
+    cfg = PrepareConfig(min_chars=5, heldout_fraction=0.1, max_chars=20000, shard_docs=40, dedup="near")
+    trees = {}
+    for tasks, workers in ((1, 1), (2, 2), (4, 2)):
+        out = tmp_path / f"t{tasks}"
+        prepare([root / "in"], out, cfg, progress=False, log=lambda m: None,
+                executor=ExecutorConfig(tasks=tasks, workers=workers))
+        trees[tasks] = tree_bytes(out)
+    assert trees[1] == trees[2] == trees[4]
+    assert len([n for n in trees[1] if n.startswith("train/")]) > 5
+    # and the near-dedup run keeps what the exact-only reference run keeps, minus its near copies only
+    assert set(read_split(tmp_path / "t1", "train")) <= set(read_split(ref_out, "train"))
 
 
 def test_prepare_output_streams_with_datasets(faulty):
@@ -165,10 +189,88 @@ def test_prepare_output_streams_with_datasets(faulty):
     assert [r["text"] for r in ds["heldout"]] == read_split(out, "heldout")
 
 
+@pytest.mark.integration("ray")
+def test_ray_executor_writes_the_same_bytes(faulty, tmp_path):
+    """--executor ray on a local Ray instance (ray.init(num_cpus=2)): the same output as the local executor."""
+    import ray
+
+    from zhllama.executors import ExecutorConfig
+
+    root, _, ref_out, _ = faulty
+    cfg = PrepareConfig(min_chars=5, heldout_fraction=0.1, max_chars=20000, shard_docs=40)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    try:
+        prepare([root / "in"], tmp_path / "ray", cfg, progress=False, log=lambda m: None,
+                executor=ExecutorConfig(executor="ray", tasks=3))
+    finally:
+        ray.shutdown()
+    assert tree_bytes(tmp_path / "ray") == tree_bytes(ref_out)
+
+
+FAKE_SBATCH = """#!/bin/sh
+# records each submission (arguments, then the script) and answers like sbatch
+n=$(ls "$JOBS" | wc -l)
+{ echo "$@"; cat "$(eval echo \\${$#})"; } > "$JOBS/$n.job"
+echo "Submitted batch job $((100 + n))"
+"""
+
+
+def test_slurm_executor_submits_a_dependent_chain_that_runs_to_the_same_bytes(faulty, tmp_path):
+    """--executor slurm with a stand-in sbatch on PATH: one job array per stage, each after the previous one, on the
+    partition and time limit asked for; running the submitted tasks the way Slurm would (SLURM_ARRAY_TASK_ID) and
+    then the same command again gives the local executor's bytes."""
+    import re
+
+    root, _, ref_out, _ = faulty
+    jobs, bin_dir, out = tmp_path / "jobs", tmp_path / "bin", tmp_path / "out"
+    jobs.mkdir()
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(FAKE_SBATCH)
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho \"$3\"\n")  # scontrol show hostnames NODELIST
+    for tool in ("sbatch", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "JOBS": str(jobs), "PYTHONPATH": str(ROOT)}
+    cmd = _cli(root / "in", out, "--executor", "slurm", "--slurm-partition", "cpu", "--slurm-time", "01:30:00",
+               "--tasks", "3")
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "submitted 4 dependent Slurm job arrays" in r.stderr and not (out / "stats.json").exists()
+    subs = [(jobs / f"{i}.job").read_text() for i in range(len(list(jobs.iterdir())))]
+    arrays = [s for s in subs if "launch_pickled_pipeline" in s]
+    assert len(arrays) == 4
+    ids = [100 + subs.index(a) for a in arrays]
+    for k, a in enumerate(arrays):
+        assert "#SBATCH --partition=cpu" in a and "#SBATCH --time=01:30:00" in a
+        assert f"#SBATCH --array=0-{0 if k == 3 else 2}" in a
+        if k:
+            assert f"--dependency=afterok:{ids[k - 1]}" in a.splitlines()[0]
+    # the same command while the chain is queued: refused, nothing submitted twice
+    names = sorted({re.search(r"#SBATCH --job-name=(\S+)", a).group(1) for a in arrays})
+    (bin_dir / "squeue").write_text("#!/bin/sh\n" + "".join(f"echo {n}\n" for n in names))
+    (bin_dir / "squeue").chmod(0o755)
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "still queued or running" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert len(list(jobs.iterdir())) == len(subs)
+    (bin_dir / "squeue").write_text("#!/bin/sh\n")  # the queue is empty again
+    launcher = Path(sys.executable).parent / "launch_pickled_pipeline"
+    for a in arrays:  # what Slurm would do, in dependency order
+        pik = re.search(r"launch_pickled_pipeline (\S+)", a).group(1)
+        n = int(re.search(r"#SBATCH --array=0-(\d+)", a).group(1)) + 1
+        for t in range(n):
+            subprocess.run([str(launcher), pik], env={**env, "SLURM_ARRAY_TASK_ID": str(t), "RUN_OFFSET": "0", "SLURM_NODELIST": "localhost"},
+                           cwd=ROOT, check=True, capture_output=True, timeout=120)
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert len(list(jobs.iterdir())) == len(subs)  # nothing submitted again
+    assert tree_bytes(out) == tree_bytes(ref_out)
+
+
 def test_same_shards_for_any_num_proc_work_units_and_key_ranges(tmp_path, monkeypatch):
     """A big .txt cut into many line-aligned units, keys in many runs and ranges: N=1 and N=2 write the same
     bytes, and the documents and per-file stats are those of the one-unit, one-range run."""
-    from corpora import prepare as prep
+    from corpora import pipeline
+    from zhllama.executors import ExecutorConfig
 
     base = _unique(make_chinese_lines(800, 61))
     docs = ["".join(base[i:i + 4]) for i in range(0, 800, 4)]
@@ -180,12 +282,12 @@ def test_same_shards_for_any_num_proc_work_units_and_key_ranges(tmp_path, monkey
                                                      for t in docs[100:110] + base[:40]), encoding="utf-8")
     opts = dict(dedup="near", heldout_fraction=0.2, shard_docs=70, min_chars=5)
     ref = prepare([tmp_path / "in"], tmp_path / "ref", PrepareConfig(**opts, num_proc=1), progress=False, log=lambda m: None)
-    monkeypatch.setattr(prep, "UNIT_BYTES", 4096)
+    monkeypatch.setattr(pipeline, "UNIT_BYTES", 4096)
     monkeypatch.setattr(dedup, "KEY_RUN", 100)
     monkeypatch.setattr(dedup, "GROUP_ROWS", 300)
-    got = {n: prepare([tmp_path / "in"], tmp_path / f"n{n}", PrepareConfig(**opts, num_proc=n), progress=False,
-                      log=lambda m: None) for n in (1, 2)}
-    assert tree_bytes(tmp_path / "n1") == tree_bytes(tmp_path / "n2")
+    got = {n: prepare([tmp_path / "in"], tmp_path / f"n{n}", PrepareConfig(**opts), progress=False,
+                      log=lambda m: None, executor=ExecutorConfig(tasks=n, workers=min(n, 2))) for n in (1, 2, 5)}
+    assert tree_bytes(tmp_path / "n1") == tree_bytes(tmp_path / "n2") == tree_bytes(tmp_path / "n5")
     assert len({name.split("-")[1] for name in got[1]["shards"]["train"]}) > 10  # shards of many units
     for split in ("train", "heldout"):
         assert read_split(tmp_path / "n1", split) == read_split(tmp_path / "ref", split)
@@ -276,13 +378,19 @@ def test_near_dedup_drops_near_copies_only(tmp_path):
     base = _unique(make_chinese_lines(60, 51))
     docs = ["".join(base[i:i + 4]) for i in range(0, 60, 4)]  # 15 long-ish distinct documents
     near = [d[:-2] + "嗯。" for d in docs[:5]]                  # the same text with its last 2 characters changed
-    (tmp_path / "a.txt").write_text("\n".join(docs + near) + "\n", encoding="utf-8")
+    # re-punctuated copies (ASCII marks, or none): Chinese puts a mark every few words, so with the marks in the
+    # shingles most 5-grams of such a copy differ from the original's
+    table = str.maketrans({"，": ", ", "。": ".", "、": ",", "；": ";", "！": "!", "？": "?"})
+    repunct = [docs[5].translate(table), docs[6].translate(str.maketrans("", "", "，。、；！？"))]
+    (tmp_path / "a.txt").write_text("\n".join(docs + near + repunct) + "\n", encoding="utf-8")
     cfg = PrepareConfig(dedup="near", heldout_fraction=0.0, num_proc=1)
     stats = prepare([tmp_path / "a.txt"], tmp_path / "o", cfg, progress=False, log=lambda m: None)
     assert read_split(tmp_path / "o", "train") == docs
-    assert stats["total"]["dropped"]["near_duplicate"]["docs"] == 5
+    assert stats["total"]["dropped"]["near_duplicate"]["docs"] == 7
     assert "datasketch" in stats["dedup_library"]
     assert dedup.heldout_bucket(b"x") == dedup.heldout_bucket(b"x")
+    # near dedup is the default
+    assert PrepareConfig().dedup == "near"
 
 
 def test_heldout_cut_is_the_integer_form_of_the_fraction():

@@ -17,7 +17,7 @@ from test_corpora_core import read_split, tree_bytes
 
 pytestmark = pytest.mark.reference
 
-ARGS = ["--min-chars", "5", "--heldout-fraction", "0.05", "--shard-docs", "5000", "--no-progress"]
+ARGS = ["--min-chars", "5", "--heldout-fraction", "0.05", "--shard-docs", "5000", "--dedup", "exact", "--no-progress"]
 
 
 def _cli(inp, out, *extra):

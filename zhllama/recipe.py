@@ -201,10 +201,12 @@ class CorporaConfig:
     min_chars: int = setting(10, "drop documents shorter than this many characters after cleaning", ge=0)
     min_cjk_ratio: float = setting(0.3, "drop documents whose non-space characters are less than this share Han",
                                    ge=0, le=1)
-    dedup: str = setting("exact", "exact: identical documents; near: also MinHash-LSH near duplicates (datasketch)",
-                         choices=("exact", "near"))
-    near_threshold: float = setting(0.8, "dedup near: Jaccard similarity of character 5-grams above which a "
-                                         "document is dropped", gt=0, le=1)
+    # near by default: on real text with injected near-copies it finds 97-99% of them and dropped nothing that was
+    # not a near duplicate (bench/near_dedup.py, bench/RESULTS.md)
+    dedup: str = setting("near", "exact: identical documents only; near (default): also MinHash-LSH near duplicates "
+                                 "(datasketch)", choices=("exact", "near"))
+    near_threshold: float = setting(0.7, "dedup near: Jaccard similarity of character 5-grams (punctuation and "
+                                         "spaces left out) above which a document is dropped", gt=0, le=1)
     encoding: str = setting("auto", "auto: UTF-8 if the file decodes as UTF-8, else the best of GB18030 (covers GBK) "
                                     "and Big5, per file", choices=("auto", "utf-8", "gb18030", "big5"))
     field: str = setting("text", "record field / parquet column holding the text")
