@@ -16,6 +16,7 @@ Public API:
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import sys
 import threading
@@ -38,6 +39,15 @@ class UnitStep(PipelineStep):
     def __init__(self, n_units: int):
         super().__init__()
         self.n_units = n_units
+
+    def __deepcopy__(self, memo):
+        # datatrove deep-copies the pipeline before each rank it runs in-process (fresh statistics); the unit list
+        # is read-only and would be copied once per rank: thousands of units times thousands of ranks
+        from datatrove.utils.stats import Stats
+
+        new = copy.copy(self)
+        new.stats = Stats(str(self))
+        return new
 
     def unit_done(self, i: int) -> bool:  # pragma: no cover (abstract)
         raise NotImplementedError
