@@ -17,7 +17,9 @@ Stages (each a fresh output folder, the real command line):
               (the paper's 512-token blocks; TOK: the vocabulary the first `vocab` run built, or --tokenizer)
 
 Every stage runs with TOKENIZERS_PARALLELISM=false (bench.common.bench_env), so --num-proc 1 is one core's
-worth of work and the N=2 / N=1 ratio measures zhllama's own parallelism.
+worth of work and the N=2 / N=1 ratio measures the parallelism of the pipeline. tokenize and vocab's span counting
+run as datatrove pipelines on the local executor (zhllama.executors): --num-proc N is the number of worker
+processes, one datatrove task per work unit; the process tree measured includes datatrove's manager process.
 
 Memory is sampled every 0.5 s over the whole process tree (the stage and its worker processes): "peak tree
 PSS" is the largest sum of proportional set sizes (shared pages counted once), "peak process RSS" the largest
@@ -141,6 +143,9 @@ def run_stage(cmd: list, log: Path, kill_after: float | None = None) -> dict:
     """Run cmd with its output to log; wall seconds, peak tree PSS and peak process RSS (MiB)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     peak = {"pss": 0, "rss": 0}
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "w", encoding="utf-8") as f:
         t0 = time.time()
         p = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=bench_env(), stdout=f, stderr=subprocess.STDOUT,
@@ -167,7 +172,11 @@ def run_stage(cmd: list, log: Path, kill_after: float | None = None) -> dict:
     if rc != 0 and not killed:
         tail = log.read_text(encoding="utf-8", errors="replace")[-3000:]
         raise SystemExit(f"failed (exit {rc}): {' '.join(map(str, cmd))}\n--- {log} (tail) ---\n{tail}")
-    return {"seconds": round(wall, 1), "peak_tree_pss_mib": round(peak["pss"] / 2**20),
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # user + system seconds of the stage and every process it reaped (its workers): what the work cost, whatever
+    # else ran on the machine (wall seconds and the N=2 / N=1 ratio are only meaningful on an idle machine)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"seconds": round(wall, 1), "cpu_seconds": round(cpu, 1), "peak_tree_pss_mib": round(peak["pss"] / 2**20),
             "peak_process_rss_mib": round(peak["rss"] / 2**20), "killed": killed}
 
 
@@ -274,9 +283,9 @@ def main(argv=None) -> int:
         resume = resume_check(args, parse_size(args.resume_check), tokenizer, rows)
     rows = list(previous.values()) + rows
     summary = summarise(rows)
-    print_table(rows, ["stage", "size", "num_proc", "seconds", "mb_per_s", "peak_tree_pss_mib",
+    print_table(rows, ["stage", "size", "num_proc", "seconds", "cpu_seconds", "mb_per_s", "peak_tree_pss_mib",
                        "peak_process_rss_mib", "identical_across_num_proc"],
-                {"mb_per_s": "MB/s", "peak_tree_pss_mib": "peak tree PSS MiB",
+                {"mb_per_s": "MB/s", "cpu_seconds": "CPU s", "peak_tree_pss_mib": "peak tree PSS MiB",
                  "peak_process_rss_mib": "peak process RSS MiB", "identical_across_num_proc": "N=1 == N=2"})
     for line in summary["lines"]:
         print(line)

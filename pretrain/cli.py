@@ -68,6 +68,10 @@ def parser() -> argparse.ArgumentParser:
                     help="corpus encoding (default: %(default)s)")
     add_recipe_args(ca, [("pretrain", PretrainConfig)], recipe_help="recipe name under recipes/ or a .yaml path "
                     "(block_size, eval_ratio, max_eval_blocks shape the cache) (required)")
+    from zhllama.executors import add_executor_args
+
+    # --num-proc (the recipe's pretrain.num_proc) is the local executor's --workers unless --workers is given
+    add_executor_args(ca)
     pl = sub.add_parser("plan", help="trainable parameters, memory per GPU and tokens per step of a recipe")
     pl.add_argument("--vocab-size", type=int)
     pl.add_argument("--num-gpus", type=int)
@@ -157,12 +161,16 @@ def main(argv=None) -> int:
                   f"after {res['global_step']} steps -> {a.out}")
     elif a.cmd == "cache":
         from pretrain.data import build_cache
+        from zhllama.executors import executor_config_from_args
 
         pre = _recipe_only(a).pretrain
         info = build_cache(a.corpus, a.tokenizer, pre.block_size, a.cache_dir, eval_ratio=pre.eval_ratio,
-                           max_eval_blocks=pre.max_eval_blocks, encoding=a.encoding, num_proc=pre.num_proc)
+                           max_eval_blocks=pre.max_eval_blocks, encoding=a.encoding, num_proc=pre.num_proc,
+                           executor=executor_config_from_args(a))
+        if info.get("submitted"):
+            print(info["message"], file=sys.stderr)
         print(json.dumps({k: info.get(k) for k in ("cache_dir", "reused_cache", "units", "built_units", "num_proc",
-                                                     "build_seconds")}))
+                                                     "executor", "build_seconds", "submitted")}))
     elif a.cmd == "plan":
         from pretrain.plan import format_plan, plan
 

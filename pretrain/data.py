@@ -4,11 +4,12 @@ Public API:
     build_datasets(corpus, tokenizer_dir, block_size, cache_dir, eval_ratio=0.01, max_eval_blocks=1000,
                    streaming=False, encoding="auto", num_proc=0, seed=42, shuffle_buffer=10000)
         -> (train_dataset, eval_dataset, info: dict)
-    build_cache(...) -> info                  only the cache (`python -m pretrain cache`)
+    build_cache(..., executor=None) -> info   only the cache (`python -m pretrain cache`; executor: an
+                                              ExecutorConfig, local processes by default)
     PackedBlocks                              map-style dataset over the cache's memory-mapped shards
     collate_blocks(examples) -> {"input_ids", "labels"}   (labels = inputs; the model shifts them)
     tokenizer_hash(tokenizer_dir) -> str
-    resolve_num_proc(num_proc) -> int         0 = this machine's cores, divided among the local ranks
+    resolve_num_proc(num_proc) -> int         0 = this machine's cores
 
 Each document is tokenized with the extended tokenizer (BOS as the tokenizer adds it) followed by EOS,
 documents are concatenated and cut into block_size blocks. The corpus is cut into work units (pretrain.units:
@@ -18,24 +19,21 @@ Held-out documents are chosen by a hash of their text, so the split does not dep
 document is split between train and eval; the eval set is the first max_eval_blocks held-out blocks in unit order.
 
 The cache (CACHE_DIR/KEY/): units/UID.train.bin and UID.eval.bin (little-endian int32, [blocks, block_size]),
-units/UID.json (the unit's record: blocks, which host/pid/rank built it, seconds), units/builds.jsonl (one line per
-build), complete.json once
-every unit is finished. Every process of every rank (torchrun, accelerate, several nodes on a shared filesystem)
-claims units with an O_EXCL claim file (host, pid), builds them in --num-proc worker processes, then waits until
-all are finished: each unit is built exactly once, nothing is deleted by another process, and a build killed at
-any point continues from its finished units when rerun. A dead process's claim on this host is taken over at
-once; a builder touches its claim at least every HEARTBEAT_S seconds, so a claim from another node whose
-modification time has not changed for STALE_S seconds (as seen by the waiting process's own clock, so clocks of
-different nodes need not agree) is taken over too: a node that died mid-build needs no hand clean-up. A builder
-that was only stalled finds at its next heartbeat that the claim is no longer its own and leaves the unit to
-the new holder (blocks are deterministic, so whoever finishes writes the same bytes).
+units/UID.json (the unit's record: blocks, which host/pid/task built it, seconds), units/builds.jsonl (one line per
+build), complete.json once every unit is finished. The units are the ranks of a datatrove pipeline
+(zhllama.unit_pipeline) run by zhllama.executors: local worker processes (--num-proc / --workers), a Slurm job array
+or Ray. The engine records finished ranks and a rerun skips them; a unit's files are written under temporary
+names and renamed, its record last, so a build killed at any point (kill -9 included) continues from its finished
+units and gives the same bytes. Under torchrun/accelerate, training rank 0 runs the build and the other ranks wait
+for complete.json. A changed corpus, tokenizer or block setting is another KEY: a cache is never reused for
+changed inputs.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
+import sys
 import time
 import zlib
 from itertools import chain
@@ -43,15 +41,13 @@ from pathlib import Path
 
 from pretrain.units import Unit, plan_units, unit_bytes, unit_documents
 from zhllama.errors import UserError
-from zhllama.procs import pid_alive, process_start
+from zhllama.executors import ExecutorConfig
+from zhllama.unit_pipeline import Submitted, UnitStep, run_units
 
 FORMAT_VERSION = 2
 _BATCH = 1000
 _POLL_S = 0.5
 _HOST = socket.gethostname()
-HEARTBEAT_S = 30.0  # a builder touches its claim this often
-STALE_S = 600.0  # a claim of another host that nobody touched for this long belongs to a dead node
-_SEEN: dict = {}  # claim path -> (its mtime_ns, when this process first saw that mtime) for claims of other hosts
 
 
 def tokenizer_hash(tokenizer_dir: str | Path) -> str:
@@ -67,9 +63,8 @@ def tokenizer_hash(tokenizer_dir: str | Path) -> str:
 def resolve_num_proc(num_proc: int = 0) -> int:
     if num_proc and num_proc > 0:
         return int(num_proc)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    # every local rank runs its own workers: together they use the cores once
-    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    # only one training rank builds (the others wait): it may use every core
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _is_eval(doc: str, eval_ratio: float) -> bool:
@@ -148,200 +143,79 @@ def _unit_blocks(unit: Unit, tok_dir: str, block_size: int, eval_ratio: float, m
 # ---------------------------------------------------------------- building the cache, unit by unit
 
 
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def _claim_path(units_dir: Path, uid: str) -> Path:
-    return units_dir / f"{uid}.claim"
-
-
 def _done(units_dir: Path, uid: str) -> bool:
     return (units_dir / f"{uid}.json").is_file()
 
 
-def _stale_claim(claim: Path) -> dict | None:
-    """The claim's content when its process is gone (on this host), else None (alive, elsewhere, or no claim)."""
-    try:
-        text = claim.read_text()
-        age = time.time() - claim.stat().st_mtime
-    except OSError:
-        return None
-    try:
-        c = json.loads(text)
-    except ValueError:
-        # created but never written: its owner died between open and write (or is writing right now)
-        return {"host": _HOST, "pid": f"empty-{int(claim.stat().st_mtime_ns)}"} if age > 60 else None
-    if c.get("host") != _HOST:
-        return c if _unchanged_for(claim, STALE_S) else None
-    if pid_alive(c["pid"]) and process_start(c["pid"]) == c.get("start"):
-        return None
-    return c
+def _build_unit(unit: Unit, ctx: dict, task: int = 0) -> dict | None:
+    """Tokenize and pack one unit into its shard files; the record, or None when it was finished meanwhile.
 
-
-def _unchanged_for(claim: Path, seconds: float) -> bool:
-    """True when this process has seen the claim's mtime stay the same for `seconds` of its own clock."""
-    try:
-        mtime = claim.stat().st_mtime_ns
-    except OSError:
-        return False
-    now = time.monotonic()
-    seen = _SEEN.get(str(claim))
-    if seen is None or seen[0] != mtime:
-        _SEEN[str(claim)] = (mtime, now)
-        return False
-    return now - seen[1] >= seconds
-
-
-def _try_claim(units_dir: Path, uid: str) -> bool:
-    claim = _claim_path(units_dir, uid)
-    me = {"host": _HOST, "pid": os.getpid(), "start": process_start(os.getpid()), "rank": _rank()}
-    for _ in range(3):
-        try:
-            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            stale = _stale_claim(claim)
-            if stale is None:
-                return False
-            # only one process takes over a given dead claim: the one that creates this name first
-            try:
-                os.close(os.open(units_dir / f"{uid}.takeover-{stale['host']}-{stale['pid']}",
-                                 os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-            except FileExistsError:
-                return False
-            for junk in units_dir.glob(f"{uid}.*.tmp-{stale['host']}-{stale['pid']}"):
-                junk.unlink(missing_ok=True)
-            claim.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        return True
-    return False
-
-
-def _build_unit(unit: Unit, ctx: dict) -> dict | None:
-    """Claim and build one unit; None when another process holds it or it is finished."""
+    Writes go to names of this process and are renamed into place, the record last (the unit is finished once
+    UID.json exists): a kill at any point leaves no half shard under a final name, and two builders of one unit
+    (a rerun while an old Slurm job still runs) write the same bytes."""
     units_dir = Path(ctx["cache"]) / "units"
     uid = unit.uid
-    if _done(units_dir, uid) or not _try_claim(units_dir, uid):
-        return None
-    claim = _claim_path(units_dir, uid)
-    if _done(units_dir, uid):  # finished between the check and the claim
-        claim.unlink(missing_ok=True)
-        return None
     tag = f"tmp-{_HOST}-{os.getpid()}"
     tmp = {s: units_dir / f"{uid}.{s}.bin.{tag}" for s in ("train", "eval")}
-    t0 = beat = time.time()
+    rtmp = units_dir / f"{uid}.json.{tag}"
+    t0 = time.time()
     try:
         counts = {"train": 0, "eval": 0}
         with open(tmp["train"], "wb") as ft, open(tmp["eval"], "wb") as fe:
             out = {"train": ft, "eval": fe}
             for split, blocks in _unit_blocks(unit, ctx["tok_dir"], ctx["block_size"], ctx["eval_ratio"],
                                               ctx["max_eval_blocks"]):
-                if time.time() - beat >= HEARTBEAT_S:
-                    beat = time.time()
-                    if not _owns(claim):
-                        return None  # this process stalled and its claim was taken over: the new holder builds it
-                    with contextlib.suppress(OSError):
-                        os.utime(claim)
                 if len(blocks):
                     blocks.astype("<i4", copy=False).tofile(out[split])
                     counts[split] += len(blocks)
-        if not _owns(claim):
-            return None
         rec = {"unit": {"file": unit.path, "start": unit.start, "end": unit.end, "sha256": unit.sha256},
                "train_blocks": counts["train"], "eval_blocks": counts["eval"], "host": _HOST, "pid": os.getpid(),
-               "rank": _rank(), "seconds": round(time.time() - t0, 3)}
-        rtmp = units_dir / f"{uid}.json.{tag}"
-        try:
-            for s in tmp:
-                os.replace(tmp[s], units_dir / f"{uid}.{s}.bin")
-            rtmp.write_text(json.dumps(rec))
-            os.replace(rtmp, units_dir / f"{uid}.json")  # the unit is finished once this name exists
-        except FileNotFoundError:
-            return None  # taken over just now (the taker removed this process's temp files)
+               "task": task, "seconds": round(time.time() - t0, 3)}
+        if _done(units_dir, uid):
+            return None
+        for s in tmp:
+            os.replace(tmp[s], units_dir / f"{uid}.{s}.bin")
+        rtmp.write_text(json.dumps(rec))
+        os.replace(rtmp, units_dir / f"{uid}.json")
         # every build appends a line (O_APPEND): a unit built twice would show up twice
         with open(units_dir / "builds.jsonl", "a") as log:
-            log.write(json.dumps({"uid": uid, "host": _HOST, "pid": os.getpid(), "rank": _rank()}) + "\n")
+            log.write(json.dumps({"uid": uid, "host": _HOST, "pid": os.getpid(), "task": task,
+                                  "rank": int(os.environ.get("RANK", "0"))}) + "\n")
         return rec
     finally:
-        for t in tmp.values():
+        for t in (*tmp.values(), rtmp):
             t.unlink(missing_ok=True)
-        if _owns(claim):  # never the claim of a process that took this unit over
-            claim.unlink(missing_ok=True)
 
 
-def _owns(claim: Path) -> bool:
-    """Does this process still hold the claim? Only a claim shown to be gone or someone else's is not ours: an
-    unreadable one (a filesystem hiccup) is, so a builder never abandons a unit it alone holds."""
-    try:
-        c = json.loads(claim.read_text())
-    except (FileNotFoundError, ValueError):
-        return False  # removed by a taker, or a taker's claim being written
-    except OSError:
-        return True
-    return isinstance(c, dict) and c.get("host") == _HOST and c.get("pid") == os.getpid()
+class PackUnits(UnitStep):
+    """The datatrove step: tokenize + pack the units of this rank into CACHE/KEY/units/."""
+
+    name = "tokenize-pack"
+    type = "✂️ - TOKENIZER"
+
+    def __init__(self, units: list[Unit], ctx: dict):
+        super().__init__(len(units))
+        self.units, self.ctx = units, ctx
+
+    def unit_done(self, i: int) -> bool:
+        return _done(Path(self.ctx["cache"]) / "units", self.units[i].uid)
+
+    def build_unit(self, i: int, rank: int) -> None:
+        if os.getpid() != self.ctx["parent_pid"]:
+            # one of several worker processes: the tokenizer's own thread pool would only oversubscribe the cores
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        rec = _build_unit(self.units[i], self.ctx, rank)
+        if rec is not None:
+            self.stat_update("train_blocks", value=rec["train_blocks"], unit="unit")
 
 
-def _worker_init():
-    # each worker is one of num_proc processes: the tokenizer's own thread pool would only oversubscribe the cores
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-
-
-def _build_unit_star(args):
-    return _build_unit(*args)
-
-
-def _build_units(units: list[Unit], ctx: dict, num_proc: int, progress: bool) -> int:
-    """Build every unfinished unit (claimed by this process or its workers), then wait for all; returns how many this
-    process built."""
-    from tqdm.auto import tqdm
-
+def _build_units(units: list[Unit], ctx: dict, cfg: ExecutorConfig, progress: bool) -> int:
+    """Build every unfinished unit on the executor (ranks of a datatrove pipeline); how many this call built."""
     units_dir = Path(ctx["cache"]) / "units"
     units_dir.mkdir(parents=True, exist_ok=True)
     unique = list({u.uid: u for u in units}.values())
-    count_done = lambda: sum(_done(units_dir, u.uid) for u in unique)  # noqa: E731
-    todo = [u for u in unique if not _done(units_dir, u.uid)]
-    bar = tqdm(total=len(unique), initial=len(unique) - len(todo), unit="unit", desc="tokenize + pack",
-               disable=not progress or None)
-    built = 0
-    try:
-        n = min(num_proc, len(todo))
-        if n <= 1:
-            for u in todo:
-                built += _build_unit(u, ctx) is not None
-                bar.n = count_done()
-                bar.refresh()
-        elif todo:
-            import multiprocessing as mp
-
-            # fork: workers inherit the imported modules (spawn would re-import transformers per worker)
-            with mp.get_context("fork").Pool(n, initializer=_worker_init) as pool:
-                for rec in pool.imap_unordered(_build_unit_star, [(u, ctx) for u in todo]):
-                    built += rec is not None
-                    bar.n = count_done()
-                    bar.refresh()
-        # units claimed by other ranks/processes: wait for them, taking over the claims of dead processes
-        while True:
-            missing = [u for u in unique if not _done(units_dir, u.uid)]
-            bar.n = len(unique) - len(missing)
-            if not missing:
-                bar.set_postfix_str("", refresh=False)
-            bar.refresh()
-            if not missing:
-                break
-            progressed = False
-            for u in missing:
-                if _build_unit(u, ctx) is not None:
-                    built += 1
-                    progressed = True
-            if not progressed:
-                # say why the bar stands still: another process (rank, node) is building these units
-                bar.set_postfix_str(f"waiting for {len(missing)} unit(s) claimed by other processes", refresh=False)
-                time.sleep(_POLL_S)
-    finally:
-        bar.close()
-    return built
+    step = PackUnits(unique, dict(ctx, parent_pid=os.getpid()))
+    return run_units(step, cfg, Path(ctx["cache"]) / "pipeline", progress="tokenize + pack" if progress else None)
 
 
 def _unit_record(cache: Path, uid: str) -> dict:
@@ -349,26 +223,23 @@ def _unit_record(cache: Path, uid: str) -> dict:
 
 
 def _write_complete(cache: Path, content: dict) -> None:
-    """complete.json, written once: the first process to link its finished file under the name wins."""
-    done = cache / "complete.json"
-    if done.is_file():
-        return
+    """complete.json (atomically), then the temporary files of builders that died or lost a race to finish a
+    unit: with every unit finished, none of them is needed."""
     tmp = cache / f"complete.json.tmp-{_HOST}-{os.getpid()}"
     tmp.write_text(json.dumps(content, indent=1))
-    try:
-        os.link(tmp, done)
-    except FileExistsError:
-        return
-    finally:
-        tmp.unlink(missing_ok=True)
-    # the markers of taken-over dead claims are needed only while units are still being claimed; a claim left by a
-    # process killed between finishing its unit and removing the claim names a finished unit: nobody needs it
-    units_dir = cache / "units"
-    for marker in units_dir.glob("*.takeover-*"):
-        marker.unlink(missing_ok=True)
-    for claim in units_dir.glob("*.claim"):
-        if _done(units_dir, claim.name[: -len(".claim")]):
-            claim.unlink(missing_ok=True)
+    os.replace(tmp, cache / "complete.json")
+    for junk in (cache / "units").glob("*.tmp-*"):
+        junk.unlink(missing_ok=True)
+
+
+def _wait_for_rank0(cache: Path, progress: bool) -> None:
+    """Training rank > 0: rank 0 builds the cache (on the executor); this rank waits for its complete.json. If rank 0
+    fails, the launcher (torchrun, accelerate) stops this rank with it."""
+    if progress:
+        print(f"rank {os.environ.get('RANK')}: waiting for rank 0 to build the data cache {cache}", file=sys.stderr,
+              flush=True)
+    while not (cache / "complete.json").is_file():
+        time.sleep(_POLL_S)
 
 
 class PackedBlocks:
@@ -492,43 +363,70 @@ def _plan(corpus, tokenizer_dir, block_size, cache_dir, eval_ratio, max_eval_blo
 
 
 def build_cache(corpus, tokenizer_dir, block_size: int, cache_dir, eval_ratio: float = 0.01,
-                max_eval_blocks: int = 1000, encoding: str = "auto", num_proc: int = 0, progress: bool = True) -> dict:
-    """Tokenize and pack every unit into CACHE_DIR/KEY (once across processes and ranks); the data info."""
+                max_eval_blocks: int = 1000, encoding: str = "auto", num_proc: int = 0, progress: bool = True,
+                executor: ExecutorConfig | None = None) -> dict:
+    """Tokenize and pack every unit into CACHE_DIR/KEY (once across processes and ranks); the data info.
+
+    With a Slurm executor the units are submitted as a job array and info["submitted"] is True: the same command,
+    rerun once the job has finished, finds every unit done and writes complete.json."""
     units, cache, key_info, info = _plan(corpus, tokenizer_dir, block_size, cache_dir, eval_ratio, max_eval_blocks,
                                          encoding)
-    _ensure_cache(units, cache, key_info, info, tokenizer_dir, block_size, eval_ratio, max_eval_blocks, num_proc,
-                  progress, [str(f) for f in info["files"]])
+    try:
+        _ensure_cache(units, cache, key_info, info, tokenizer_dir, block_size, eval_ratio, max_eval_blocks, num_proc,
+                      progress, [str(f) for f in info["files"]], executor)
+    except Submitted as e:
+        info.update(submitted=True, message=str(e))
     return info
 
 
+def _executor(num_proc: int, executor: ExecutorConfig | None) -> ExecutorConfig:
+    """--num-proc is the local executor's number of workers unless --workers says otherwise."""
+    import dataclasses
+
+    cfg = executor or ExecutorConfig()
+    if not cfg.workers and cfg.executor == "local":
+        cfg = dataclasses.replace(cfg, workers=resolve_num_proc(num_proc))
+    cfg.validate()
+    return cfg
+
+
 def _ensure_cache(units, cache, key_info, info, tokenizer_dir, block_size, eval_ratio, max_eval_blocks, num_proc,
-                  progress, files) -> list[dict]:
+                  progress, files, executor: ExecutorConfig | None = None) -> list[dict]:
     """Build what is missing (info gets how); the record of every unit, in unit order."""
-    n = resolve_num_proc(num_proc)
-    info["num_proc"] = n
+    cfg = _executor(num_proc, executor)
+    info["num_proc"] = cfg.resolved_workers()
+    info["executor"] = cfg.executor
     if (cache / "complete.json").is_file():
         info.update(reused_cache=True, built_units=0)
         return [_unit_record(cache, u.uid) for u in units]
     t0 = time.time()
-    ctx = {"cache": str(cache), "tok_dir": str(tokenizer_dir), "block_size": block_size, "eval_ratio": eval_ratio,
-           "max_eval_blocks": max_eval_blocks}
-    built = _build_units(units, ctx, n, progress)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        _wait_for_rank0(cache, progress)
+        built = 0
+    else:
+        ctx = {"cache": str(cache), "tok_dir": str(tokenizer_dir), "block_size": block_size,
+               "eval_ratio": eval_ratio, "max_eval_blocks": max_eval_blocks}
+        built = _build_units(units, ctx, cfg, progress)
     recs = [_unit_record(cache, u.uid) for u in units]
     train_blocks = sum(r["train_blocks"] for r in recs)
     if not train_blocks:
         raise _empty(files, block_size)
-    _write_complete(cache, dict(key_info, train_blocks=train_blocks, eval_blocks=sum(r["eval_blocks"] for r in recs),
-                                units=[u.uid for u in units]))
+    if not (cache / "complete.json").is_file():
+        _write_complete(cache, dict(key_info, train_blocks=train_blocks,
+                                    eval_blocks=sum(r["eval_blocks"] for r in recs), units=[u.uid for u in units]))
     info.update(reused_cache=False, built_units=built, build_seconds=round(time.time() - t0, 2))
     return recs
 
 
 def build_datasets(corpus, tokenizer_dir, block_size: int, cache_dir, eval_ratio: float = 0.01,
                    max_eval_blocks: int = 1000, streaming: bool = False, encoding: str = "auto", num_proc: int = 0,
-                   seed: int = 42, shuffle_buffer: int = 10000, progress: bool = True):
+                   seed: int = 42, shuffle_buffer: int = 10000, progress: bool = True,
+                   executor: ExecutorConfig | None = None):
     try:
         return _build_datasets(corpus, tokenizer_dir, block_size, cache_dir, eval_ratio, max_eval_blocks, streaming,
-                               encoding, num_proc, seed, shuffle_buffer, progress)
+                               encoding, num_proc, seed, shuffle_buffer, progress, executor)
+    except Submitted as e:
+        raise UserError(f"the data cache is not finished: {e}") from None
     except Exception as e:  # a decode error inside datasets' generator: one line, not its 60-line traceback
         inner = _user_error_inside(e)
         if inner is None or inner is e:
@@ -537,7 +435,7 @@ def build_datasets(corpus, tokenizer_dir, block_size: int, cache_dir, eval_ratio
 
 
 def _build_datasets(corpus, tokenizer_dir, block_size, cache_dir, eval_ratio, max_eval_blocks, streaming, encoding,
-                    num_proc, seed, shuffle_buffer, progress):
+                    num_proc, seed, shuffle_buffer, progress, executor=None):
     units, cache, key_info, info = _plan(corpus, tokenizer_dir, block_size, cache_dir, eval_ratio, max_eval_blocks,
                                          encoding)
     files = info["files"]
@@ -545,7 +443,7 @@ def _build_datasets(corpus, tokenizer_dir, block_size, cache_dir, eval_ratio, ma
         return _streaming(units, info, str(tokenizer_dir), block_size, eval_ratio, max_eval_blocks, seed,
                           shuffle_buffer, files)
     recs = _ensure_cache(units, cache, key_info, info, tokenizer_dir, block_size, eval_ratio, max_eval_blocks,
-                         num_proc, progress, files)
+                         num_proc, progress, files, executor)
     units_dir = cache / "units"
     train_ds = PackedBlocks([(str(units_dir / f"{u.uid}.train.bin"), r["train_blocks"]) for u, r in zip(units, recs)],
                             block_size)

@@ -1,4 +1,5 @@
-"""Pretraining tokenization/packing: work units, N-independent blocks, once-only builds across processes, resume."""
+"""Pretraining tokenization/packing on datatrove: work units, blocks independent of tasks/workers, the cache built once
+under torchrun, kill -9 and resume."""
 from __future__ import annotations
 
 import json
@@ -123,17 +124,44 @@ def test_kill9_during_tokenization_resumes_from_finished_units(setup, big_corpus
     assert all((cache / info["cache_dir"].split("/")[-1] / "units" / n).read_text() == t for n, t in before.items())
     # nothing half-written is left, and every shard equals the uninterrupted build's
     units = cache / Path(info["cache_dir"]).name / "units"
-    assert not list(units.glob("*.claim")) and not list(units.glob("*.tmp-*")) and not list(units.glob("*.takeover-*"))
+    assert not list(units.glob("*.tmp-*"))
+    # resumed through the engine: every rank (one per unit) has its completion marker, the killed run's included
+    assert len(list(units.parent.glob(f"pipeline/tasks-{n_units}/completions/*"))) == n_units
     ref_units = Path(ref_info["cache_dir"]) / "units"
     bins = sorted(p.name for p in ref_units.glob("*.bin"))
     assert bins == sorted(p.name for p in units.glob("*.bin"))
     assert all((ref_units / b).read_bytes() == (units / b).read_bytes() for b in bins)
 
 
-def test_dead_claim_is_taken_over_and_live_claim_waited_for(setup, big_corpus, tmp_path, monkeypatch):
-    """A claim left by a killed process (same host, pid gone) is rebuilt; a unit another live process holds is
-    waited for, not built twice."""
-    import socket
+@pytest.mark.parametrize("tasks,workers", [(1, 1), (2, 2), (4, 2)])
+def test_cache_is_byte_identical_for_1_2_and_4_datatrove_tasks(setup, big_corpus, tmp_path, monkeypatch, tasks,
+                                                               workers):
+    """Units dealt round-robin over 1, 2 or 4 datatrove ranks give the shards, records and index of one rank per
+    unit (the default); each rank is marked complete by the engine."""
+    from pretrain.data import build_cache
+    from zhllama.executors import ExecutorConfig
+
+    monkeypatch.setenv("ZHLLAMA_PRETRAIN_UNIT_BYTES", "40000")
+    kw = dict(eval_ratio=0.02, max_eval_blocks=50, progress=False)
+    ref = build_cache([big_corpus], setup["tok"], 32, tmp_path / "ref", num_proc=1, **kw)
+    got = build_cache([big_corpus], setup["tok"], 32, tmp_path / "got", executor=ExecutorConfig(tasks=tasks,
+                      workers=workers), **kw)
+    assert got["built_units"] == got["units"] == ref["units"] > tasks and got["num_proc"] == workers
+    r, g = Path(ref["cache_dir"]), Path(got["cache_dir"])
+    assert r.name == g.name
+    files = sorted(p.name for p in (r / "units").glob("*.bin"))
+    assert files == sorted(p.name for p in (g / "units").glob("*.bin")) and len(files) == 2 * ref["units"]
+    assert all((r / "units" / f).read_bytes() == (g / "units" / f).read_bytes() for f in files)
+    assert (r / "complete.json").read_text() == (g / "complete.json").read_text()
+    assert sorted(p.name for p in (g / "pipeline" / f"tasks-{tasks}" / "completions").iterdir()) == \
+        [f"{i:05d}" for i in range(tasks)]
+    # the engine's task logs, not zhllama's stderr, hold datatrove's console output
+    assert (g / "pipeline" / f"tasks-{tasks}" / "logs" / "task_00000.log").is_file()
+
+
+def test_other_training_ranks_wait_for_rank_0_and_build_nothing(setup, big_corpus, tmp_path, monkeypatch):
+    """RANK 1 of 2 never runs the build: it waits until rank 0's complete.json exists and reads that cache."""
+    import shutil
     import threading
 
     from pretrain import data
@@ -141,124 +169,42 @@ def test_dead_claim_is_taken_over_and_live_claim_waited_for(setup, big_corpus, t
     monkeypatch.setattr(data, "_POLL_S", 0.05)
     f = big_corpus / "c.txt"
     _, _, info = data.build_datasets([f], setup["tok"], 32, tmp_path / "ref", eval_ratio=0.02, progress=False)
-    uid = json.loads((Path(info["cache_dir"]) / "units" / "builds.jsonl").read_text())["uid"]
-    cache = tmp_path / "c" / info["cache_key"] / "units"
-    cache.mkdir(parents=True)
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (cache / f"{uid}.claim").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "start": "0"}))
-    (cache / f"{uid}.train.bin.tmp-{socket.gethostname()}-{dead.pid}").write_bytes(b"half")
-    _, _, got = data.build_datasets([f], setup["tok"], 32, tmp_path / "c", eval_ratio=0.02, progress=False)
-    assert got["built_units"] == 1 and not list(cache.glob("*.tmp-*")) and not (cache / f"{uid}.claim").exists()
+    ref = Path(info["cache_dir"])
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    live = tmp_path / "live" / info["cache_key"]
 
-    # a live claim (this process, as another rank would hold it): the build waits, then reads what the holder wrote
-    live = tmp_path / "live" / info["cache_key"] / "units"
-    live.mkdir(parents=True)
-    (live / f"{uid}.claim").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                                   "start": data.process_start(os.getpid())}))
-    ref_units = Path(info["cache_dir"]) / "units"
-
-    def holder():
+    def rank0():  # what rank 0 leaves once its build is done
         time.sleep(1.0)
-        for p in ref_units.glob(f"{uid}.*"):
-            (live / p.name).write_bytes(p.read_bytes())
-        (live / f"{uid}.claim").unlink()
+        shutil.copytree(ref / "units", live / "units")
+        shutil.copy(ref / "complete.json", live / "complete.json")
 
-    t = threading.Thread(target=holder)
+    t = threading.Thread(target=rank0)
     t.start()
     t0 = time.time()
     tr, _, waited = data.build_datasets([f], setup["tok"], 32, tmp_path / "live", eval_ratio=0.02, progress=False)
     t.join()
     assert waited["built_units"] == 0 and time.time() - t0 >= 1.0 and len(tr) == info["train_blocks"]
+    assert not (live / "pipeline").exists()  # no executor ran on this rank
+    builds = (live / "units" / "builds.jsonl").read_text().splitlines()
+    assert len(builds) == 1 and json.loads(builds[0])["rank"] == 0
 
 
-def test_claim_of_another_node_is_taken_over_only_when_its_heartbeat_stops(setup, big_corpus, tmp_path, monkeypatch):
-    """A claim from another host cannot be checked by pid: while its owner touches it the unit is waited for; once
-    its mtime stays unchanged for STALE_S (this process's clock) it is taken over and built here, with the dead
-    node's temp files removed."""
-    import threading
+def test_a_finished_task_whose_output_was_removed_is_redone(setup, big_corpus, tmp_path, monkeypatch):
+    """datatrove trusts its completion markers; a unit deleted after its task finished is built again, not lost."""
+    from pretrain.data import build_cache
 
-    from pretrain import data
-
-    monkeypatch.setattr(data, "_POLL_S", 0.05)
-    monkeypatch.setattr(data, "STALE_S", 0.6)
-    f = big_corpus / "c.txt"
-    _, _, info = data.build_datasets([f], setup["tok"], 32, tmp_path / "ref", eval_ratio=0.02, progress=False)
-    uid = json.loads((Path(info["cache_dir"]) / "units" / "builds.jsonl").read_text())["uid"]
-    ref_units = Path(info["cache_dir"]) / "units"
-
-    # alive on node-b: touched every 0.2 s for 1.5 s (longer than STALE_S), then it publishes the unit
-    live = tmp_path / "live" / info["cache_key"] / "units"
-    live.mkdir(parents=True)
-    claim = live / f"{uid}.claim"
-    claim.write_text(json.dumps({"host": "node-b", "pid": 4242, "start": "1", "rank": 1}))
-
-    def holder():
-        for _ in range(8):
-            time.sleep(0.2)
-            os.utime(claim)
-        for p in ref_units.glob(f"{uid}.*"):
-            (live / p.name).write_bytes(p.read_bytes())
-        claim.unlink()
-
-    t = threading.Thread(target=holder)
-    t.start()
-    t0 = time.time()
-    _, _, waited = data.build_datasets([f], setup["tok"], 32, tmp_path / "live", eval_ratio=0.02, progress=False)
-    t.join()
-    assert waited["built_units"] == 0 and time.time() - t0 >= 1.5
-
-    # node-c died mid-build: its claim is never touched again; taken over after STALE_S, built once, junk removed
-    dead = tmp_path / "dead" / info["cache_key"] / "units"
-    dead.mkdir(parents=True)
-    (dead / f"{uid}.claim").write_text(json.dumps({"host": "node-c", "pid": 4242, "start": "1", "rank": 1}))
-    (dead / f"{uid}.train.bin.tmp-node-c-4242").write_bytes(b"half")
-    t0, result = time.time(), {}
-
-    def build():
-        result["info"] = data.build_datasets([f], setup["tok"], 32, tmp_path / "dead", eval_ratio=0.02,
-                                             progress=False)[2]
-
-    builder = threading.Thread(target=build, daemon=True)  # a regression would wait forever: bound it
-    builder.start()
-    builder.join(120)
-    assert "info" in result, "the claim of the dead node was never taken over"
-    assert result["info"]["built_units"] == 1 and time.time() - t0 >= 0.6
-    assert not list(dead.glob("*.tmp-*")) and not (dead / f"{uid}.claim").exists()
-    assert (dead / f"{uid}.train.bin").read_bytes() == (ref_units / f"{uid}.train.bin").read_bytes()
-
-
-def test_builder_whose_claim_was_taken_over_steps_aside(setup, big_corpus, tmp_path, monkeypatch):
-    """A builder that stalled long enough for its claim to be taken over notices at its next heartbeat: it writes
-    nothing, leaves the new holder's claim alone and removes only its own temp files."""
-    from pretrain import data
-
-    (unit,), cache, _, _ = data._plan([big_corpus / "c.txt"], setup["tok"], 32, tmp_path / "c", 0.02, 1000, "auto")
-    units_dir = cache / "units"
-    units_dir.mkdir(parents=True)
-    claim = units_dir / f"{unit.uid}.claim"
-    taker = json.dumps({"host": "node-b", "pid": 7, "start": "1", "rank": 1})
-    real = data._unit_blocks
-
-    def stalled(*args, **kwargs):
-        for i, chunk in enumerate(real(*args, **kwargs)):
-            if i == 1:
-                claim.write_text(taker)  # node-b judged this process dead and took the unit over
-            yield chunk
-
-    monkeypatch.setattr(data, "_unit_blocks", stalled)
-    monkeypatch.setattr(data, "HEARTBEAT_S", 0.0)
-    ctx = {"cache": str(cache), "tok_dir": str(setup["tok"]), "block_size": 32, "eval_ratio": 0.02,
-           "max_eval_blocks": 1000}
-    assert data._build_unit(unit, ctx) is None
-    assert claim.read_text() == taker
-    assert sorted(p.name for p in units_dir.iterdir()) == [claim.name]
-
-    # not taken over: the same call builds the unit and removes its own claim
-    claim.unlink()
-    monkeypatch.setattr(data, "_unit_blocks", real)
-    rec = data._build_unit(unit, ctx)
-    assert rec["train_blocks"] > 0 and not claim.exists() and (units_dir / f"{unit.uid}.json").is_file()
+    monkeypatch.setenv("ZHLLAMA_PRETRAIN_UNIT_BYTES", "40000")
+    kw = dict(eval_ratio=0.02, max_eval_blocks=50, progress=False, num_proc=1)
+    info = build_cache([big_corpus], setup["tok"], 32, tmp_path / "c", **kw)
+    cache = Path(info["cache_dir"])
+    victim = sorted((cache / "units").glob("*.json"))[2]
+    shards = {p: p.read_bytes() for p in (cache / "units").glob(victim.name.replace(".json", ".*.bin"))}
+    victim.unlink()
+    (cache / "complete.json").unlink()
+    again = build_cache([big_corpus], setup["tok"], 32, tmp_path / "c", **kw)
+    assert again["built_units"] == 1 and victim.is_file() and (cache / "complete.json").is_file()
+    assert all(p.read_bytes() == b for p, b in shards.items())
 
 
 @pytest.mark.slow
@@ -279,7 +225,8 @@ def test_torchrun_two_ranks_build_a_new_cache_once_and_train(setup, big_corpus, 
     n_units = len(list((key / "units").glob("*.json")))
     assert n_units > 40 and len(uids) == len(set(uids)) == n_units  # every unit built, and exactly once
     assert (key / "complete.json").is_file() and not list(key.glob("complete.json.tmp-*"))
-    assert not list((key / "units").glob("*.claim"))
+    assert {b["rank"] for b in builds} == {0}  # training rank 0 ran the pipeline; rank 1 waited
+    assert len(list((key / "pipeline" / f"tasks-{n_units}" / "completions").iterdir())) == n_units
 
 
 def test_streaming_is_a_seeded_shuffle_of_the_cached_blocks(setup, big_corpus, tmp_path, monkeypatch):

@@ -163,3 +163,104 @@ def test_counted_units_are_reused_after_a_kill(tmp_path, mixed_corpus, monkeypat
     again = count_spans([mixed_corpus], cfg, num_proc=1, progress=False, cache_dir=cache)
     assert list(again.items()) == list(full.items())
     assert len(counted) == len(saved[::2])
+
+
+@pytest.mark.parametrize("tasks,workers", [(1, 1), (2, 2), (4, 2)])
+def test_span_counts_identical_for_1_2_and_4_datatrove_tasks(mixed_corpus, monkeypatch, tmp_path, tasks, workers):
+    """The units dealt over 1, 2 or 4 datatrove ranks (round-robin) give the counts, in the same order, and the
+    reader statistics of one rank per unit in one process."""
+    from corpora.reader import CorpusStats
+    from zhllama.executors import ExecutorConfig
+
+    monkeypatch.setattr(spans_mod, "UNIT_BYTES", 20_000)
+    cfg = TrainConfig(model_type="extend", max_chars=60_000, max_spans=500)  # sampled, and the budget binds
+    ref_stats, got_stats = CorpusStats(), CorpusStats()
+    ref = count_spans([mixed_corpus], cfg, ref_stats, num_proc=1, progress=False)
+    got = count_spans([mixed_corpus], cfg, got_stats, progress=False, cache_dir=tmp_path / "c",
+                      executor=ExecutorConfig(tasks=tasks, workers=workers))
+    assert len(work_units(sorted(mixed_corpus.iterdir()))) > 4
+    assert list(got.items()) == list(ref.items()) and len(ref) == 500
+    assert got_stats.as_dict() == ref_stats.as_dict()
+    run = next((tmp_path / "c" / "pipeline").iterdir()) / f"tasks-{tasks}"
+    assert sorted(p.name for p in (run / "completions").iterdir()) == [f"{i:05d}" for i in range(tasks)]
+
+
+_COUNT = """
+import pickle, sys
+from vocab import spans
+from vocab.train import TrainConfig
+spans.UNIT_BYTES = 2_000
+c = spans.count_spans([sys.argv[1]], TrainConfig(model_type="extend", max_spans=0), num_proc=2, progress=False,
+                      cache_dir=sys.argv[2])
+open(sys.argv[3], "wb").write(pickle.dumps(list(c.items())))
+"""
+
+
+def test_kill9_while_counting_then_rerun_gives_identical_counts(tmp_path):
+    """kill -9 of the whole process group (the command and its datatrove workers) after a few units are counted;
+    the same command then counts only the rest, and the counts equal an uninterrupted run's."""
+    import os
+    import signal
+    import time
+
+    from conftest import ROOT
+
+    corpus = tmp_path / "zh"
+    corpus.mkdir()
+    write_lines(corpus / "a.txt", make_chinese_lines(6000, 5))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-c", _COUNT, str(corpus)]
+    ref = subprocess.run([*cmd, str(tmp_path / "ref"), str(tmp_path / "ref.pkl")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    n_units = len(list((tmp_path / "ref").glob("*.pkl")))
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([*cmd, str(cut), str(tmp_path / "cut.pkl")], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    t0 = time.time()
+    while len(list(cut.glob("*.pkl"))) < 3 and proc.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.01)
+    assert proc.poll() is None, "counting finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {p.name: p.read_bytes() for p in cut.glob("*.pkl")}
+    assert 3 <= len(before) < n_units and not (tmp_path / "cut.pkl").exists()
+    again = subprocess.run([*cmd, str(cut), str(tmp_path / "cut.pkl")], env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (tmp_path / "cut.pkl").read_bytes() == (tmp_path / "ref.pkl").read_bytes()
+    assert all((cut / n).read_bytes() == b for n, b in before.items())  # finished units were not redone
+    assert not list(cut.glob("*.tmp*"))
+
+
+def test_vocab_modules_import_no_cycle():
+    """Issue 24: vocab.extend and vocab.spans imported each other (inside functions, to dodge the cycle); the
+    shared budget lives in vocab.budget now. No vocab module may reach itself through vocab imports, lazy ones
+    included."""
+    import ast
+
+    from conftest import ROOT
+
+    graph = {}
+    for path in (ROOT / "vocab").glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("vocab."):
+                deps.add(node.module.split(".")[1])
+            elif isinstance(node, ast.ImportFrom) and node.module == "vocab":
+                deps.update(a.name for a in node.names)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name.split(".")[1] for a in node.names if a.name.startswith("vocab."))
+        graph[path.stem] = deps - {path.stem}
+
+    def reaches(start, node, seen):
+        for d in graph.get(node, ()):
+            if d == start:
+                return True
+            if d not in seen:
+                seen.add(d)
+                if reaches(start, d, seen):
+                    return True
+        return False
+
+    assert [m for m in sorted(graph) if reaches(m, m, set())] == []

@@ -97,8 +97,9 @@ def build(
     load_model(base_path, "--base")  # a corrupt base is named before OUT is touched
     with runfolder.lock(out, log=log):
         stamp = {
-            # num_proc changes nothing in the result (tests/test_vocab_core.py), so a rerun with another N is up to date
-            "config": {k: v for k, v in asdict(cfg).items() if k != "num_proc"},
+            # num_proc and the executor change nothing in the result (tests/test_vocab_core.py, test_vocab_scale.py),
+            # so a rerun with another N or on another executor is up to date
+            "config": {k: v for k, v in asdict(cfg).items() if k not in ("num_proc", "executor")},
             "corpus": _corpus_fingerprint(corpus),
             "base": sha256_file(base_path) if Path(base_path).is_file() else str(base_path),
         }

@@ -31,6 +31,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vocab.budget import prune
 from vocab.spmodel import CJK_RE
 from zhllama.errors import UserError
 
@@ -175,13 +176,11 @@ def piece_ok(b: bytes, max_chars: int, max_bytes: int) -> bool:
 
 
 def count_words(base: ByteLevelBase, docs, max_spans: int = 0) -> Counter:
-    """Pre-tokens holding CJK, counted (byte-level strings). max_spans > 0 prunes like vocab.spans.prune."""
+    """Pre-tokens holding CJK, counted (byte-level strings). max_spans > 0 prunes like vocab.budget.prune."""
     words: Counter = Counter()
     limit = 2 * max_spans
     for doc in docs:
         if limit and len(words) > limit:
-            from vocab.spans import prune
-
             words = prune(words, max_spans)
         for w, text in base.pre_tokens(doc):
             if CJK_RE.search(text):

@@ -38,7 +38,7 @@ def build_bytelevel(base_path, corpus, out_dir, cfg, report_text=None, compare=N
     base = ByteLevelBase(base_path)  # a bad base fails before the run folder is touched
     out = Path(out_dir)
     with runfolder.lock(out, log=log):
-        stamp = {"config": {k: v for k, v in asdict(cfg).items() if k != "num_proc"},
+        stamp = {"config": {k: v for k, v in asdict(cfg).items() if k not in ("num_proc", "executor")},
                  "corpus": _corpus_fingerprint(corpus), "base": sha256_file(base.path), "kind": "bytelevel"}
         fingerprint = {**stamp, "report_text": [str(p) for p in report_text or []], "compare": compare or {}}
         if runfolder.decide(out, fingerprint, "auto", log=log, artefacts=("tokenizer.json", "vocab_report.json")) == "up-to-date":

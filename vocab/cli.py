@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from vocab.report import REPORT_MAX_CHARS
@@ -10,6 +11,7 @@ from vocab.spans import MAX_LINE_CHARS
 from vocab.train import TrainConfig
 from zhllama.cli import add_recipe_args
 from zhllama.errors import UserError, cli_entry
+from zhllama.executors import add_executor_args, executor_config_from_args
 from zhllama.overlap import refuse_overlap
 from zhllama.recipe import Recipe, VocabConfig
 
@@ -30,6 +32,9 @@ def _add_train_args(p: argparse.ArgumentParser, default_type: str) -> None:
     add_recipe_args(p, [("vocab", VocabConfig)],
                     recipe_help="recipe whose vocab: section to use (name under recipes/ or a .yaml path; default: "
                                 f"the built-in defaults, which are the paper's, with --model-type {default_type})")
+    # extend's span counting runs on these (one task per work unit by default); --num-proc is the local executor's
+    # --workers unless --workers is given
+    add_executor_args(p)
 
 
 def _train_cfg(a, default_type: str = "extend") -> tuple[TrainConfig, VocabConfig]:
@@ -42,7 +47,8 @@ def _train_cfg(a, default_type: str = "extend") -> tuple[TrainConfig, VocabConfi
     cfg = TrainConfig(model_type=v.model_type, vocab_size=v.vocab_size, num_added=v.num_added,
                       character_coverage=v.character_coverage, max_chars=v.max_chars, word_aware=v.word_aware,
                       encoding=v.encoding, seed=v.seed, max_piece_chars=v.max_piece_chars,
-                      max_piece_bytes=v.max_piece_bytes, max_spans=v.max_spans, num_proc=v.num_proc)
+                      max_piece_bytes=v.max_piece_bytes, max_spans=v.max_spans, num_proc=v.num_proc,
+                      executor=executor_config_from_args(a))
     if 0 < cfg.max_piece_bytes < 4:
         raise UserError(f"--max-piece-bytes {cfg.max_piece_bytes} cannot hold one CJK character (3-4 bytes)")
     return cfg, v
@@ -104,6 +110,16 @@ def parser() -> argparse.ArgumentParser:
 
 @cli_entry
 def main(argv=None) -> int:
+    from zhllama.unit_pipeline import Submitted
+
+    try:
+        return _main(argv)
+    except Submitted as e:  # --executor slurm: the counting runs later; the rerun reuses what it counted
+        print(e, file=sys.stderr)
+        return 0
+
+
+def _main(argv=None) -> int:
     a = parser().parse_args(argv)
     compare = list(_parse_compare(getattr(a, "compare", None)).values())
     if a.cmd == "report":

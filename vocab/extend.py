@@ -23,6 +23,7 @@ from typing import Iterable
 
 import numpy as np
 
+from vocab.budget import prune
 from vocab.merge import build_extended
 from vocab.spmodel import CJK_CHARS, CJK_RE, NORMAL, ModelProto, processor, without_dummy_prefix
 from zhllama.errors import UserError
@@ -60,7 +61,7 @@ class ExtendConfig:
     word_aware: bool = False  # jieba: never merge across word boundaries
     digits: bool = True  # merge digits adjacent to CJK into CJK-containing pieces
     space_prefix: bool = True  # a run after a space or at line start begins with "▁", as sentencepiece sees it
-    max_spans: int = 0  # keep at most this many distinct spans (vocab.spans.prune); 0 = no limit
+    max_spans: int = 0  # keep at most this many distinct spans (vocab.budget.prune); 0 = no limit
 
 
 @dataclass
@@ -75,7 +76,7 @@ def collect_spans(texts: Iterable[str], word_aware: bool = False, digits: bool =
                   max_spans: int = 0) -> Counter:
     """Count the maximal CJK runs of the corpus; merges never cross their edges.
 
-    max_spans > 0: the counter is pruned (vocab.spans.prune) whenever it holds more than 2 x max_spans spans.
+    max_spans > 0: the counter is pruned (vocab.budget.prune) whenever it holds more than 2 x max_spans spans.
 
     With space_prefix, a run at the start of a line or after a space keeps the "▁" that
     sentencepiece puts there (dummy prefix / escaped space), so pieces like "▁中国" can be learned;
@@ -90,8 +91,6 @@ def collect_spans(texts: Iterable[str], word_aware: bool = False, digits: bool =
     limit = 2 * max_spans
     for text in texts:
         if limit and len(spans) > limit:
-            from vocab.spans import prune
-
             spans = prune(spans, max_spans)
         for m in pattern.finditer(text):
             run = m.group()
@@ -184,8 +183,6 @@ def extend_vocabulary(base: "ModelProto", texts: Iterable[str] | None, cfg: Exte
     if spans is None:
         spans = collect_spans(texts, cfg.word_aware, cfg.digits, cfg.space_prefix, max_spans=cfg.max_spans)
     if cfg.max_spans:
-        from vocab.spans import prune
-
         spans = prune(spans, cfg.max_spans)
     spans_counter = spans
     if not spans_counter:

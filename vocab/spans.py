@@ -1,9 +1,13 @@
-"""Count the CJK spans of a whole corpus for continued BPE: fixed work units, N processes, a fixed memory budget.
+"""Count the CJK spans of a whole corpus for continued BPE: fixed work units on a datatrove pipeline, a fixed memory
+budget.
 
-Work units (zhllama.units) depend on the corpus alone, never on N: every file is one unit, except uncompressed .txt
-files over UNIT_BYTES, which are cut into line-aligned byte ranges of about UNIT_BYTES. Each unit is counted in a worker
-process (in this process for N=1) with the same sampling and pruning, and the counts are merged in unit order,
-so the counts, and so the model, are the same for every N.
+Work units (zhllama.units) depend on the corpus alone, never on the number of tasks or processes: every file is one
+unit, except uncompressed .txt files over UNIT_BYTES, which are cut into line-aligned byte ranges of about
+UNIT_BYTES. The units are the ranks of a datatrove pipeline (zhllama.unit_pipeline) on any executor of
+zhllama.executors (local processes by default, Slurm, Ray): each unit is counted with the same sampling and pruning
+and its counts written (atomically) to the cache folder; this process then merges them in unit order, so the
+counts, and so the model, are the same for any number of tasks and workers. A rerun after a kill skips the ranks
+the engine marked complete and the units whose counts are saved.
 
 Memory: a counter holding more than 2 x max_spans distinct spans is pruned (lossy-counting style, see `prune`),
 so a worker holds at most 2 x max_spans spans and the merging process at most 2 x max_spans plus one unit's
@@ -14,27 +18,38 @@ Public API:
     UNIT_BYTES, MAX_LINE_CHARS
     split_overlong(docs, stats=None, max_chars=MAX_LINE_CHARS) -> Iterator[str]   lines over the limit cut in pieces
     uncompressed_size(path) -> int                 bytes of text in a file (.gz: decompressed, exact)
+    empty_corpus(files) -> str                     the error message for a corpus without a text line
     sample_threshold(total_bytes, max_chars) -> int     the hash threshold of `train.sampled_texts` (2**32: keep all)
     keep_doc(doc, seed, threshold) -> bool
     work_units(files) -> [zhllama.units.Unit]
-    prune(counter, max_spans) -> Counter
-    count_spans(paths, cfg, stats=None, num_proc=0, progress=True, cache_dir=None) -> Counter
-                                                   (cfg: vocab.train.TrainConfig; cache_dir: finished units, reused)
+    prune(counter, max_spans) -> Counter           (vocab.budget's, re-exported)
+    count_spans(paths, cfg, stats=None, num_proc=0, progress=True, cache_dir=None, executor=None) -> Counter
+        cfg: vocab.train.TrainConfig; cache_dir: the units' counts and the engine's records, reused by a rerun
+        (default: a temporary folder); executor: a zhllama.executors.ExecutorConfig (default: local, num_proc
+        workers). With Slurm it raises zhllama.unit_pipeline.Submitted once the job array is submitted.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import os
 import pickle
 import sys
-import zlib
+import tempfile
 from collections import Counter
 from pathlib import Path
 
 from corpora.reader import CorpusStats, iter_documents, iter_range_lines, list_corpus_files, sniff
+from vocab.budget import prune
+from vocab.extend import collect_spans
 from zhllama.errors import UserError
+from zhllama.executors import ExecutorConfig
+from zhllama.unit_pipeline import UnitStep, run_units
 from zhllama.units import Unit, plan_units
+
+__all__ = ["UNIT_BYTES", "MAX_LINE_CHARS", "split_overlong", "uncompressed_size", "sample_threshold", "keep_doc",
+           "work_units", "prune", "count_spans", "resolve_num_proc", "empty_corpus"]
 
 UNIT_BYTES = 16 << 20  # a fixed unit size (never derived from N) keeps the merge order, and so the result, fixed
 # A line (document) longer than this many characters is cut at sentence ends (corpora.clean.split_long, hard cuts
@@ -44,6 +59,13 @@ UNIT_BYTES = 16 << 20  # a fixed unit size (never derived from N) keeps the merg
 # the shared corpus is 17,020 characters, so the vocabulary of normal corpora is unchanged.
 MAX_LINE_CHARS = 100_000
 _READ = 1 << 20
+
+
+def empty_corpus(files) -> str:
+    """The error for a corpus without one non-blank line, naming its files."""
+    files = [str(f) for f in files]
+    names = ", ".join(files[:3]) + (f" (and {len(files) - 3} more)" if len(files) > 3 else "")
+    return f"empty corpus: no text lines in {names} (every file is empty or holds only whitespace); point --corpus at your text"
 
 
 def uncompressed_size(path: str | Path) -> int:
@@ -79,25 +101,6 @@ def keep_doc(doc: str, seed: int, threshold: int) -> bool:
 def work_units(files) -> list[Unit]:
     # cuts at line ends, each UNIT_BYTES past the previous one: the ranges this stage has always counted in
     return plan_units(files, UNIT_BYTES, splittable=(".txt",), cut="line_end")
-
-
-def prune(counter: Counter, max_spans: int) -> Counter:
-    """The max_spans most frequent spans, rarest dropped first (lossy counting). Of the count class at the cut, the
-    spans with the smallest CRC-32 are kept: neither the order spans were seen in nor their code points bias the
-    choice, and the result is the same for any order. A kept span can be undercounted by at most the sum of the
-    cut counts of the earlier prunes that dropped it."""
-    if not max_spans or len(counter) <= max_spans:
-        return counter
-    classes = Counter(counter.values())
-    above, cut = 0, 0
-    for v in sorted(classes, reverse=True):
-        if above + classes[v] > max_spans:
-            cut = v
-            break
-        above += classes[v]
-    boundary = sorted((s for s, n in counter.items() if n == cut), key=lambda s: (zlib.crc32(s.encode()), s))
-    keep = set(boundary[:max_spans - above])
-    return Counter({s: n for s, n in counter.items() if n > cut or s in keep})
 
 
 def split_overlong(docs, stats: CorpusStats | None = None, max_chars: int = MAX_LINE_CHARS):
@@ -143,26 +146,34 @@ def _unit_key(job) -> str:
     return hashlib.sha256(repr(ident).encode()).hexdigest()[:32]
 
 
-def _count_unit(job):
-    """One unit's spans (pruned at the budget), the reader's statistics, and the number of documents sampled;
-    with a cache folder, reused from there or saved there (atomically) for a rerun after a kill."""
-    cache = job[-1]
-    path = Path(cache) / f"{_unit_key(job[:-1])}.pkl" if cache else None
-    if path is not None and path.is_file():
-        with open(path, "rb") as f:
-            return pickle.load(f)
-    result = _count(*job[:-1])
-    if path is not None:
+class CountUnits(UnitStep):
+    """The datatrove step: count the spans of this rank's units, each into FOLDER/UNIT_KEY.pkl."""
+
+    name = "span-count"
+    type = "📊 - STATS"
+
+    def __init__(self, jobs: list[tuple], folder: str):
+        super().__init__(len(jobs))
+        self.jobs, self.folder = jobs, folder
+        self.keys = [_unit_key(j) for j in jobs]
+
+    def path(self, i: int) -> Path:
+        return Path(self.folder) / f"{self.keys[i]}.pkl"
+
+    def unit_done(self, i: int) -> bool:
+        return self.path(i).is_file()
+
+    def build_unit(self, i: int, rank: int) -> None:
+        result = _count(*self.jobs[i])
+        path = self.path(i)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         with open(tmp, "wb") as f:
             pickle.dump(result, f, protocol=pickle.HIGHEST_PROTOCOL)
         os.replace(tmp, path)
-    return result
+        self.stat_update("sampled_docs", value=result[2], unit="unit")
 
 
 def _count(unit, encoding, seed, threshold, word_aware, digits, space_prefix, max_spans):
-    from vocab.extend import collect_spans
-
     stats = CorpusStats()
     docs = [0]
 
@@ -207,69 +218,65 @@ def resolve_num_proc(num_proc: int) -> int:
 
 
 def count_spans(paths, cfg, stats: CorpusStats | None = None, num_proc: int = 0, progress: bool = True,
-                digits: bool = True, space_prefix: bool = True, cache_dir: str | Path | None = None) -> Counter:
+                digits: bool = True, space_prefix: bool = True, cache_dir: str | Path | None = None,
+                executor: ExecutorConfig | None = None) -> Counter:
     """The corpus's span counts under cfg's sampling (max_chars, seed, encoding) and budget (max_spans).
 
     cache_dir: each finished unit's counts are kept there, so a run killed while counting reuses them (the caller
-    removes the folder when it no longer needs them)."""
+    removes the folder when it no longer needs them); without it, a temporary folder is used and removed."""
+    import dataclasses
+
     files = list_corpus_files(paths)
     stats = stats if stats is not None else CorpusStats()
     sizes = {str(f): uncompressed_size(f) for f in files}
     threshold = sample_threshold(sum(sizes.values()), cfg.max_chars)
     units = work_units(files)
     unit_size = [sizes[u.path] if u.end is None else u.end - u.start for u in units]
-    if cache_dir is not None:
+    cfg_ex = executor or ExecutorConfig()
+    if not cfg_ex.workers and cfg_ex.executor == "local":
+        cfg_ex = dataclasses.replace(cfg_ex, workers=resolve_num_proc(num_proc))
+    cfg_ex.validate()
+    jobs = [(u, cfg.encoding, cfg.seed, threshold, cfg.word_aware, digits, space_prefix, cfg.max_spans) for u in units]
+    with contextlib.ExitStack() as stack:
+        if cache_dir is None:
+            cache_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="zhllama-spans-"))
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    jobs = [(u, cfg.encoding, cfg.seed, threshold, cfg.word_aware, digits, space_prefix, cfg.max_spans,
-             str(cache_dir) if cache_dir is not None else None) for u in units]
-    n = min(resolve_num_proc(num_proc), len(jobs))
-    if progress:
-        # the bar below moves once per finished unit (and only on a terminal): say what is being done first
-        print(f"[vocab] counting Chinese spans in {len(files)} file(s), {sum(unit_size) / 1e6:,.1f} MB in {len(units)} "
-              f"unit(s), {n} process(es)", file=sys.stderr, flush=True)  # stdout may carry the JSON result
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        # disable=None: no bar when stderr is not a terminal (a log file or a test keeps only the messages)
-        bar = tqdm(total=sum(unit_size), desc=f"counting spans ({n} proc)", unit="B", unit_scale=True, disable=None)
-    total: Counter = Counter()
-    ndocs = 0
-    pool = None
-    try:
-        if n > 1:
-            import multiprocessing as mp
-
-            pool = mp.get_context("spawn").Pool(n)
-            results = pool.imap(_count_unit, jobs)
-        else:
-            results = map(_count_unit, jobs)
-        for size, (spans, part, docs) in zip(unit_size, results):
-            _merge_stats(stats, part)
-            ndocs += docs
-            limit = 2 * cfg.max_spans
-            if not total:
-                total = spans
-            else:
-                for s, c in spans.items():
-                    total[s] += c
-                    if limit and len(total) > limit:
-                        total = prune(total, cfg.max_spans)
-            if limit and len(total) > limit:
-                total = prune(total, cfg.max_spans)
-            del spans
-            if bar is not None:
-                bar.update(size)
-    finally:
-        if pool is not None:
-            pool.terminate()
-        if bar is not None:
-            bar.close()
+        step = CountUnits(jobs, str(cache_dir))
+        if progress:
+            n = min(cfg_ex.resolved_workers(), len(jobs)) if cfg_ex.executor == "local" else None
+            where = f"{n} process(es)" if n else f"{cfg_ex.executor} executor"
+            print(f"[vocab] counting Chinese spans in {len(files)} file(s), {sum(unit_size) / 1e6:,.1f} MB in "
+                  f"{len(units)} unit(s), {where}", file=sys.stderr, flush=True)  # stdout may carry the JSON result
+        # the engine's records of this set of units (another sample or budget is another set)
+        run_id = hashlib.sha256(repr(step.keys).encode()).hexdigest()[:16]
+        run_units(step, cfg_ex, Path(cache_dir) / "pipeline" / run_id, progress="counting spans" if progress else None)
+        total = _merge(step, stats, cfg.max_spans, files)
     if progress and stats.split_lines:
         print(f"warning: {stats.split_lines:,} line(s) longer than {MAX_LINE_CHARS:,} characters were cut into pieces "
               f"of at most {MAX_LINE_CHARS:,} (vocab.spans.MAX_LINE_CHARS)", file=sys.stderr, flush=True)
-    if ndocs == 0:
-        from vocab.train import empty_corpus
+    return total
 
+
+def _merge(step: CountUnits, stats: CorpusStats, max_spans: int, files) -> Counter:
+    """The units' counts added in unit order (pruned at the budget as they come): the same for any task count."""
+    total: Counter = Counter()
+    ndocs = 0
+    limit = 2 * max_spans
+    for i in range(step.n_units):
+        with open(step.path(i), "rb") as f:
+            spans, part, docs = pickle.load(f)
+        _merge_stats(stats, part)
+        ndocs += docs
+        if not total:
+            total = spans
+        else:
+            for s, c in spans.items():
+                total[s] += c
+                if limit and len(total) > limit:
+                    total = prune(total, max_spans)
+        if limit and len(total) > limit:
+            total = prune(total, max_spans)
+        del spans
+    if ndocs == 0:
         raise UserError(empty_corpus(files))
-    return prune(total, cfg.max_spans)
+    return prune(total, max_spans)

@@ -11,9 +11,10 @@ from typing import Iterable
 from corpora.clean import split_long
 from corpora.reader import CorpusStats, iter_corpus, list_corpus_files
 from vocab.extend import DEFAULT_MAX_PIECE_BYTES, DEFAULT_MAX_PIECE_CHARS, SPAN_RE, ExtendConfig, extend_vocabulary
-from vocab.spans import count_spans, keep_doc, sample_threshold, uncompressed_size
+from vocab.spans import count_spans, empty_corpus, keep_doc, sample_threshold, uncompressed_size  # noqa: F401 (empty_corpus: public here too)
 from vocab.spmodel import BPE, BYTE, CONTROL, NORMAL, UNKNOWN, ModelProto, load_model, save_model
 from zhllama.errors import UserError
+from zhllama.executors import ExecutorConfig
 
 MODEL_TYPES = ("extend", "bpe", "unigram")
 # `extend` learning fewer than this share of --num-added pieces means the corpus is not (enough) Chinese text
@@ -39,13 +40,9 @@ class TrainConfig:
     seed: int = 0
     max_spans: int = DEFAULT_MAX_SPANS  # extend: distinct spans kept for the merges (vocab.spans.prune); 0 = all
     num_proc: int = 0  # extend: processes counting spans (0 = all cores); the result does not depend on it
-
-
-def empty_corpus(files) -> str:
-    """The error for a corpus without one non-blank line, naming its files."""
-    files = [str(f) for f in files]
-    names = ", ".join(files[:3]) + (f" (and {len(files) - 3} more)" if len(files) > 3 else "")
-    return f"empty corpus: no text lines in {names} (every file is empty or holds only whitespace); point --corpus at your text"
+    # extend: where span counting runs (zhllama.executors; None: local, num_proc workers); the result does not
+    # depend on it
+    executor: ExecutorConfig | None = None
 
 
 def sampled_texts(paths, cfg: TrainConfig, stats: CorpusStats | None = None) -> Iterable[str]:
@@ -128,7 +125,7 @@ def train(corpus, out_dir: str | Path, cfg: TrainConfig, base_path: str | Path |
             # finished units are kept in OUT/.spans until the model is written: a killed run reuses them
             res = extend_vocabulary(base, None, ecfg, progress=progress,
                                     spans=count_spans(corpus, cfg, stats, num_proc=cfg.num_proc,
-                                                      cache_dir=out / SPAN_CACHE))
+                                                      cache_dir=out / SPAN_CACHE, executor=cfg.executor))
         except UserError as e:
             raise UserError(f"{e} ({_found(stats)})") from None
         if len(res.pieces) < MIN_ADDED_SHARE * cfg.num_added and not allow_fewer:

@@ -153,7 +153,7 @@ class PretrainConfig:
     seed: int = setting(42, "seed of initialisation, data order and dropout", ge=0)
     streaming: bool = setting(False, "tokenize on the fly instead of caching (corpora larger than the disk cache)")
     shuffle_buffer: int = setting(10000, "streaming: blocks in the seeded shuffle buffer (unit order is shuffled too)", ge=1)
-    num_proc: int = setting(0, "tokenization/packing worker processes per rank (0 = all CPU cores, shared among local ranks)", ge=0)
+    num_proc: int = setting(0, "tokenization/packing worker processes (0 = all CPU cores; under torchrun rank 0 builds, the other ranks wait)", ge=0)
     num_gpus: int = setting(8, "what `plan` assumes for per-GPU memory", ge=1, cli=False)
     phase1: PhaseConfig = field(default_factory=PhaseConfig)
     phase2: PhaseConfig = field(default_factory=lambda: PhaseConfig(learning_rate=1e-4, max_steps=6000))
