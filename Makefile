@@ -157,7 +157,7 @@ serve: | setup
 # into $(LLAMA_SRC); the tests convert the merged layout with it and compare with `deploy gguf`.
 LLAMA_SRC ?= $(SAMPLE)/llama.cpp-src
 setup-integration: setup
-	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" $(PY) -m zhllama.heartbeat --label llama-cpp-python \
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" $(PY) -m zhllama.build_log --label llama-cpp-python \
 	  --log $(SAMPLE)/logs/setup-integration.log -- $(PY) -m pip install -v torch==2.13.0 -e '.[test,integration]'
 	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation torch==2.13.0 -e '.[deepspeed]'
 	test -f $(LLAMA_SRC)/convert_hf_to_gguf.py || { \

@@ -5,7 +5,7 @@ latest progress line (ninja's "[12/200] Building CXX object ..."), so a CI log i
 Lines that say what happened (pip's "Successfully installed", errors) are passed through. On failure the log's
 last lines are printed; the command's exit code is returned.
 
-    python -m zhllama.heartbeat --log FILE [--every 60] [--label TEXT] -- COMMAND [ARG ...]
+    python -m zhllama.build_log --log FILE [--every 60] [--label TEXT] -- COMMAND [ARG ...]
 """
 from __future__ import annotations
 
@@ -99,11 +99,11 @@ def run(cmd: list[str], log: Path, every: float, label: str, out=sys.stdout) -> 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" not in argv:
-        print("usage: python -m zhllama.heartbeat --log FILE [--every S] [--label TEXT] -- COMMAND ...",
+        print("usage: python -m zhllama.build_log --log FILE [--every S] [--label TEXT] -- COMMAND ...",
               file=sys.stderr)
         return 2
     i = argv.index("--")
-    p = argparse.ArgumentParser(prog="python -m zhllama.heartbeat")
+    p = argparse.ArgumentParser(prog="python -m zhllama.build_log")
     p.add_argument("--log", required=True, type=Path)
     p.add_argument("--every", type=float, default=60.0)
     p.add_argument("--label", default="build")

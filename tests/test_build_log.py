@@ -1,4 +1,4 @@
-"""zhllama.heartbeat: a long quiet command shows a line per interval with its latest progress line; its whole
+"""zhllama.build_log: a long quiet command shows a line per interval with its latest progress line; its whole
 output is in the log; its exit code is kept and a failure shows the log's tail."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import io
 import re
 import sys
 
-from zhllama.heartbeat import run
+from zhllama.build_log import run
 
 SCRIPT = """
 import sys, time
@@ -19,7 +19,7 @@ sys.exit(int(sys.argv[1]))
 """
 
 
-def test_heartbeat_lines_log_and_exit_code(tmp_path):
+def test_progress_lines_log_and_exit_code(tmp_path):
     out = io.StringIO()
     log = tmp_path / "logs" / "build.log"
     assert run([sys.executable, "-c", SCRIPT, "0"], log, every=0.5, label="llama-cpp-python", out=out) == 0
