@@ -112,7 +112,7 @@ def resolve_training(a, phase: str):
         return [f"{bad} (--model {a.model})"] if bad else []
 
     recipe = resolve_recipe(a, a.model, lora_sections=("pretrain.phase2",) if phase == "phase2" else (), extra=context)
-    settings = TrainSettings.for_pretrain(recipe.pretrain, getattr(recipe.pretrain, phase), deepspeed=a.deepspeed,
+    settings = TrainSettings.for_pretrain(recipe.pretrain, phase, deepspeed=a.deepspeed,
                                           full_determinism=bool(a.full_determinism))
     return recipe, settings
 

@@ -7,7 +7,7 @@ Public API:
                                       fingerprint
     run_phase1(model_dir, corpus, out_dir, recipe, settings, new_rows_only, resume, cache_dir, tokenizer_dir=None) -> dict
     run_phase2(model_dir, corpus, out_dir, recipe, settings, resume, cache_dir, tokenizer_dir=None) -> dict
-        settings: zhllama.trainer.TrainSettings.for_pretrain(recipe.pretrain, recipe.pretrain.phaseN, ...)
+        settings: zhllama.trainer.TrainSettings.for_pretrain(recipe.pretrain, "phase1" | "phase2", ...)
     init_model(recipe, tokenizer, out_dir) -> Path     random LLaMA-architecture model from a recipe (tiny default)
     trainable_summary(model) -> dict
 """
@@ -136,7 +136,7 @@ def _prepare(stage, model_dir, corpus, out_dir, recipe, settings, resume, cache_
     train_ds, eval_ds, data_info = build_datasets(
         corpus, tok_dir, pre.block_size, cache_dir or (out_dir.parent / "data_cache"),
         eval_ratio=pre.eval_ratio, max_eval_blocks=pre.max_eval_blocks, streaming=pre.streaming, encoding=encoding,
-        num_proc=pre.num_proc, seed=settings.seed, shuffle_buffer=pre.shuffle_buffer,
+        num_proc=pre.num_proc, seed=settings.data_seed, shuffle_buffer=pre.shuffle_buffer,
     )
     if data_info.get("streaming"):
         print(f"data: streaming {data_info['units']} unit(s), shuffle buffer {data_info['shuffle_buffer']}, "
