@@ -161,7 +161,7 @@ def test_every_sft_field_reaches_the_trainer(tok_dir, english_lines, tmp_path, v
     sft = {k: v[k] for k in SFT_DEST if SFT_DEST[k] in ("trainer", "lora")}
     sft.update(template=["alpaca-lora", "stanford-alpaca"][variant], packing=[True, False][variant],
                fast_lora_dropout=[False, True][variant], loss_chunk_tokens=[96, 64][variant], eval_ratio=0.2,
-               max_length=[64, 48][variant], reference_tokenization=[True, False][variant])
+               max_length=[160, 192][variant], reference_tokenization=[True, False][variant])
     out = tmp_path / "a"
     assert main([str(x) for x in ["train", "--recipe", recipe, "--model", model, "--data", tmp_path / "d.json",
                                    "--out", out, *_sets("sft", sft)]]) == 0
