@@ -104,14 +104,20 @@ def _recipe_only(a):
 
 def resolve_training(a, phase: str):
     """Recipe (given, or matched to --model's shape) <- --config YAML <- --set <- flags, all checked before any
-    weights load (ranges, shape agreement, LoRA module names); returns (recipe, TrainSettings)."""
-    from zhllama.cli import resolve_recipe
-    from zhllama.trainer import settings_from
+    weights load (ranges, shape agreement, LoRA module names, block size against the model's context); returns
+    (recipe, TrainSettings) where the settings hold the recipe's phase section itself."""
+    from zhllama.cli import model_config, resolve_recipe
+    from zhllama.recipe import context_problem
+    from zhllama.trainer import TrainSettings
 
-    recipe = resolve_recipe(a, a.model, lora_sections=("pretrain.phase2",) if phase == "phase2" else ())
-    ph = getattr(recipe.pretrain, phase)
-    settings = settings_from(ph, recipe.pretrain, deepspeed=a.deepspeed,
-                             full_determinism=True if a.full_determinism else None)
+    def context(recipe):
+        cfg = model_config(a.model)
+        bad = cfg and context_problem(recipe.pretrain.block_size, cfg, f"--block-size {recipe.pretrain.block_size}")
+        return [f"{bad} (--model {a.model})"] if bad else []
+
+    recipe = resolve_recipe(a, a.model, lora_sections=("pretrain.phase2",) if phase == "phase2" else (), extra=context)
+    settings = TrainSettings.for_pretrain(recipe.pretrain, phase, deepspeed=a.deepspeed,
+                                          full_determinism=bool(a.full_determinism))
     return recipe, settings
 
 

@@ -2,8 +2,12 @@
 
 Public API:
     preflight(model_dir, corpus, out_dir, block_size) -> (model, tokenizer_dir)   all input checks, before training
+        (the block size against config.json's context before any weight loads)
+    Prepared                          what a phase starts from: model, tok_dir, train_ds, eval_ds, resolved, inputs,
+                                      fingerprint
     run_phase1(model_dir, corpus, out_dir, recipe, settings, new_rows_only, resume, cache_dir, tokenizer_dir=None) -> dict
     run_phase2(model_dir, corpus, out_dir, recipe, settings, resume, cache_dir, tokenizer_dir=None) -> dict
+        settings: zhllama.trainer.TrainSettings.for_pretrain(recipe.pretrain, "phase1" | "phase2", ...)
     init_model(recipe, tokenizer, out_dir) -> Path     random LLaMA-architecture model from a recipe (tiny default)
     trainable_summary(model) -> dict
 """
@@ -11,13 +15,30 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pretrain.data import collate_blocks
 from zhllama.errors import UserError
+from zhllama.modelfiles import read_config
 from zhllama.models import check_sizes, copy_tokenizer, load_model_dir, tokenizer_len
 from zhllama.precision import upcast_trainable
+from zhllama.recipe import context_problem
 from zhllama.runfolder import ensure_writable
+
+
+@dataclass
+class Prepared:
+    """What a phase starts from once every check passed: the loaded model, the data, and the run-folder records."""
+
+    model: Any
+    tok_dir: Path
+    train_ds: Any
+    eval_ds: Any
+    resolved: dict  # resolved_config.json
+    inputs: dict  # the inputs' paths and hashes (manifest.json)
+    fingerprint: dict  # what decides resume vs start over
 
 
 def trainable_summary(model) -> dict:
@@ -50,14 +71,12 @@ def preflight(model_dir, corpus, out_dir, block_size: int, tokenizer_dir=None, d
     if all(f.stat().st_size == 0 for f in files):
         raise UserError(f"corpus {', '.join(map(str, files[:3]))}: all files are empty; point --corpus at your text")
     n_tok = tokenizer_len(tok_dir)
+    # config.json alone answers this: refused before the weights load (the CLI refuses it even before torch loads)
+    bad = context_problem(block_size, read_config(model_dir), f"--block-size {block_size}")
+    if bad:
+        raise UserError(f"{bad} (--model {model_dir})")
     model = load_model_dir(model_dir, **({"dtype": dtype} if dtype is not None else {}))
     check_sizes(model, model_dir, n_tok, tok_dir)
-    ctx = getattr(model.config, "max_position_embeddings", None)
-    if ctx is not None and block_size > ctx:
-        raise UserError(
-            f"--block-size {block_size} is larger than {model_dir}'s context (max_position_embeddings {ctx}); "
-            f"use --block-size {ctx} or less"
-        )
     return model, tok_dir
 
 
@@ -93,7 +112,7 @@ def check_chinese(corpus, encoding: str = "auto", min_share: float = MIN_HAN_SHA
 
 
 def _prepare(stage, model_dir, corpus, out_dir, recipe, settings, resume, cache_dir, tokenizer_dir, extra, artefacts):
-    """Checks, data, and the run-folder decision; returns None when OUT is already up to date."""
+    """Checks, data, and the run-folder decision: a Prepared, or None when OUT is already up to date."""
     from pretrain.data import build_datasets, tokenizer_hash
     from zhllama import runfolder
     from zhllama.hashing import sha256_file
@@ -112,12 +131,12 @@ def _prepare(stage, model_dir, corpus, out_dir, recipe, settings, resume, cache_
         "tokenizer": {"path": str(tok_dir), "sha256": tokenizer_hash(tok_dir)},
         "recipe": {"path": recipe.source, "sha256": sha256_file(recipe.source) if recipe.source else None},
     }
-    resolved = {"stage": stage, "recipe": recipe.to_dict(), "settings": dataclasses.asdict(settings),
+    resolved = {"stage": stage, "recipe": recipe.to_dict(), "settings": settings.to_dict(),
                 "block_size": pre.block_size, "seed": settings.seed, "inputs": inputs, **extra}
     train_ds, eval_ds, data_info = build_datasets(
         corpus, tok_dir, pre.block_size, cache_dir or (out_dir.parent / "data_cache"),
         eval_ratio=pre.eval_ratio, max_eval_blocks=pre.max_eval_blocks, streaming=pre.streaming, encoding=encoding,
-        num_proc=pre.num_proc, seed=settings.seed, shuffle_buffer=pre.shuffle_buffer,
+        num_proc=pre.num_proc, seed=settings.data_seed, shuffle_buffer=pre.shuffle_buffer,
     )
     if data_info.get("streaming"):
         print(f"data: streaming {data_info['units']} unit(s), shuffle buffer {data_info['shuffle_buffer']}, "
@@ -136,19 +155,20 @@ def _prepare(stage, model_dir, corpus, out_dir, recipe, settings, resume, cache_
         print(f"{out_dir} is up to date with its inputs and settings; nothing to do")
         return None
     runfolder.begin(out_dir, resolved, fingerprint, clear_checkpoints=decision == "start-over")
-    return model, tok_dir, train_ds, eval_ds, resolved, inputs, fingerprint
+    return Prepared(model, tok_dir, train_ds, eval_ds, resolved, inputs, fingerprint)
 
 
-def _finish(stage, out_dir: Path, model_dir, tok_dir, resolved, inputs, fingerprint, result, summary):
+def _finish(stage, out_dir: Path, model_dir, prep: Prepared, result, summary):
     from zhllama import runfolder
 
+    inputs, tok_dir = prep.inputs, prep.tok_dir
     files = inputs["data"]["files"]  # the corpus files of the tokenized-data key, with their sha256
     manifest_inputs = {**inputs, "corpus": [{"path": str(Path(f["name"]).resolve()), "sha256": f["sha256"]} for f in files]}
     parents = [runfolder.parent_entry(model_dir)]
     if Path(tok_dir).resolve() != Path(model_dir).resolve():
         parents.append(runfolder.parent_entry(tok_dir))
     return runfolder.finish(out_dir, stage, {**result, "trainable": summary}, manifest_inputs, parents,
-                            seed=resolved["seed"], fingerprint=fingerprint)
+                            seed=prep.resolved["seed"], fingerprint=prep.fingerprint)
 
 
 def base_vocab_size(model_dir, recipe, override: int | None = None) -> int:
@@ -198,12 +218,12 @@ def _run(stage, model_dir, corpus, out_dir, recipe, settings, resume, cache_dir,
         return result
 
 
-def _phase1(prep, model_dir, out_dir, settings, new_rows_only):
+def _phase1(prep: Prepared, model_dir, out_dir, settings, new_rows_only):
     from zhllama import runfolder
     from zhllama.trainer import is_main_process, run_training
 
-    model, tok_dir, train_ds, eval_ds, resolved, inputs, fingerprint = prep
-    base_vocab = resolved["base_vocab"]
+    model = prep.model
+    base_vocab = prep.resolved["base_vocab"]
     n_rows = model.get_input_embeddings().weight.shape[0]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -227,7 +247,7 @@ def _phase1(prep, model_dir, out_dir, settings, new_rows_only):
     upcast_trainable(model)
     summary = trainable_summary(model)
     print(f"phase 1: training {summary['trainable']:,} of {summary['total']:,} parameters ({summary['percent']:.2f}%)")
-    trainer, result = run_training(model, train_ds, eval_ds, settings, out_dir, collate_blocks)
+    trainer, result = run_training(model, prep.train_ds, prep.eval_ds, settings, out_dir, collate_blocks)
     if is_main_process():
         stage = runfolder.staging(out_dir)
         sd = trainer.full_state  # gathered from every rank under ZeRO-3/FSDP, else None
@@ -237,14 +257,14 @@ def _phase1(prep, model_dir, out_dir, settings, new_rows_only):
         else:
             final = model.get_base_model() if new_rows_only else model
             final.save_pretrained(stage, state_dict=_merged_trainable_tokens(sd, range(base_vocab, n_rows)) if new_rows_only else sd)
-        copy_tokenizer(tok_dir, stage)
+        copy_tokenizer(prep.tok_dir, stage)
         if sd is None:  # the live model is whole only when it was not sharded
             check_sizes(final, stage, tokenizer_len(stage), stage)
         from zhllama.weightcheck import check_weights
 
         for f in sorted(stage.glob("*.safetensors")):
             check_weights(f, final.config, vocab_rows=tokenizer_len(stage))
-        return _finish("pretrain.phase1", out_dir, model_dir, tok_dir, resolved, inputs, fingerprint, result, summary)
+        return _finish("pretrain.phase1", out_dir, model_dir, prep, result, summary)
     return result
 
 
@@ -324,17 +344,16 @@ def _phase2(prep, model_dir, out_dir, phase, settings):
     from zhllama import runfolder
     from zhllama.trainer import is_main_process, run_training
 
-    model, tok_dir, train_ds, eval_ds, resolved, inputs, fingerprint = prep
     # LoRA A matrices are drawn from torch's RNG when the adapter is created: seed first, or every run
     # (and a resumed run's first process) starts from different adapters.
     set_seed(settings.seed)
-    model = get_peft_model(model, lora_config(phase, model))
+    model = get_peft_model(prep.model, lora_config(phase, prep.model))
     upcast_trainable(model)
     if settings.gradient_checkpointing:
         model.enable_input_require_grads()
     summary = trainable_summary(model)
     print(f"phase 2: training {summary['trainable']:,} of {summary['total']:,} parameters ({summary['percent']:.2f}%)")
-    trainer, result = run_training(model, train_ds, eval_ds, settings, out_dir, collate_blocks)
+    trainer, result = run_training(model, prep.train_ds, prep.eval_ds, settings, out_dir, collate_blocks)
     if is_main_process():
         stage = runfolder.staging(out_dir)
         # under ZeRO-3/FSDP the weights were gathered from every rank (trainer.full_state); else None
@@ -343,12 +362,12 @@ def _phase2(prep, model_dir, out_dir, phase, settings):
         acfg = json.loads((stage / "adapter_config.json").read_text())
         acfg["base_model_name_or_path"] = str(Path(model_dir).resolve())
         (stage / "adapter_config.json").write_text(json.dumps(acfg, indent=2) + "\n")
-        copy_tokenizer(tok_dir, stage)
+        copy_tokenizer(prep.tok_dir, stage)
         result["adapter"] = check_adapter(stage, model.get_base_model().config)
         from zhllama.lineage import record_lineage
 
         record_lineage(stage, model_dir, final_dir=out_dir)
-        return _finish("pretrain.phase2", out_dir, model_dir, tok_dir, resolved, inputs, fingerprint, result, summary)
+        return _finish("pretrain.phase2", out_dir, model_dir, prep, result, summary)
     return result
 
 

@@ -117,9 +117,22 @@ def _encode(tok, tmpl, cfg, train_recs, eval_recs, log):
     return train_set, eval_set
 
 
+def lora_config(cfg, model=None):
+    """The SFT LoRA, every value from the recipe's sft section; given the model, a tied embedding/LM head stays
+    tied (zhllama.models.lora_tying)."""
+    from peft import LoraConfig
+
+    from zhllama.models import lora_tying
+
+    tying = lora_tying(model, cfg.lora_targets, cfg.modules_to_save) if model is not None else {}
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_targets), modules_to_save=list(cfg.modules_to_save) or None,
+                      task_type="CAUSAL_LM", **tying)
+
+
 def _peft_model(model_dir, adapter, tok, pad_added, tok_src, cfg, log):
     """Base (+ pretrain adapter merged), grown by the [PAD] row if needed, with the SFT LoRA attached."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import set_seed
 
     from sft.vocabcheck import check_vocab
@@ -134,9 +147,7 @@ def _peft_model(model_dir, adapter, tok, pad_added, tok_src, cfg, log):
         # the [PAD] row: never an input that carries attention or a label, so mean init is harmless
         resize_model(model, len(tok), "mean")
     model.config.pad_token_id = tok.pad_token_id
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.lora_targets), modules_to_save=list(cfg.modules_to_save) or None,
-                      task_type="CAUSAL_LM", **lora_tying(model, cfg.lora_targets, cfg.modules_to_save))
+    lora = lora_config(cfg, model)
     # LoRA A is drawn from torch's RNG when the adapter is created: seed first so runs and resumes agree
     set_seed(cfg.seed)
     model = get_peft_model(model, lora)
@@ -153,11 +164,11 @@ def _peft_model(model_dir, adapter, tok, pad_added, tok_src, cfg, log):
     return model, n_train, n_all
 
 
-def _fit(model, tok, cfg, train_set, eval_set, out):
+def _fit(model, tok, settings, train_set, eval_set, out):
     from sft.data import Collator
-    from zhllama.trainer import run_training, settings_from
+    from zhllama.trainer import run_training
 
-    settings = settings_from(cfg, count_tokens="non_padding")
+    cfg = settings.section
     padded = Collator(tok.pad_token_id)
     if cfg.packing:
         from sft.packing import PackedCollator, packed_attention
@@ -203,11 +214,15 @@ def train(model_dir, data, out, adapter=None, template=None, max_steps=None, rec
     from zhllama import runfolder
     from zhllama.hashing import sha256_file
 
+    from zhllama.trainer import TrainSettings, check_engine
+
     out, model_dir = Path(out), Path(model_dir)
     rec, cfg = _config(recipe, model_dir, overrides, template, max_steps)
     tmpl = get(cfg.template)
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir}: not a model folder (no config.json); pass the pretrain stage's merged model")
+    # needs only the settings: before any data is read or weights load
+    check_engine(TrainSettings.for_sft(cfg), "sft")  # the engine config against the recipe
     with runfolder.lock(out, log=log):
         # data first: a malformed file should fail in a second, not after loading the model
         train_recs, eval_recs = _records(data, eval_data, cfg, drop_invalid, log)
@@ -218,11 +233,8 @@ def train(model_dir, data, out, adapter=None, template=None, max_steps=None, rec
             model_cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
             check_vocab(model_cfg.get("vocab_size"), len(tok), pad_added, model_dir, tok_src)
         train_set, eval_set = _encode(tok, tmpl, cfg, train_recs, eval_recs, log)
-        if cfg.num_epochs > 0:
+        if cfg.num_epochs > 0:  # cfg is this run's copy of the section (sft_config)
             cfg.max_steps = max(1, math.ceil(cfg.num_epochs * len(train_set.examples) / cfg.global_batch_size))
-        from zhllama.trainer import check_engine, settings_from
-
-        check_engine(settings_from(cfg), "sft")  # the engine config against the recipe, before weights load
         inputs = {
             "model_config": runfolder.input_entry(model_dir / "config.json"),
             "data": [runfolder.input_entry(d) for d in data],
@@ -239,7 +251,7 @@ def train(model_dir, data, out, adapter=None, template=None, max_steps=None, rec
             return runfolder.read_result(out)
         runfolder.begin(out, resolved, fingerprint, clear_checkpoints=decision == "start-over")
         model, n_train, n_all = _peft_model(model_dir, adapter, tok, pad_added, tok_src, cfg, log)
-        trainer, result = _fit(model, tok, cfg, train_set, eval_set, out)
+        trainer, result = _fit(model, tok, TrainSettings.for_sft(cfg), train_set, eval_set, out)
         from zhllama.trainer import end_of_run
 
         if not trainer.is_world_process_zero():

@@ -275,7 +275,8 @@ def test_recipe_overrides_and_errors(setup):
                              "--learning-rate", "3e-4", "--batch-size", "64", "--block-size", "256", "--seed", "5",
                              "--set", "pretrain.phase2.warmup_ratio=0.1"])
     recipe, s = resolve_training(a, "phase2")
-    assert (s.learning_rate, s.global_batch_size, s.seed, s.warmup_ratio) == (3e-4, 64, 5, 0.1)
+    assert (s.section.learning_rate, s.section.global_batch_size, s.seed, s.section.warmup_ratio) == (3e-4, 64, 5, 0.1)
+    assert s.section is recipe.pretrain.phase2  # the recipe's own section object, not a copy with its own defaults
     assert recipe.pretrain.block_size == 256
     with pytest.raises(UserError, match="unknown setting"):
         resolve_training(parser().parse_args(["phase1", "--recipe", "tiny", "--model", "m", "--corpus", "c", "--out", "o",

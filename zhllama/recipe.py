@@ -19,7 +19,9 @@ Public API (stable; every stage uses it):
     field_doc(cls, name) -> str                      the one-line doc of a field
     shape_differences(recipe_model, model_config: dict) -> list[str]   "hidden_size 4096 (model) vs 64 (recipe)"
     Recipe.to_dict() -> plain dict for manifests
+    context_problem(length, config, what) -> str | None   a sequence length beyond a model's context (config.json)
     Sections: ModelShape, VocabConfig, PhaseConfig, PretrainConfig, SFTConfig, CorporaConfig; ALL_PROJ (LLaMA's 7 projections)
+    Optimisation: the fields PhaseConfig and SFTConfig share, read by zhllama.trainer from the section object itself
 """
 from __future__ import annotations
 
@@ -119,16 +121,24 @@ class Steps:
 
 
 @dataclass
-class PhaseConfig(Steps):
-    enabled: bool = setting(True, "run this phase (llama-13b skips phase 1)", cli=False)
+class Optimisation(Steps):
+    """What a training section hands the Trainer (zhllama.trainer): the section object itself reaches it, so these
+    defaults are the only ones (a section with other defaults redefines the field, see SFTConfig)."""
+
     learning_rate: float = setting(2e-4, "peak learning rate", gt=0)
     global_batch_size: int = setting(1024, "sequences per optimizer step, reached by gradient accumulation", ge=1,
                                      flag="--batch-size")
     per_device_batch_size: int = setting(4, "sequences per forward pass on one device", ge=1)
     max_steps: int = setting(3000, "optimizer steps", ge=1)
     lr_scheduler: str = setting("cosine", "learning-rate schedule (transformers' names)", choices=SCHEDULERS)
-    warmup_ratio: float = setting(0.05, "share of max_steps spent warming up", ge=0, lt=1)
+    warmup_ratio: float = setting(0.05, "share of the optimizer steps spent warming up", ge=0, lt=1)
     weight_decay: float = setting(0.01, "AdamW weight decay", ge=0)
+    max_grad_norm: float = setting(1.0, "clip the gradient norm to this (0: no clipping)", ge=0)
+
+
+@dataclass
+class PhaseConfig(Optimisation):
+    enabled: bool = setting(True, "run this phase (llama-13b skips phase 1)", cli=False)
     lora_r: int = setting(8, "phase 2: LoRA rank", ge=1, only="phase2")
     lora_alpha: int = setting(32, "phase 2: LoRA alpha (scaling alpha/r)", gt=0, only="phase2")
     lora_dropout: float = setting(0.05, "phase 2: dropout on the LoRA input", ge=0, lt=1, only="phase2")
@@ -160,18 +170,15 @@ class PretrainConfig:
 
 
 @dataclass
-class SFTConfig(Steps):
+class SFTConfig(Optimisation):
     template: str = setting("chinese-alpaca", "prompt template (zhllama.chat registry)")
     max_length: int = setting(512, "tokens per example (prompt + answer)", ge=8)
-    learning_rate: float = setting(1e-4, "peak learning rate", gt=0)
-    global_batch_size: int = setting(512, "sequences per optimizer step, reached by gradient accumulation", ge=1,
-                                     flag="--batch-size")
-    per_device_batch_size: int = setting(4, "sequences per forward pass on one device", ge=1)
+    learning_rate: float = redefault(Optimisation, "learning_rate", 1e-4)
+    global_batch_size: int = redefault(Optimisation, "global_batch_size", 512)
     max_steps: int = setting(6000, "optimizer steps (ignored when num_epochs > 0)", ge=1)
     num_epochs: float = setting(0.0, "> 0: train this many epochs instead of max_steps", ge=0)
-    lr_scheduler: str = setting("cosine", "learning-rate schedule (transformers' names)", choices=SCHEDULERS)
-    warmup_ratio: float = setting(0.03, "share of the steps spent warming up", ge=0, lt=1)
-    weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
+    warmup_ratio: float = redefault(Optimisation, "warmup_ratio", 0.03)
+    weight_decay: float = redefault(Optimisation, "weight_decay", 0.0)
     lora_r: int = setting(8, "LoRA rank", ge=1)
     lora_alpha: int = setting(32, "LoRA alpha (scaling alpha/r)", gt=0)
     lora_dropout: float = setting(0.05, "dropout on the LoRA input", ge=0, lt=1)
@@ -416,6 +423,15 @@ def load_recipe(name_or_path: str | Path, check: bool = True) -> Recipe:
     if check:
         validate(r, str(path))
     return r
+
+
+def context_problem(length: int, config: dict, what: str) -> str | None:
+    """`what` (e.g. "--block-size 4096") longer than the context of the model whose config.json is `config`."""
+    cfg = config.get("text_config", config) if "max_position_embeddings" not in config else config
+    ctx = cfg.get("max_position_embeddings")
+    if isinstance(ctx, int) and length > ctx:
+        return f"{what} is longer than the model's context (max_position_embeddings {ctx}); use {ctx} or less"
+    return None
 
 
 def shape_differences(shape: ModelShape, config: dict) -> list[str]:

@@ -2,8 +2,9 @@
 self-describing.
 
 Public API (stable; every training stage uses it):
-    TrainSettings                      dataclass of optimisation settings (see fields)
-    settings_from(*config_objects, **overrides) -> TrainSettings   same-named fields, first source wins
+    TrainSettings                      what a run is given, no defaults: the recipe's section object + named values
+    TrainSettings.for_pretrain(pretrain_section, "phase1" | "phase2", deepspeed=None, full_determinism=False)
+    TrainSettings.for_sft(sft_section, deepspeed=None, full_determinism=False)
     run_training(model, train_dataset, eval_dataset, settings, out_dir, data_collator, resume=True,
                  processing_class=None, callbacks=(), compute_loss_func=None, eval_collator=None)
                  -> (trainer, result: dict)
@@ -14,15 +15,19 @@ Public API (stable; every training stage uses it):
         result["train_loss"], ["tokens_seen"] and ["train_seconds"] cover the whole run across resumes.
         Checkpoints go to OUT/checkpoints/checkpoint-N (a `zhllama_complete` marker is written when one is
         whole); with resume=True the newest complete one is continued. TensorBoard logs go to OUT/tensorboard,
-        every log line to OUT/metrics.jsonl, a loss curve to OUT/loss.png. The final model is NOT saved here:
+        every log line to OUT/metrics.jsonl, a loss curve to OUT/loss.png; stdout gets one formatted line per
+        log record (log_line: step, loss, lr, tokens/s, ETA) instead of the Trainer's dicts. The final model is NOT saved here:
         the caller saves what its stage produces (full model, adapter, ...). result holds eval_loss_before,
-        eval_loss_after, train_loss, global_step, resumed_from, tokens_seen, and the effective settings.
+        eval_loss_after, train_loss, global_step, resumed_from, tokens_seen, the settings, and
+        training_arguments: what the Trainer's TrainingArguments hold (GIVEN).
     last_complete_checkpoint(out_dir) -> Path | None
+    log_line(logs, step, max_steps, eta_s=None) -> str   the printed form of one Trainer log record
     plain_eval_loss(model, dataset, collate, batch_size, precision="fp32") -> float   mean loss per predicted token, no Trainer
     eval_loss(model, dataset, collate, batch_size, precision="fp32") -> float   the same over every rank of a
         distributed run (each rank evaluates its share, the sums are all-reduced): any process count gives the
         same figure, and under ZeRO-3 the forward gathers the partitioned weights
     check_engine(settings, where) -> Engine    the launcher's engine config against the recipe, before weights load
+    training_arguments(settings, out_dir, has_eval) -> (TrainingArguments, derived)   what the Trainer receives
     end_of_run()                               every rank, after the main process saved: barrier, then tear down
     world_size() -> int, is_main_process() -> bool
 
@@ -45,47 +50,53 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zhllama.errors import UserError
+from zhllama.recipe import Optimisation, PhaseConfig, PretrainConfig, SFTConfig
 
+PHASES = ("phase1", "phase2")  # the pretraining phases, in order
 COMPLETE = "zhllama_complete"
 # per checkpoint: the summed training loss and seconds of every step up to it, so a resumed run reports the
 # whole run's mean loss (the Trainer's own training_loss covers only the steps of the last train() call)
 TOTALS = "zhllama_totals.json"
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainSettings:
-    learning_rate: float = 2e-4
-    global_batch_size: int = 8  # sequences per optimizer step across all processes
-    per_device_batch_size: int = 1
-    max_steps: int = 100
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.01
-    precision: str = "fp32"  # fp32 | fp16 | bf16; fp16 falls back to fp32 on CPU
-    gradient_checkpointing: bool = False
-    seed: int = 42
-    save_steps: int = 500
-    eval_steps: int = 500
-    logging_steps: int = 10
-    save_total_limit: int = 3
-    full_determinism: bool = False  # torch.use_deterministic_algorithms; can fail on GPU kernels without one
-    deepspeed: str | None = None  # DeepSpeed JSON, when not launched through an accelerate DeepSpeed config
-    eval_before: bool = True
-    max_grad_norm: float = 1.0
-    dataloader_num_workers: int = 0
-    count_tokens: str = "all"  # tokens_seen counts "all" input ids or only "non_padding" ones (SFT)
+    """What one training run is given. No field has a default: the optimisation and the cadence are the recipe's
+    section object itself (PhaseConfig or SFTConfig, never copied field by field), the rest is named by the stage
+    (for_pretrain, for_sft), so no value that is not the recipe's can slip in between the recipe and the Trainer."""
 
+    section: Optimisation  # lr, batches, steps, schedule, warm-up, decay, clipping, logging/eval/save cadence
+    precision: str  # fp32 | fp16 | bf16; fp16/bf16 fall back to fp32 on CPU
+    gradient_checkpointing: bool
+    seed: int  # initialisation and dropout
+    data_seed: int  # the order the training examples are drawn in
+    count_tokens: str  # tokens_seen counts "all" input ids or only "non_padding" ones (SFT)
+    deepspeed: str | None  # DeepSpeed JSON, when not launched through an accelerate DeepSpeed config
+    full_determinism: bool  # torch.use_deterministic_algorithms; can fail on GPU kernels without one
 
-def settings_from(*sources, **overrides) -> TrainSettings:
-    """TrainSettings from config objects whose fields carry the same names (the first source that has a
-    field wins; fields no source has keep their defaults); overrides that are None are ignored."""
-    values = {}
-    for f in dataclasses.fields(TrainSettings):
-        src = next((s for s in sources if hasattr(s, f.name)), None)
-        if src is not None:
-            values[f.name] = getattr(src, f.name)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainSettings(**values)
+    @classmethod
+    def for_pretrain(cls, pretrain: PretrainConfig, phase: str, deepspeed: str | None = None,
+                     full_determinism: bool = False) -> TrainSettings:
+        """Pretraining phase `phase` ("phase1" | "phase2"): that phase's section, precision/checkpointing/seed of
+        the pretrain section. Each phase draws the blocks in its own order (seed + phase index): with one order,
+        phase 2 replayed phase 1's blocks step for step, and its training loss rose as it moved from the blocks
+        phase 1 had fitted at a high learning rate to those it had barely trained on (7.6 -> 8.3 on the tiny
+        default), while measuring nothing about phase 2 itself."""
+        index = PHASES.index(phase)
+        return cls(section=getattr(pretrain, phase), precision=pretrain.precision,
+                   gradient_checkpointing=pretrain.gradient_checkpointing, seed=pretrain.seed,
+                   data_seed=pretrain.seed + index, count_tokens="all", deepspeed=deepspeed,
+                   full_determinism=full_determinism)
+
+    @classmethod
+    def for_sft(cls, sft: SFTConfig, deepspeed: str | None = None, full_determinism: bool = False) -> TrainSettings:
+        """SFT: every value from the sft section; tokens_seen counts the non-padding tokens."""
+        return cls(section=sft, precision=sft.precision, gradient_checkpointing=sft.gradient_checkpointing,
+                   seed=sft.seed, data_seed=sft.seed, count_tokens="non_padding", deepspeed=deepspeed,
+                   full_determinism=full_determinism)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 def world_size() -> int:
@@ -151,6 +162,61 @@ def _callbacks(out_dir: Path):
                                         **logs}) + "\n")
 
     return [Bookkeeping()]
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def log_line(logs: dict, step: int, max_steps: int, eta_s: float | None = None) -> str:
+    """One readable line for a Trainer log record: a training step (loss, lr, tokens/s, ETA), a held-out loss, or
+    the end-of-training summary; values the line does not name are left to metrics.jsonl."""
+    width = len(str(max_steps))
+    head = f"step {step:>{width}}/{max_steps}"
+    if "loss" in logs:
+        parts = [head, f"loss {logs['loss']:.4f}"]
+        if "learning_rate" in logs:
+            parts.append(f"lr {logs['learning_rate']:.2e}")
+        if "grad_norm" in logs:
+            parts.append(f"grad norm {logs['grad_norm']:.3g}")
+        if "tokens_per_s" in logs:
+            parts.append(f"{logs['tokens_per_s']:,.0f} tokens/s")
+        if eta_s is not None:
+            parts.append(f"ETA {_duration(eta_s)}")
+        return "  ".join(parts)
+    if "eval_loss" in logs:
+        return f"{head}  held-out loss {logs['eval_loss']:.4f}"
+    if "train_runtime" in logs:
+        tail = f", {logs['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in logs else ""
+        return (f"trained {step} steps in {_duration(logs['train_runtime'])}: mean loss "
+                f"{logs.get('train_loss', float('nan')):.4f}{tail}")
+    shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items())
+    return f"{head}  {shown}"
+
+
+def _log_lines():
+    """The Trainer's printer (raw dicts) replaced by one formatted line per log record, with the time left
+    estimated from the steps of this call (a resumed run's earlier steps took no time here)."""
+    from transformers import TrainerCallback
+
+    class LogLines(TrainerCallback):
+        def __init__(self):
+            self.t0, self.step0 = None, 0
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0, self.step0 = time.time(), state.global_step
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not logs or not state.is_world_process_zero:
+                return
+            done = state.global_step - self.step0
+            eta = None
+            if self.t0 is not None and done > 0 and "loss" in logs:
+                eta = (time.time() - self.t0) / done * max(state.max_steps - state.global_step, 0)
+            print(log_line(logs, state.global_step, state.max_steps, eta), flush=True)
+
+    return LogLines()
 
 
 def _trainer_class():
@@ -258,13 +324,14 @@ def plot_loss(log_history: list, path: Path, title: str | None = None) -> None:
 
 def _accumulation(settings: TrainSettings) -> int:
     ws = world_size()
-    per = settings.per_device_batch_size * ws
-    if settings.global_batch_size % per:
+    sec = settings.section
+    per = sec.per_device_batch_size * ws
+    if sec.global_batch_size % per:
         raise UserError(
-            f"global batch {settings.global_batch_size} is not a multiple of per-device batch "
-            f"{settings.per_device_batch_size} x {ws} processes; change --batch-size or --per-device-batch-size"
+            f"global batch {sec.global_batch_size} is not a multiple of per-device batch "
+            f"{sec.per_device_batch_size} x {ws} processes; change --batch-size or --per-device-batch-size"
         )
-    return settings.global_batch_size // per
+    return sec.global_batch_size // per
 
 
 def check_engine(settings: TrainSettings, where: str):
@@ -272,8 +339,8 @@ def check_engine(settings: TrainSettings, where: str):
     from zhllama import engine
 
     eng = engine.detect(settings.deepspeed)
-    engine.check(eng, settings.precision, _accumulation(settings), settings.max_grad_norm,
-                 settings.per_device_batch_size, where)
+    engine.check(eng, settings.precision, _accumulation(settings), settings.section.max_grad_norm,
+                 settings.section.per_device_batch_size, where)
     return eng
 
 
@@ -288,38 +355,40 @@ def training_arguments(settings: TrainSettings, out_dir: Path, has_eval: bool):
     cuda = torch.cuda.is_available()
     precision = effective_precision(settings.precision)  # CPU: fp16 AMP is GPU-only, bf16 autocast is slow
     sync_launcher_precision(settings.precision)
+    sec = settings.section
     kw = dict(
         output_dir=str(out_dir / "checkpoints"),
-        per_device_train_batch_size=settings.per_device_batch_size,
-        per_device_eval_batch_size=settings.per_device_batch_size,
+        per_device_train_batch_size=sec.per_device_batch_size,
+        per_device_eval_batch_size=sec.per_device_batch_size,
         gradient_accumulation_steps=accum,
-        learning_rate=settings.learning_rate,
-        max_steps=settings.max_steps,
-        lr_scheduler_type=settings.lr_scheduler,
-        warmup_steps=math.ceil(settings.warmup_ratio * settings.max_steps),
-        weight_decay=settings.weight_decay,
-        max_grad_norm=settings.max_grad_norm,
+        learning_rate=sec.learning_rate,
+        max_steps=sec.max_steps,
+        lr_scheduler_type=sec.lr_scheduler,
+        warmup_steps=math.ceil(sec.warmup_ratio * sec.max_steps),
+        weight_decay=sec.weight_decay,
+        max_grad_norm=sec.max_grad_norm,
         fp16=precision == "fp16",
         bf16=precision == "bf16",
         seed=settings.seed,
-        data_seed=settings.seed,
+        data_seed=settings.data_seed,
         full_determinism=settings.full_determinism,
         save_strategy="steps",
-        save_steps=settings.save_steps,
-        save_total_limit=settings.save_total_limit,
-        logging_steps=settings.logging_steps,
+        save_steps=sec.save_steps,
+        save_total_limit=sec.save_total_limit,
+        logging_steps=sec.logging_steps,
         eval_strategy="steps" if has_eval else "no",
-        eval_steps=settings.eval_steps if has_eval else None,
+        eval_steps=sec.eval_steps if has_eval else None,
         report_to=["tensorboard"],
         include_num_input_tokens_seen=settings.count_tokens,
         prediction_loss_only=True,  # only the loss is used; gathering logits of a 50k vocabulary costs memory
-        dataloader_num_workers=settings.dataloader_num_workers,
+        dataloader_num_workers=0,  # the blocks are in memory (or streamed by datasets' own workers)
         # the loss of a step is normalised by the trained tokens of the whole global batch, on every rank
         average_tokens_across_devices=True,
         use_cpu=not cuda,
         ddp_backend=None if cuda else ("gloo" if ws > 1 else None),
         ddp_find_unused_parameters=False if ws > 1 else None,
         remove_unused_columns=False,
+        disable_tqdm=True,  # the training log lines (step, loss, lr, tokens/s, ETA) are the progress
     )
     if settings.gradient_checkpointing:
         kw.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -330,6 +399,21 @@ def training_arguments(settings: TrainSettings, out_dir: Path, has_eval: bool):
 
     allow_fsdp_on_cpu()
     return args, dict(gradient_accumulation_steps=accum, world_size=ws, precision_used=precision)
+
+
+# what result.json records of the Trainer's own arguments: the recipe's values as the Trainer holds them
+GIVEN = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "lr_scheduler_type",
+         "warmup_steps", "weight_decay", "max_grad_norm", "seed", "data_seed", "full_determinism",
+         "gradient_checkpointing", "fp16", "bf16", "save_steps", "save_total_limit", "logging_steps", "eval_steps",
+         "include_num_input_tokens_seen", "deepspeed")
+
+
+def _given(args) -> dict:
+    out = {}
+    for k in GIVEN:
+        v = getattr(args, k, None)
+        out[k] = v.value if hasattr(v, "value") else v  # enums (the scheduler) as their names
+    return out
 
 
 def plain_eval_loss(model, dataset, collate, batch_size: int, precision: str = "fp32") -> float:
@@ -447,7 +531,7 @@ def run_training(model, train_dataset, eval_dataset, settings: TrainSettings, ou
     args, derived = training_arguments(settings, out_dir, eval_dataset is not None)
     # transformers resumed from a checkpoint at max_steps trains one step more (its stop check comes after a
     # step): continue from the last one before it instead; the seeded steps in between come out the same
-    ckpt = last_complete_checkpoint(out_dir, below=settings.max_steps) if resume else None
+    ckpt = last_complete_checkpoint(out_dir, below=settings.section.max_steps) if resume else None
     if is_main_process():
         if ckpt is None:
             (out_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -463,7 +547,13 @@ def run_training(model, train_dataset, eval_dataset, settings: TrainSettings, ou
         data_collator=data_collator, processing_class=processing_class,
         callbacks=_callbacks(out_dir) + list(callbacks), compute_loss_func=compute_loss_func,
     )
-    result = {"settings": dataclasses.asdict(settings), **derived, "resumed_from": str(ckpt) if ckpt else None}
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for cb in [c for c in trainer.callback_handler.callbacks if isinstance(c, (PrinterCallback, ProgressCallback))]:
+        trainer.remove_callback(cb)
+    trainer.add_callback(_log_lines())
+    result = {"settings": settings.to_dict(), "training_arguments": _given(trainer.args), **derived,
+              "resumed_from": str(ckpt) if ckpt else None}
     result["engine"] = {"kind": eng.kind, "zero_stage": eng.zero_stage}
     before_path = out_dir / "eval_before.json"
     # Trainer.evaluate() before train() prepares the model for evaluation; under DDP the training wrapper then
@@ -473,9 +563,10 @@ def run_training(model, train_dataset, eval_dataset, settings: TrainSettings, ou
     collate = eval_collator or data_collator
 
     def measure():
-        return eval_loss(trainer.model, eval_dataset, collate, settings.per_device_batch_size, derived["precision_used"])
+        return eval_loss(trainer.model, eval_dataset, collate, settings.section.per_device_batch_size,
+                         derived["precision_used"])
 
-    if eval_dataset is not None and settings.eval_before:
+    if eval_dataset is not None:
         if ckpt is not None and before_path.is_file():
             result["eval_loss_before"] = json.loads(before_path.read_text())["eval_loss"]
         else:
