@@ -80,9 +80,10 @@ setup: $(VENV)/.installed
 # torch first and pinned: the CPU wheel, never a CUDA build pulled in by another package
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q torch==2.13.0 -e '.[test]'
+	$(PY) -m zhllama.build_log --label setup --log $(SAMPLE)/logs/setup-pip.log -- $(PY) -m pip install --upgrade pip
+	@# pip's and setuptools' own notices go to the log (shown when the install fails), not into every make log
+	$(PY) -m zhllama.build_log --label setup --log $(SAMPLE)/logs/setup.log -- $(PY) -m pip install torch==2.13.0
+	$(PY) -m zhllama.build_log --label setup --log $(SAMPLE)/logs/setup.log -- $(PY) -m pip install torch==2.13.0 -e '.[test]'
 	touch $@
 
 sample: $(SAMPLE)/base/tokenizer.model
