@@ -508,10 +508,11 @@ def _gathered_state(trainer, shards: bool):
     sd = trainer.accelerator.get_state_dict(trainer.model_wrapped)
     if not trainer.is_world_process_zero():
         return None
-    # a tied parameter is saved once, under its first name, as save_pretrained does with the live model
+    # a tied parameter is saved once, under its first name, as save_pretrained does with the live model; except a
+    # tied pair of PEFT modules_to_save copies (lora_tying): PEFT picks each module's copy by its own name
     seen = set()
     for name, param in trainer.model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
+        if id(param) in seen and ".modules_to_save." not in name:
             sd.pop(name, None)
         seen.add(id(param))
     return sd
