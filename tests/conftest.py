@@ -173,6 +173,32 @@ def kill9_then_rerun_matches(cmd: list[str], run: Path, tmp_path: Path, env: dic
         assert torch.equal(a[k], b[k]), k
 
 
+def resized_tiny_model(d: Path, recipe_text: str, tiny_base: Path, zh_corpus: Path) -> dict:
+    """In d: the recipe file, a 400-piece continued-BPE extension of tiny_base (tok/), the recipe's random model
+    on tiny_base (base/, seed 3) and that model resized to the extension (resized/)."""
+    from corpora.reader import iter_corpus
+    from pretrain.cli import main as pretrain_main
+    from pretrain.phases import init_model
+    from vocab.extend import ExtendConfig, extend_vocabulary
+    from vocab.hf_export import save_tokenizer_folder
+    from vocab.merge import build_extended
+    from vocab.spmodel import load_model
+    from zhllama.recipe import load_recipe
+
+    recipe = d / "recipe.yaml"
+    recipe.write_text(recipe_text)
+    base = load_model(tiny_base)
+    res = extend_vocabulary(base, iter_corpus([zh_corpus]), ExtendConfig(num_added=400, min_batch=50,
+                                                                         character_coverage=0.7))
+    ext = build_extended(base, res.pieces)
+    save_tokenizer_folder(ext, d / "tok")
+    init_model(load_recipe(recipe), tiny_base, d / "base", seed=3)
+    assert pretrain_main(["resize", "--model", str(d / "base"), "--tokenizer", str(d / "tok"),
+                          "--out", str(d / "resized")]) == 0
+    return {"dir": d, "recipe": recipe, "tok": d / "tok", "base": d / "base", "resized": d / "resized",
+            "corpus": zh_corpus, "n_old": len(base.pieces), "n_new": len(ext.pieces), "ext": ext}
+
+
 @pytest.fixture(scope="session")
 def zh_corpus(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("zh")

@@ -48,25 +48,9 @@ def _cli(*args):
 @pytest.fixture(scope="session")
 def setup(tmp_path_factory, tiny_base, zh_corpus):
     """base model folder (600 rows) + extended tokenizer (750) + resized model + recipe file."""
-    from corpora.reader import iter_corpus
-    from pretrain.phases import init_model
-    from zhllama.recipe import load_recipe
-    from vocab.extend import ExtendConfig, extend_vocabulary
-    from vocab.hf_export import save_tokenizer_folder
-    from vocab.merge import build_extended
-    from vocab.spmodel import load_model
+    from conftest import resized_tiny_model
 
-    d = tmp_path_factory.mktemp("pt")
-    recipe = d / "core.yaml"
-    recipe.write_text(TINY_RECIPE)
-    base = load_model(tiny_base)
-    res = extend_vocabulary(base, iter_corpus([zh_corpus]), ExtendConfig(num_added=400, min_batch=50, character_coverage=0.7))
-    ext = build_extended(base, res.pieces)
-    save_tokenizer_folder(ext, d / "tok")
-    init_model(load_recipe(recipe), tiny_base, d / "base", seed=3)
-    assert _cli("resize", "--model", d / "base", "--tokenizer", d / "tok", "--out", d / "resized") == 0
-    return {"dir": d, "recipe": recipe, "tok": d / "tok", "base": d / "base", "resized": d / "resized",
-            "corpus": zh_corpus, "n_old": len(base.pieces), "n_new": len(ext.pieces), "ext": ext}
+    return resized_tiny_model(tmp_path_factory.mktemp("pt"), TINY_RECIPE, tiny_base, zh_corpus)
 
 
 def _load(path):

@@ -36,26 +36,9 @@ def _run(*args):
 @pytest.fixture(scope="module")
 def tied(tmp_path_factory, tiny_base, zh_corpus):
     """A tied tiny LLaMA resized to an extended tokenizer, and its recipe (phase 2 trains embed_tokens + lm_head)."""
-    from corpora.reader import iter_corpus
-    from pretrain.cli import main as pretrain_main
-    from pretrain.phases import init_model
-    from vocab.extend import ExtendConfig, extend_vocabulary
-    from vocab.hf_export import save_tokenizer_folder
-    from vocab.merge import build_extended
-    from vocab.spmodel import load_model
-    from zhllama.recipe import load_recipe
+    from conftest import resized_tiny_model
 
-    d = tmp_path_factory.mktemp("quiet")
-    recipe = d / "tied.yaml"
-    recipe.write_text(TIED_RECIPE)
-    base = load_model(tiny_base)
-    res = extend_vocabulary(base, iter_corpus([zh_corpus]), ExtendConfig(num_added=400, min_batch=50,
-                                                                         character_coverage=0.7))
-    save_tokenizer_folder(build_extended(base, res.pieces), d / "tok")
-    init_model(load_recipe(recipe), tiny_base, d / "base", seed=3)
-    assert pretrain_main(["resize", "--model", str(d / "base"), "--tokenizer", str(d / "tok"),
-                          "--out", str(d / "resized")]) == 0
-    return {"dir": d, "recipe": recipe, "resized": d / "resized", "corpus": zh_corpus}
+    return resized_tiny_model(tmp_path_factory.mktemp("quiet"), TIED_RECIPE, tiny_base, zh_corpus)
 
 
 def test_phase2_and_eval_print_no_library_warnings_and_keep_the_tie(tied):
