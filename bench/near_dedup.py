@@ -100,9 +100,9 @@ def _prepare(docs: list[str], work: Path, threshold: float) -> set[str]:
 
 
 def _jaccard(a: str, b: str) -> float:
-    from corpora.dedup import _shingles
+    from corpora.minhash import shingles
 
-    x, y = set(_shingles(a)), set(_shingles(b))
+    x, y = set(shingles(a)), set(shingles(b))
     return len(x & y) / len(x | y)
 
 
@@ -111,7 +111,7 @@ TRUE_NEAR = 0.5  # a dropped document that is no injected copy is still right wh
 
 def one_seed(lines: list[str], seed: int, n_docs: int, threshold: float, tmp: Path) -> dict:
     from corpora import clean
-    from corpora.dedup import _shingles
+    from corpora.minhash import shingles
 
     rng = random.Random(seed)
     base = rng.sample(sorted(set(lines)), n_docs)
@@ -139,7 +139,7 @@ def one_seed(lines: list[str], seed: int, n_docs: int, threshold: float, tmp: Pa
     tp = [docs[i] for i in dropped if docs[i] in copies]
     # the other drops: compared with every earlier document by the exact Jaccard similarity of their 5-gram sets
     # (punctuation and spaces left out): at least TRUE_NEAR is a near duplicate the corpus already held
-    sets = [set(_shingles(d, 5)) for d in docs]
+    sets = [set(shingles(d, 5)) for d in docs]
     natural, fp = [], []
     for i in dropped:
         if docs[i] in copies:
@@ -148,8 +148,8 @@ def one_seed(lines: list[str], seed: int, n_docs: int, threshold: float, tmp: Pa
         (natural if best >= TRUE_NEAR else fp).append(round(best, 3))
     by_how = {h: {"copies": sum(1 for c in copies.values() if c[0] == h),
                   "found": sum(1 for d in tp if copies[d][0] == h)} for h in MAKERS}
-    missed = [(copies[c][0], round(len(set(_shingles(c, 5)) & set(_shingles(copies[c][1], 5)))
-                                   / len(set(_shingles(c, 5)) | set(_shingles(copies[c][1], 5))), 3))
+    missed = [(copies[c][0], round(len(set(shingles(c, 5)) & set(shingles(copies[c][1], 5)))
+                                   / len(set(shingles(c, 5)) | set(shingles(copies[c][1], 5))), 3))
               for c in copies if c in kept]
     return {"seed": seed, "docs": len(docs), "copies": len(copies), "dropped": len(dropped),
             "recall": len(tp) / len(copies),
@@ -181,18 +181,18 @@ def main() -> int:
     ap.add_argument("--docs", type=int, default=4000)
     ap.add_argument("--min-chars", type=int, default=100)
     ap.add_argument("--threshold", type=float, default=None, help="default: the recipe default (corpora.near_threshold)")
-    ap.add_argument("--ngram", type=int, default=0, help="character n-gram size (default: corpora.dedup.NGRAM)")
+    ap.add_argument("--ngram", type=int, default=0, help="character n-gram size (default: corpora.minhash.NGRAM)")
     ap.add_argument("--full", action="store_true", help="also count near duplicates in the whole zh_corpus/train")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
-    from corpora import dedup
+    from corpora import minhash
     from zhllama.recipe import CorporaConfig
 
     a.threshold = a.threshold or CorporaConfig().near_threshold
     if a.ngram:
-        dedup.NGRAM = a.ngram
+        minhash.NGRAM = a.ngram
     lines = _lines(a.data, a.min_chars)
-    res = {"threshold": a.threshold, "ngram": dedup.NGRAM, "num_perm": dedup.NUM_PERM, "bands_rows": dedup.bands(a.threshold),
+    res = {"threshold": a.threshold, "ngram": minhash.NGRAM, "num_perm": minhash.NUM_PERM, "bands_rows": minhash.bands(a.threshold),
            "min_chars": a.min_chars, "pool": len(lines), "seeds": []}
     with tempfile.TemporaryDirectory() as tmp:
         for s in a.seeds:

@@ -1,10 +1,9 @@
 """Duplicate removal for `corpora prepare` in memory that does not grow with the corpus.
 
 Every document (piece) gets 16-byte keys: for exact dedup the blake2b-128 of its text; for near dedup the
-MinHash-LSH band keys, one per band, from a `datasketch` MinHash (shingles hashed by xxh32) over character 5-grams of the text without
-punctuation and whitespace (Chinese has no spaces, so character n-grams stand in for word shingles) cut into the b bands x r rows that datasketch's
-`MinHashLSH` picks for the threshold. The pass-1 workers write the keys of each work unit to disk as
-sorted runs (`KeyWriter`: columns (key_hi, key_lo, piece index), at most `KEY_RUN` rows per file, so a
+MinHash-LSH band keys, one per band (corpora.minhash: datasketch's MinHash over character 5-grams of the text
+without punctuation and whitespace, cut into the b bands x r rows that datasketch's `MinHashLSH` picks). The
+pass-1 workers write the keys of each work unit to disk as sorted runs (`KeyWriter`: columns (key_hi, key_lo, piece index), at most `KEY_RUN` rows per file, so a
 worker holds at most that many whatever the size of its input). The dedup pass then cuts the 128-bit key
 space into ranges of about `GROUP_ROWS` rows in all (`group_bounds`) and handles one range at a time
 (`find_duplicates`: the rows of that range from every run, found by binary search in the memory-mapped
@@ -20,22 +19,13 @@ every kept document in memory.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
-import re
 from array import array
 from pathlib import Path
 
 import numpy as np
-import xxhash
 
-NUM_PERM = 128
-NGRAM = 5
-SEED = 1
-# pinned so stored signatures stay comparable across datasketch releases (its default may change)
-SCHEME = "affine32"
-SHINGLE_CHUNK = 4096   # shingles hashed at once (see signature)
 KEY_RUN = 1 << 18      # rows per sorted run file written by a pass-1 worker (6 MiB, about 4x that while sorting)
 GROUP_ROWS = 1 << 17   # rows per key range in the dedup pass (3 MiB, about 3x that while sorting): small, so the
                        # range size (between half and all of this) moves the peak by little (bench/scale.py)
@@ -43,59 +33,6 @@ GROUP_ROWS = 1 << 17   # rows per key range in the dedup pass (3 MiB, about 3x t
 
 def text_key(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
-
-
-_NOT_WORD = re.compile(r"[\W_]+")
-
-
-def _shingles(text: str, n: int | None = None) -> list[bytes]:
-    n = n or NGRAM
-    # punctuation and whitespace are left out: a copy re-punctuated (，/, 。/. or none) is the same text; Chinese
-    # places a mark every ten characters or so, which would otherwise change most 5-grams
-    s = _NOT_WORD.sub("", text)
-    if len(s) <= n:
-        return [s.encode("utf-8")]
-    return [s[i:i + n].encode("utf-8") for i in range(len(s) - n + 1)]
-
-
-@functools.lru_cache(maxsize=None)
-def _permutations(num_perm: int):
-    from datasketch import MinHash
-
-    return MinHash(num_perm=num_perm, seed=SEED, scheme=SCHEME).permutations
-
-
-def signature(text: str, num_perm: int = NUM_PERM) -> bytes:
-    """MinHash signature of a document as raw uint32 bytes (datasketch keeps values below 2**32)."""
-    from datasketch import MinHash
-
-    # the permutations drawn once per process: MinHash() draws them from the seed on every call, which was half
-    # the cost of a signature (0.33 of 0.71 ms per 100-character document); the values are the same
-    # xxh32 for the shingles instead of datasketch's default (SHA-1 in Python, per shingle): half the cost again
-    m = MinHash(num_perm=num_perm, seed=SEED, scheme=SCHEME, permutations=_permutations(num_perm),
-                hashfunc=xxhash.xxh32_intdigest)
-    sh = _shingles(text)
-    # update_batch builds a (num_perm x shingles) matrix: in chunks, a 100k-character document needs 4 MiB, not
-    # 100 MiB, and the minimum over the chunks is the same signature
-    for i in range(0, len(sh), SHINGLE_CHUNK):
-        m.update_batch(sh[i:i + SHINGLE_CHUNK])
-    return np.asarray(m.hashvalues, dtype=np.uint32).tobytes()
-
-
-@functools.lru_cache(maxsize=None)
-def bands(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
-    """(b, r): the bands and rows per band datasketch's MinHashLSH chooses for this threshold."""
-    from datasketch import MinHashLSH
-
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    return lsh.b, lsh.r
-
-
-def band_keys(sig: bytes, threshold: float) -> list[bytes]:
-    """One 16-byte key per LSH band; the band number is part of the key, so bands never match each other."""
-    b, r = bands(threshold)
-    w = 4 * r
-    return [hashlib.blake2b(bytes([j]) + sig[j * w:(j + 1) * w], digest_size=16).digest() for j in range(b)]
 
 
 def heldout_value(key: bytes) -> int:
@@ -140,9 +77,13 @@ class KeyWriter:
         self._keys = bytearray()
         self._idx = array("Q")
 
-    def add(self, key: bytes, index: int) -> None:
-        self._keys += key
-        self._idx.append(index)
+    def add(self, keys: bytes, index: int) -> None:
+        """keys: one or more 16-byte keys (big-endian key_hi, key_lo) of the piece at index."""
+        self._keys += keys
+        if len(keys) == 16:
+            self._idx.append(index)
+        else:
+            self._idx.extend([index] * (len(keys) >> 4))
         if len(self._idx) >= KEY_RUN:
             self._flush()
 

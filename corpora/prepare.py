@@ -67,7 +67,8 @@ def _fingerprint(path: Path) -> dict:
 
 def _dedup_library(cfg: PrepareConfig) -> str:
     if cfg.dedup == "near":
-        return "datasketch MinHash (xxh32 of character 5-grams, punctuation and spaces left out), LSH bands deduplicated on disk by key range"
+        return ("datasketch MinHash (affine32) of character 5-grams, punctuation and spaces left out, batched in numpy; "
+                "LSH bands deduplicated on disk by key range")
     return "exact (blake2b-128 keys, deduplicated on disk by key range)"
 
 

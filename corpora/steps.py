@@ -31,7 +31,7 @@ from datatrove.pipeline.base import PipelineStep
 import zhllama.executors  # noqa: F401  (quiet task logging also where only the pickled steps are loaded)
 from zhllama.units import Unit
 
-from . import clean, dedup, records
+from . import clean, dedup, minhash, records
 from .reader import sniff
 from .stats import FileStats, counts, merge_file
 
@@ -176,22 +176,45 @@ class Clean(PipelineStep):
 
 
 class DedupKeys(PipelineStep):
-    """The keys the dedup stage compares: blake2b-128 of the piece, and with dedup near the MinHash-LSH band keys
-    (datasketch MinHash over character 5-grams, corpora.dedup)."""
+    """With dedup near, each piece's MinHash-LSH band keys (corpora.minhash), computed for a batch of pieces at
+    a time; the exact key (blake2b-128 of the piece) comes from Clean."""
 
     name = "zhllama dedup keys"
     type = "🫂 - DEDUP"
+
+    BATCH_CHARS = 1 << 18  # characters per batch: its numpy arrays take about 20 MiB
 
     def __init__(self, near: bool, threshold: float):
         super().__init__()
         self.near, self.threshold = near, threshold
 
+    def _keyed(self, batch: list):
+        if batch:
+            with self.track_time(unit="batch"):
+                keys = minhash.band_keys(minhash.signatures([d.text for d in batch]), self.threshold)
+                # big-endian (key_hi, key_lo) rows: the byte form dedup.KeyWriter sorts
+                rows = keys.astype(">u8").reshape(len(batch), -1)
+            for doc, r in zip(batch, rows):
+                doc.metadata["near"] = r.tobytes()
+        return batch
+
     def run(self, data, rank: int = 0, world_size: int = 1):
+        if not self.near:
+            yield from data
+            return
+        batch, chars = [], 0
         for doc in data:
-            if self.near and not doc.metadata.get("end"):
-                with self.track_time():
-                    doc.metadata["near"] = dedup.band_keys(dedup.signature(doc.text), self.threshold)
-            yield doc
+            if doc.metadata.get("end"):  # a unit ends: its pieces first, in order
+                yield from self._keyed(batch)
+                batch, chars = [], 0
+                yield doc
+                continue
+            batch.append(doc)
+            chars += len(doc.text)
+            if chars >= self.BATCH_CHARS:
+                yield from self._keyed(batch)
+                batch, chars = [], 0
+        yield from self._keyed(batch)
 
 
 class UnitWriter(_Step):
@@ -257,8 +280,7 @@ class UnitWriter(_Step):
             cur["meta"].write(META.pack(doc.metadata["heldout"], len(doc.text)))
             cur["exact"].add(doc.metadata["exact"], cur["n"])
             if cur["near"] is not None:
-                for bk in doc.metadata["near"]:
-                    cur["near"].add(bk, cur["n"])
+                cur["near"].add(doc.metadata["near"], cur["n"])
             cur["n"] += 1
             self.stat_update("pieces")
         _progress("clean", rank, world_size, self.progress_dir)
