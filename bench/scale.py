@@ -17,9 +17,10 @@ Stages (each a fresh output folder, the real command line):
               (the paper's 512-token blocks; TOK: the vocabulary the first `vocab` run built, or --tokenizer)
 
 Every stage runs with TOKENIZERS_PARALLELISM=false (bench.common.bench_env), so --num-proc 1 is one core's
-worth of work and the N=2 / N=1 ratio measures the parallelism of the pipeline. tokenize and vocab's span counting
-run as datatrove pipelines on the local executor (zhllama.executors): --num-proc N is the number of worker
-processes, one datatrove task per work unit; the process tree measured includes datatrove's manager process.
+worth of work and the N=2 / N=1 ratio measures the parallelism of the pipeline. Every stage runs as datatrove
+pipelines on the local executor (zhllama.executors): --num-proc N is the number of worker processes (prepare: 4
+tasks per worker in each of its stages; tokenize and vocab's span counting: one task per work unit); the process
+tree measured includes datatrove's manager process.
 
 Memory is sampled every 0.5 s over the whole process tree (the stage and its worker processes): "peak tree
 PSS" is the largest sum of proportional set sizes (shared pages counted once), "peak process RSS" the largest

@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import time
 from pathlib import Path
 
 from zhllama.errors import UserError
@@ -227,6 +228,12 @@ def _queued_job_names() -> list[str]:
     return r.stdout.split() if r.returncode == 0 else []
 
 
+def _cpu_seconds() -> float:
+    """User + system seconds of this process and of its children that have ended (local workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def run_stages(stages: list, cfg: ExecutorConfig, logging_root, job_name: str = "zhllama", log=print) -> bool:
     """stages: [(name, pipeline, tasks)]. Local/Ray: run in order (a finished stage is skipped whole by its
     completion markers), True. Slurm: one job array per stage, each depending on the previous one, False."""
@@ -234,7 +241,12 @@ def run_stages(stages: list, cfg: ExecutorConfig, logging_root, job_name: str = 
         for name, pipeline, tasks in stages:
             c = dataclasses.replace(cfg, tasks=tasks)
             log(f"{job_name} {name}: {tasks} task(s), {cfg.executor}")
+            t0, cpu0 = time.monotonic(), _cpu_seconds()
             run_pipeline(pipeline, c, stage_dir(logging_root, name, tasks), job_name=f"{job_name} {name}")
+            # wall and CPU seconds per stage: where a run's time went, and whether its local workers were busy
+            # (a Ray cluster's CPU is not this machine's to count)
+            cpu = f" ({_cpu_seconds() - cpu0:.1f} CPU s)" if cfg.executor == "local" else ""
+            log(f"{job_name} {name}: done in {time.monotonic() - t0:.1f} s{cpu}")
         return True
     if all(_complete(stage_dir(logging_root, name, tasks), tasks) for name, _, tasks in stages):
         return True  # the submitted chain has finished: the caller records the result
