@@ -3,11 +3,11 @@
 Every document (piece) gets 16-byte keys: for exact dedup the blake2b-128 of its text; for near dedup the
 MinHash-LSH band keys, one per band (corpora.minhash: datasketch's MinHash over character 5-grams of the text
 without punctuation and whitespace, cut into the b bands x r rows that datasketch's `MinHashLSH` picks). The
-pass-1 workers write the keys of each work unit to disk as sorted runs (`KeyWriter`: columns (key_hi, key_lo, piece index), at most `KEY_RUN` rows per file, so a
-worker holds at most that many whatever the size of its input). The dedup pass then cuts the 128-bit key
-space into ranges of about `GROUP_ROWS` rows in all (`group_bounds`) and handles one range at a time
-(`find_duplicates`: the rows of that range from every run, found by binary search in the memory-mapped
-files, sorted by key then global position). A piece is a duplicate when an earlier piece in input order
+pass-1 workers write the keys of each work unit to disk as sorted runs (`KeyWriter`: columns (key_hi, key_lo,
+piece index), at most about `KEY_RUN` rows per file, so a worker holds at most that many whatever the size of its
+input). The dedup pass then cuts the 128-bit key space into ranges of about `GROUP_ROWS` rows in all
+(`group_bounds`) and handles one range at a time (`find_duplicates`: the rows of that range from every run,
+found by binary search in the memory-mapped files, sorted by key then global position). A piece is a duplicate when an earlier piece in input order
 has the same key, so the first occurrence wins and the result does not depend on the number of processes.
 Memory: one key range (bounded) plus one bit per piece for the result.
 
