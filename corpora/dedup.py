@@ -7,8 +7,9 @@ pass-1 workers write the keys of each work unit to disk as sorted runs (`KeyWrit
 piece index), at most about `KEY_RUN` rows per file, so a worker holds at most that many whatever the size of its
 input). The dedup pass then cuts the 128-bit key space into ranges of about `GROUP_ROWS` rows in all
 (`group_bounds`) and handles one range at a time (`find_duplicates`: the rows of that range from every run,
-found by binary search in the memory-mapped files, sorted by key then global position). A piece is a duplicate when an earlier piece in input order
-has the same key, so the first occurrence wins and the result does not depend on the number of processes.
+found by binary search in the memory-mapped files, sorted by key then global position). A piece is a duplicate
+when an earlier piece in input order has the same key, so the first occurrence wins and the result does not
+depend on the number of processes.
 Memory: one key range (bounded) plus one bit per piece for the result.
 
 Semantics of near dedup: a piece is a near duplicate when it shares an LSH band with ANY earlier piece
@@ -80,10 +81,7 @@ class KeyWriter:
     def add(self, keys: bytes, index: int) -> None:
         """keys: one or more 16-byte keys (big-endian key_hi, key_lo) of the piece at index."""
         self._keys += keys
-        if len(keys) == 16:
-            self._idx.append(index)
-        else:
-            self._idx.extend([index] * (len(keys) >> 4))
+        self._idx.extend([index] * (len(keys) >> 4))
         if len(self._idx) >= KEY_RUN:
             self._flush()
 

@@ -10,7 +10,7 @@ What is ours is the batching. Fed one document at a time, datasketch's objects c
 line (one xxhash call per shingle, a MinHash object, a dozen small numpy calls): four times the rest of
 `corpora prepare`. Here a batch's shingles are hashed by a few numpy passes over its code points (FNV-1a over
 the 5 code points, then the 64-bit murmur finaliser) and each document's minimum is one `np.minimum.reduceat`
-over a (shingles x 128) block. tests/test_corpora_minhash.py checks the signatures against datasketch's MinHash
+over a (128 x shingles) block. tests/test_corpora_minhash.py checks the signatures against datasketch's MinHash
 fed the same shingle hashes, and the shingle hashes against a per-shingle reference.
 """
 from __future__ import annotations
@@ -25,7 +25,8 @@ NGRAM = 5
 SEED = 1
 # pinned so signatures stay comparable across datasketch releases (its default may change)
 SCHEME = "affine32"
-CHUNK = 1 << 13  # shingles per (num_perm x shingles) uint32 block: 4 MiB, cache-sized; 1 << 15 was no faster and 36 MiB more
+# shingles per (num_perm x shingles) uint32 block: 4 MiB, cache-sized; 1 << 15 was no faster and took 36 MiB more
+CHUNK = 1 << 13
 
 _NOT_WORD = re.compile(r"[\W_]+")
 # pads a text shorter than n to one shingle; \W removed every space, so no real shingle contains one
@@ -42,12 +43,16 @@ def strip(text: str) -> str:
     return _NOT_WORD.sub("", text)
 
 
+def _stripped(text: str, n: int) -> str:
+    """The text without punctuation and whitespace, padded to at least n characters (one shingle)."""
+    s = strip(text)
+    return s if len(s) >= n else s + _PAD * (n - len(s))
+
+
 def shingles(text: str, n: int | None = None) -> list[str]:
     """The shingles of a text as strings (for exact Jaccard similarities: bench/near_dedup.py, the tests)."""
     n = n or NGRAM
-    s = strip(text)
-    if len(s) < n:
-        return [s + _PAD * (n - len(s))]
+    s = _stripped(text, n)
     return [s[i:i + n] for i in range(len(s) - n + 1)]
 
 
@@ -72,7 +77,7 @@ def _fmix32(h: np.ndarray) -> np.ndarray:
 def shingle_hashes(texts: list[str], n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(uint32 hash of every shingle of every text, in order; the number of shingles of each text)."""
     n = n or NGRAM
-    padded = [s if len(s) >= n else s + _PAD * (n - len(s)) for s in map(strip, texts)]
+    padded = [_stripped(t, n) for t in texts]
     counts = np.fromiter((len(s) - n + 1 for s in padded), dtype=np.int64, count=len(padded))
     cp = np.frombuffer("".join(padded).encode("utf-32-le", "surrogatepass"), dtype="<u4").astype(np.uint64)
     with np.errstate(over="ignore"):
